@@ -1,0 +1,123 @@
+"""Loading one stage's weights from a GGUF file: which tensors, which bytes, dequantized how.
+
+A stage names a layer range and whether it holds the embedding and/or the head; the loader
+touches only those tensors' bytes in the memory map (the *span cover*) and dequantizes them
+with the `gguf` package's quant support into the compute dtype on the target device.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import dequantize
+
+from .errors import ModelFormatError
+from .gguf_file import GGUFFile, TensorInfo
+from .model import ModelConfig, block_tensor_names
+
+log = logging.getLogger(__name__)
+
+MIB = 1 << 20
+# Types the gguf package can dequantize and shardrt has checked; anything else is refused by name.
+SUPPORTED_TYPES = frozenset(
+    GGMLQuantizationType[name]
+    for name in ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+)
+
+
+@dataclass(frozen=True)
+class LayerSpan:
+    """Layers [start, stop) of a model, plus the embedding if `embed` and norm + head if `head`."""
+
+    start: int
+    stop: int
+    embed: bool
+    head: bool
+
+    @classmethod
+    def of(cls, start: int, stop: int, n_layers: int) -> "LayerSpan":
+        if not 0 <= start < stop <= n_layers:
+            raise ModelFormatError(f"layers: [{start}, {stop}) is not a non-empty range inside [0, {n_layers})")
+        return cls(start, stop, embed=start == 0, head=stop == n_layers)
+
+    def __str__(self) -> str:
+        extras = "+".join(x for x, on in (("embed", self.embed), ("head", self.head)) if on)
+        return f"[{self.start},{self.stop})" + (f"+{extras}" if extras else "")
+
+
+@dataclass(frozen=True)
+class SpanCover:
+    """How much of the file a stage maps: bytes of its tensors in `n_spans` contiguous runs."""
+
+    covered_bytes: int
+    file_bytes: int
+    n_spans: int
+
+    def __str__(self) -> str:
+        return f"span cover {self.covered_bytes / MIB:.1f} MiB of {self.file_bytes / MIB:.1f} MiB ({self.n_spans} spans)"
+
+
+def stage_tensor_names(cfg: ModelConfig, span: LayerSpan) -> list[str]:
+    names = [f"blk.{i}.{t}" for i in range(span.start, span.stop) for t in block_tensor_names(cfg)]
+    if cfg.has_rope_freqs:
+        names.append("rope_freqs.weight")
+    if span.embed:
+        names.append("token_embd.weight")
+    if span.head:
+        names.append("output_norm.weight")
+        names.append("token_embd.weight" if cfg.tied_embeddings else "output.weight")
+    return list(dict.fromkeys(names))
+
+
+def span_cover(gguf: GGUFFile, names: list[str]) -> SpanCover:
+    infos = sorted((require_tensor(gguf, n) for n in names), key=lambda t: t.offset)
+    spans, covered, end = 0, 0, -1
+    for info in infos:
+        if info.offset > end + gguf.alignment or end < 0:
+            spans += 1
+        covered += info.n_bytes
+        end = max(end, info.offset + info.n_bytes)
+    return SpanCover(covered, gguf.file_size, spans)
+
+
+def require_tensor(gguf: GGUFFile, name: str) -> TensorInfo:
+    info = gguf.tensors.get(name)
+    if info is None:
+        raise ModelFormatError(f"model: {gguf.path.name!r} lacks tensor {name!r}")
+    return info
+
+
+def dequantize_tensor(gguf: GGUFFile, info: TensorInfo) -> np.ndarray:
+    """float32 array in torch order (GGUF shape reversed)."""
+    if info.qtype not in SUPPORTED_TYPES:
+        supported = ", ".join(sorted(t.name for t in SUPPORTED_TYPES))
+        raise ModelFormatError(f"model: tensor {info.name!r} has type {info.qtype.name}; supported: {supported}")
+    block_elems, block_bytes = GGML_QUANT_SIZES[info.qtype]
+    row_bytes = info.shape[0] // block_elems * block_bytes
+    raw = np.frombuffer(gguf.tensor_bytes(info), dtype=np.uint8).reshape(-1, row_bytes)
+    return dequantize(raw, info.qtype).reshape(tuple(reversed(info.shape)))
+
+
+class StageWeights:
+    """Reads a stage's tensors into torch, counting the file bytes it touched."""
+
+    def __init__(self, gguf: GGUFFile, cfg: ModelConfig, span: LayerSpan):
+        self.gguf, self.cfg, self.span = gguf, cfg, span
+        self.names = stage_tensor_names(cfg, span)
+        self.cover = span_cover(gguf, self.names)
+        self.bytes_read = 0
+
+    def load(self, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        info = require_tensor(self.gguf, name)
+        self.bytes_read += info.n_bytes
+        array = dequantize_tensor(self.gguf, info)
+        if not array.flags.writeable:  # F32 comes back as a view of the read-only map: own the bytes
+            array = array.copy()
+        return torch.from_numpy(array).to(device=device, dtype=dtype)
+
+    def load_block(self, layer: int, device, dtype) -> dict[str, torch.Tensor]:
+        return {t: self.load(f"blk.{layer}.{t}", device, dtype) for t in block_tensor_names(self.cfg)}

@@ -1,0 +1,45 @@
+"""`Pipeline`: the ordered stages that together hold a whole model, run as one.
+
+A stage may live in this process or behind IPC; the pipeline only needs `forward`,
+`truncate` and `reset` from each, and passes the boundary activation from one to the next.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import PlacementError
+
+
+class Pipeline:
+    def __init__(self, stages: list):
+        if not stages:
+            raise PlacementError("stages: a pipeline needs at least one stage")
+        for before, after in zip(stages, stages[1:]):
+            if before.span.stop != after.span.start:
+                raise PlacementError(f"stages: {before.span} is not followed by a stage starting at layer {before.span.stop}")
+        if not stages[0].span.embed or not stages[-1].span.head:
+            raise PlacementError("stages: the first stage must hold the embedding and the last the head")
+        self.stages = stages
+
+    @property
+    def cfg(self):
+        return self.stages[0].cfg
+
+    @property
+    def length(self) -> int:
+        return self.stages[-1].length
+
+    def forward(self, ids: torch.Tensor, base_pos: int, all_logits: bool = False) -> torch.Tensor:
+        x = ids
+        for stage in self.stages[:-1]:
+            x = stage.forward(x, base_pos)
+        return self.stages[-1].forward(x, base_pos, all_logits=all_logits)
+
+    def truncate(self, n: int) -> None:
+        for stage in self.stages:
+            stage.truncate(n)
+
+    def reset(self) -> None:
+        for stage in self.stages:
+            stage.reset()

@@ -1,0 +1,109 @@
+"""Placement: which devices hold the target model and how its layers are split among them.
+
+Parsed at the edge (flags, YAML) into frozen values; every malformed entry is refused with
+the field and the value named.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .errors import PlacementError
+
+BACKENDS = ("cpu", "cuda", "hip")
+BACKEND_ALIASES = {"rocm": "hip"}
+_DEVICE_RE = re.compile(r"^([a-z]+):(\d+)$")
+
+
+@dataclass(frozen=True, order=True)
+class DeviceSpec:
+    backend: str
+    index: int
+
+    def __str__(self) -> str:
+        return f"{self.backend}:{self.index}"
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.backend != "cpu"
+
+    def torch_device(self, local_index: int | None = None) -> torch.device:
+        """The torch device in a process whose visible GPUs are remapped (`local_index`)."""
+        if self.backend == "cpu":
+            return torch.device("cpu")
+        # ROCm builds of torch expose HIP devices through the torch.cuda API
+        return torch.device("cuda", self.index if local_index is None else local_index)
+
+
+def parse_device(text: str, field: str = "--target-gpus") -> DeviceSpec:
+    entry = text.strip().lower()
+    match = _DEVICE_RE.match(entry)
+    if not match:
+        raise PlacementError(f"{field}: {text!r} is not BACKEND:INDEX (e.g. cuda:0, hip:1, cpu:0)")
+    backend = BACKEND_ALIASES.get(match.group(1), match.group(1))
+    if backend not in BACKENDS:
+        raise PlacementError(f"{field}: {text!r} names unknown backend {match.group(1)!r}; accepted: cpu, cuda, hip (or rocm)")
+    return DeviceSpec(backend, int(match.group(2)))
+
+
+def parse_devices(items: str | list, field: str = "--target-gpus") -> tuple[DeviceSpec, ...]:
+    if isinstance(items, str):
+        items = items.split(",")
+    if not isinstance(items, list) or not items:
+        raise PlacementError(f"{field}: {items!r} is not a list of devices such as cuda:0,hip:0")
+    devices = []
+    for item in items:
+        if not isinstance(item, str) or not item.strip():
+            raise PlacementError(f"{field}: entry {item!r} is not a device such as cuda:0")
+        device = parse_device(item, field)
+        if device in devices:
+            raise PlacementError(f"{field}: {device} appears twice")
+        devices.append(device)
+    return tuple(devices)
+
+
+def parse_layer_split(items: str | list, n_devices: int, field: str = "--layer-split") -> tuple[float, ...]:
+    if isinstance(items, str):
+        items = items.split(",")
+    if not isinstance(items, list):
+        raise PlacementError(f"{field}: {items!r} is not a list of weights such as 0.2,0.8")
+    weights = []
+    for item in items:
+        try:
+            value = float(item) if not isinstance(item, bool) else math.nan
+        except (TypeError, ValueError):
+            raise PlacementError(f"{field}: {item!r} is not a number") from None
+        if not math.isfinite(value) or value <= 0:
+            raise PlacementError(f"{field}: {item!r} is not a positive finite weight")
+        weights.append(value)
+    if len(weights) != n_devices:
+        raise PlacementError(f"{field}: {len(weights)} weights for {n_devices} devices; give one weight per device")
+    total = sum(weights)
+    return tuple(w / total for w in weights)
+
+
+def split_layers(n_layers: int, weights: tuple[float, ...]) -> list[tuple[int, int]]:
+    """Layer ranges from rounded cumulative fractions, each shard at least one layer."""
+    n = len(weights)
+    if n > n_layers:
+        raise PlacementError(f"--target-gpus: {n} shards for a model of {n_layers} layers; at most one shard per layer")
+    bounds, cumulative = [0], 0.0
+    for i, w in enumerate(weights[:-1]):
+        cumulative += w
+        cut = round(cumulative * n_layers)
+        # leave at least one layer for this shard and for every shard after it
+        cut = min(max(cut, bounds[-1] + 1), n_layers - (n - 1 - i))
+        bounds.append(cut)
+    bounds.append(n_layers)
+    return list(zip(bounds, bounds[1:]))
+
+
+def default_device() -> DeviceSpec:
+    """The first GPU torch sees, else cpu:0."""
+    if torch.cuda.is_available():
+        return DeviceSpec("hip" if torch.version.hip else "cuda", 0)
+    return DeviceSpec("cpu", 0)

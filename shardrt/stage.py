@@ -1,0 +1,109 @@
+"""`Stage`: a contiguous layer range of one model on one torch device, with its own KV cache.
+
+The same class runs inside the coordinator and inside a worker daemon. The first stage takes
+token ids, every other stage a boundary activation; the stage with the head returns logits.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigError
+from .gguf_file import GGUFFile
+from .gguf_loader import LayerSpan, StageWeights
+from .model import Block, ModelConfig, rms_norm, rope_tables
+
+log = logging.getLogger(__name__)
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    if device.type == "cpu":
+        return torch.float32
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+class Stage:
+    def __init__(self, model_path: str | Path, start: int, stop: int, device: str | torch.device = "cpu",
+                 max_ctx: int = 4096, dtype: torch.dtype | None = None):
+        t0 = time.perf_counter()
+        self.model_path = Path(model_path)
+        self.device = torch.device(device)
+        self.dtype = dtype or default_dtype(self.device)
+        with GGUFFile(model_path) as gguf:
+            self.cfg = ModelConfig.from_gguf(gguf)
+            self.span = LayerSpan.of(start, stop, self.cfg.n_layers)
+            if max_ctx <= 0:
+                raise ConfigError(f"max_ctx: {max_ctx} is not a positive number of tokens")
+            self.max_ctx = max_ctx
+            weights = StageWeights(gguf, self.cfg, self.span)
+            self.cover = weights.cover
+            self._load(weights)
+            self.bytes_read = weights.bytes_read
+        self.length = 0  # tokens held in the KV cache
+        self.load_seconds = time.perf_counter() - t0
+        log.info("stage %s on %s: %s, loaded in %.2fs", self.span, self.device, self.cover, self.load_seconds)
+
+    def _load(self, weights: StageWeights) -> None:
+        cfg, dev, dt = self.cfg, self.device, self.dtype
+        self.blocks = [Block(cfg, weights.load_block(i, dev, dt)) for i in range(self.span.start, self.span.stop)]
+        rope_freqs = weights.load("rope_freqs.weight", dev, torch.float32) if cfg.has_rope_freqs else None
+        self.cos, self.sin = rope_tables(cfg, self.max_ctx, dev, rope_freqs)
+        self.embedding = weights.load("token_embd.weight", dev, dt) if self.span.embed else None
+        if self.span.head:
+            self.output_norm = weights.load("output_norm.weight", dev, dt)
+            head_name = "token_embd.weight" if cfg.tied_embeddings else "output.weight"
+            self.output = self.embedding if head_name == "token_embd.weight" and self.embedding is not None \
+                else weights.load(head_name, dev, dt)
+        cache_shape = (len(self.blocks), cfg.n_kv_heads, self.max_ctx, cfg.head_dim)
+        self.k_cache = torch.zeros(cache_shape, device=dev, dtype=dt)
+        self.v_cache = torch.zeros(cache_shape, device=dev, dtype=dt)
+
+    @property
+    def has_head(self) -> bool:
+        return self.span.head
+
+    @torch.inference_mode()
+    def forward(self, inputs: torch.Tensor, base_pos: int, all_logits: bool = False) -> torch.Tensor:
+        """Run `inputs` at positions base_pos.. through this stage.
+
+        inputs: token ids [n] on the embedding stage, else a boundary activation [n, dim].
+        Returns the activation [n, dim], or float32 logits ([1, vocab] for the last position,
+        [n, vocab] with all_logits) on the stage with the head. Positions >= base_pos + n are
+        dropped from the cache.
+        """
+        n = inputs.shape[0]
+        if not 0 <= base_pos <= self.length:
+            raise ConfigError(f"base_pos: {base_pos} is outside the {self.length} cached tokens")
+        if n == 0 or base_pos + n > self.max_ctx:
+            raise ConfigError(f"tokens: {n} at position {base_pos} do not fit max_ctx {self.max_ctx}")
+        if self.span.embed:
+            x = torch.nn.functional.embedding(inputs.to(self.device), self.embedding)
+        else:
+            x = inputs.to(device=self.device, dtype=self.dtype)
+        cos, sin = self.cos[base_pos : base_pos + n], self.sin[base_pos : base_pos + n]
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, self.k_cache[i], self.v_cache[i], base_pos)
+        self.length = base_pos + n
+        if not self.span.head:
+            return x
+        if not all_logits:
+            x = x[-1:]
+        return torch.nn.functional.linear(rms_norm(x, self.output_norm, self.cfg.norm_eps), self.output).float()
+
+    def truncate(self, n: int) -> None:
+        """Forget KV beyond the first n tokens (speculative rollback)."""
+        if not 0 <= n <= self.length:
+            raise ConfigError(f"kv_truncate: {n} is outside the {self.length} cached tokens")
+        self.length = n
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def describe(self) -> str:
+        return f"layers {self.span} on {self.device} ({self.dtype}), {self.cover}"

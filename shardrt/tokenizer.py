@@ -1,0 +1,65 @@
+"""Text <-> token ids and the chat template, both from the GGUF file's own metadata.
+
+transformers builds the tokenizer from the GGUF vocabulary; the converted tokenizer is kept
+in the cache, keyed by the file's name, size and mtime, so later runs start in a fraction
+of the time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+from .errors import ModelFormatError
+from .gguf_file import GGUFFile
+from .paths import cache_dir
+
+log = logging.getLogger(__name__)
+
+# GGUF keys of tokens that end a turn besides EOS (llama 3's <|eot_id|>, <|eom_id|>)
+EXTRA_STOP_KEYS = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+
+
+def _cache_key(path: Path) -> str:
+    st = path.stat()
+    return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+class Tokenizer:
+    def __init__(self, model_path: str | Path):
+        from transformers import AutoTokenizer  # heavy import, only where text is needed
+
+        path = Path(model_path)
+        with GGUFFile(path) as gguf:
+            if "tokenizer.ggml.tokens" not in gguf.metadata:
+                raise ModelFormatError(f"model: {path.name!r} has no tokenizer (tokenizer.ggml.tokens)")
+            self.stop_ids = frozenset(int(gguf.get(k)) for k in EXTRA_STOP_KEYS if k in gguf.metadata)
+            self.chat_template = gguf.get("tokenizer.chat_template")
+        saved = cache_dir() / "tokenizers" / _cache_key(path)
+        if (saved / "tokenizer.json").exists():
+            self.hf = AutoTokenizer.from_pretrained(saved)
+        else:
+            try:
+                self.hf = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            except Exception as exc:  # transformers raises assorted types for tokenizers it cannot convert
+                raise ModelFormatError(f"model: cannot build a tokenizer from {path.name!r}: {exc}") from None
+            try:
+                self.hf.save_pretrained(saved)
+            except OSError as exc:
+                log.warning("could not cache the tokenizer in %s: %s", saved, exc)
+        if self.hf.eos_token_id is not None:
+            self.stop_ids |= {int(self.hf.eos_token_id)}
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.hf.encode(text))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.hf.decode(ids, skip_special_tokens=True)
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        if not self.chat_template:
+            raise ModelFormatError("model: has no chat template (tokenizer.chat_template); drop --chat")
+        text = self.hf.apply_chat_template(messages, chat_template=self.chat_template,
+                                           add_generation_prompt=True, tokenize=False)
+        return list(self.hf.encode(text, add_special_tokens=False))
