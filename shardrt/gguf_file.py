@@ -72,6 +72,8 @@ class GGUFFile:
             if self.file_size < 24:
                 raise ModelFormatError(f"model: {self.path.name!r} is {self.file_size} bytes, too small to be GGUF")
             self._map = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
+            # No read-around: a stage asks for its own spans (prefetch) and nothing beside them.
+            self._map.madvise(mmap.MADV_RANDOM)
             self._parse()
         except BaseException:
             self.close()
@@ -91,6 +93,12 @@ class GGUFFile:
     def tensor_bytes(self, info: TensorInfo) -> memoryview:
         """The raw bytes of one tensor, straight from the map (no copy)."""
         return memoryview(self._map)[info.offset : info.offset + info.n_bytes]
+
+    def prefetch(self, start: int, end: int) -> None:
+        """Ask the kernel to read bytes [start, end) ahead of use."""
+        page = mmap.PAGESIZE
+        aligned = start - start % page
+        self._map.madvise(mmap.MADV_WILLNEED, aligned, min(end, self.file_size) - aligned)
 
     def read_array(self, lazy: LazyArray) -> list:
         values, _ = self._read_array_items(lazy.item_type, lazy.count, lazy.offset)

@@ -51,11 +51,15 @@ class LayerSpan:
 
 @dataclass(frozen=True)
 class SpanCover:
-    """How much of the file a stage maps: bytes of its tensors in `n_spans` contiguous runs."""
+    """How much of the file a stage maps: bytes of its tensors in contiguous runs `spans`."""
 
     covered_bytes: int
     file_bytes: int
-    n_spans: int
+    spans: tuple[tuple[int, int], ...]  # [start, end) byte offsets
+
+    @property
+    def n_spans(self) -> int:
+        return len(self.spans)
 
     def __str__(self) -> str:
         return f"span cover {self.covered_bytes / MIB:.1f} MiB of {self.file_bytes / MIB:.1f} MiB ({self.n_spans} spans)"
@@ -75,13 +79,14 @@ def stage_tensor_names(cfg: ModelConfig, span: LayerSpan) -> list[str]:
 
 def span_cover(gguf: GGUFFile, names: list[str]) -> SpanCover:
     infos = sorted((require_tensor(gguf, n) for n in names), key=lambda t: t.offset)
-    spans, covered, end = 0, 0, -1
+    spans: list[list[int]] = []
     for info in infos:
-        if info.offset > end + gguf.alignment or end < 0:
-            spans += 1
-        covered += info.n_bytes
-        end = max(end, info.offset + info.n_bytes)
-    return SpanCover(covered, gguf.file_size, spans)
+        if spans and info.offset <= spans[-1][1] + gguf.alignment:  # adjacent but for padding
+            spans[-1][1] = max(spans[-1][1], info.offset + info.n_bytes)
+        else:
+            spans.append([info.offset, info.offset + info.n_bytes])
+    covered = sum(info.n_bytes for info in infos)
+    return SpanCover(covered, gguf.file_size, tuple((a, b) for a, b in spans))
 
 
 def require_tensor(gguf: GGUFFile, name: str) -> TensorInfo:
@@ -110,6 +115,8 @@ class StageWeights:
         self.names = stage_tensor_names(cfg, span)
         self.cover = span_cover(gguf, self.names)
         self.bytes_read = 0
+        for start, end in self.cover.spans:
+            gguf.prefetch(start, end)
 
     def load(self, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         info = require_tensor(self.gguf, name)
