@@ -107,6 +107,32 @@ def dequantize_tensor(gguf: GGUFFile, info: TensorInfo) -> np.ndarray:
     return dequantize(raw, info.qtype).reshape(tuple(reversed(info.shape)))
 
 
+def expected_shape(cfg: ModelConfig, name: str) -> tuple[int, ...] | None:
+    """The torch-order shape the model computes with for tensor `name`, as llama.cpp checks it."""
+    short = name.split(".", 2)[2] if name.startswith("blk.") else name
+    dim, ffn, q, kv = cfg.dim, cfg.ffn_dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    return {
+        "attn_norm.weight": (dim,), "ffn_norm.weight": (dim,), "output_norm.weight": (dim,),
+        "attn_q.weight": (q, dim), "attn_k.weight": (kv, dim), "attn_v.weight": (kv, dim),
+        "attn_output.weight": (dim, q), "attn_q.bias": (q,), "attn_k.bias": (kv,), "attn_v.bias": (kv,),
+        "attn_q_norm.weight": (cfg.head_dim,), "attn_k_norm.weight": (cfg.head_dim,),
+        "ffn_gate.weight": (ffn, dim), "ffn_up.weight": (ffn, dim), "ffn_down.weight": (dim, ffn),
+        "token_embd.weight": (cfg.vocab_size, dim), "output.weight": (cfg.vocab_size, dim),
+        "rope_freqs.weight": (cfg.rope_dim // 2,),
+    }.get(short)
+
+
+def check_shape(gguf: GGUFFile, cfg: ModelConfig, name: str) -> None:
+    """A tensor whose shape disagrees with the metadata fails here, not as a torch error mid-forward."""
+    shape = tuple(reversed(require_tensor(gguf, name).shape))
+    want = expected_shape(cfg, name)
+    if want is not None and shape != want:
+        raise ModelFormatError(
+            f"model: {gguf.path.name!r} tensor {name!r} has shape {list(shape)}, but the {cfg.arch}.* metadata "
+            f"implies {list(want)}"
+        )
+
+
 class StageWeights:
     """Reads a stage's tensors into torch, counting the file bytes it touched."""
 
@@ -114,6 +140,8 @@ class StageWeights:
         self.gguf, self.cfg, self.span = gguf, cfg, span
         self.names = stage_tensor_names(cfg, span)
         self.cover = span_cover(gguf, self.names)
+        for name in self.names:
+            check_shape(gguf, cfg, name)
         self.bytes_read = 0
         for start, end in self.cover.spans:
             gguf.prefetch(start, end)

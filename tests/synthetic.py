@@ -137,7 +137,7 @@ def write_model(
     tensor_types: write these tensors with this type id instead, as random bytes of the right size
         (for ids gguf knows) — the way to make a file holding a type shardrt does not run; an id that
         is no GGMLQuantizationType is patched into the tensor directory after writing.
-    extra_keys: more metadata, name -> value (str, int, float, bool, or list).
+    extra_keys: more metadata, name -> value (str, int, float, bool, or list); replaces a key written above.
     """
     path = Path(path)
     qtype, embed_qtype = qtype_of(qtype), qtype_of(embed_qtype or qtype)
@@ -173,11 +173,13 @@ def write_model(
         w.add_eos_token_id(eos_id)
         w.add_bos_token_id(eos_id)
         w.add_add_bos_token(False)
-    for key, value in (extra_keys or {}).items():
-        w.add_key_value(key, value, _value_type(value), sub_type=_value_type(value[0]) if isinstance(value, list) else None)
     for key in drop_keys:
         for kv in w.kv_data:
             kv.pop(key, None)
+    for key, value in (extra_keys or {}).items():  # added last, so they replace what is above
+        for kv in w.kv_data:
+            kv.pop(key, None)
+        w.add_key_value(key, value, _value_type(value), sub_type=_value_type(value[0]) if isinstance(value, list) else None)
 
     patch_ids: dict[str, int] = {}
 
