@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, TokenType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, LlamaFileType, TokenType
 from gguf.quants import dequantize, quantize
 
 Q = GGMLQuantizationType
@@ -163,7 +163,9 @@ def write_model(
     w.add_rope_freq_base(rope_base)
     w.add_layer_norm_rms_eps(norm_eps)
     w.add_vocab_size(vocab)
-    w.add_file_type(int(qtype) if qtype in (Q.F32, Q.F16) else 7)
+    file_types = LlamaFileType.__members__  # general.file_type: informative only
+    ftype = LlamaFileType.ALL_F32 if qtype == Q.F32 else file_types.get(f"MOSTLY_{qtype.name}", LlamaFileType.GUESSED)
+    w.add_file_type(int(ftype))
     if tokenizer:
         w.add_tokenizer_model("gpt2")
         w.add_tokenizer_pre("default")
@@ -195,8 +197,9 @@ def write_model(
                 t = Q.F32
             else:
                 block_elems, block_bytes = GGML_QUANT_SIZES[t]
+                rows = array.shape[0] if array.ndim == 2 else 1
                 n_bytes = array.size // block_elems * block_bytes
-                raw = rng.integers(0, 256, size=(array.shape[0], n_bytes // array.shape[0]), dtype=np.uint8)
+                raw = rng.integers(0, 256, size=(rows, n_bytes // rows), dtype=np.uint8)
                 w.add_tensor(name, raw, raw_dtype=t)
                 return
         data, raw_dtype = encode_weight(array, t, rng) if array.ndim == 2 else (array.astype(np.float32), None)
