@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
-from pathlib import Path
 
 from .errors import ConfigError, ShardrtError
 
@@ -14,20 +14,29 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_placement_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_pos", nargs="?", metavar="MODEL", help="GGUF file (default: the SmolLM2-135M demo model)")
     p.add_argument("--model", "-m", dest="model_opt", metavar="PATH", help="GGUF file (same as MODEL)")
-    p.add_argument("--target-gpus", metavar="LIST", help="devices, e.g. cuda:0,hip:0 or cpu:0 (default: first GPU, else cpu:0)")
-    p.add_argument("--max-ctx", type=int, default=4096, metavar="N", help="KV cache length in tokens (default 4096)")
+    p.add_argument("--config", "-c", metavar="FILE", help="YAML placement file; flags override it")
+    p.add_argument("--target-gpus", metavar="LIST", help="devices, e.g. cuda:0,hip:0,hip:1 or cpu:0 (default: first GPU, else cpu:0)")
+    p.add_argument("--layer-split", metavar="W,W,...", help="positive weights, one per device (default: even by layers)")
+    p.add_argument("--isolate-gpus", dest="isolate_gpus", action="store_true", default=None,
+                   help="one daemon per device beyond the first (default)")
+    p.add_argument("--no-isolate-gpus", dest="isolate_gpus", action="store_false",
+                   help="one daemon per backend group; the first device's group stays in-process")
+    p.add_argument("--all-daemons", action="store_true", help="run every stage in a daemon; the coordinator holds no device")
+    p.add_argument("--max-ctx", type=int, default=None, metavar="N", help="KV cache length in tokens (default 4096)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="shardrt", description="Run one GGUF model across the devices of a mixed box.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    parser = argparse.ArgumentParser(prog="shardrt", description="Run one GGUF model across the devices of a mixed box.",
+                                     parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    launch = sub.add_parser("launch", help="generate text from a prompt")
-    _add_model_args(launch)
+    launch = sub.add_parser("launch", help="generate text from a prompt", parents=[common])
+    _add_placement_args(launch)
     launch.add_argument("-p", "--prompt", help="prompt text (with --chat and no prompt: interactive chat)")
     launch.add_argument("-n", "--max-tokens", type=int, default=64, metavar="N", help="tokens to generate (default 64)")
     launch.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
@@ -37,64 +46,103 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     launch.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     launch.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
+
+    plan = sub.add_parser("plan", help="print the shard table without loading weights", parents=[common])
+    _add_placement_args(plan)
+    plan.add_argument("--json", action="store_true", help="print the table as JSON")
+
+    sub.add_parser("devices", help="list the GPUs of every backend and the CPU", parents=[common])
     return parser
 
 
-def _model_path(args) -> Path:
+def _resolve(args):
+    """The launch configuration and the model file it names (the demo model by default)."""
+    from .config import from_args
     from .demo_model import demo_model_path
 
-    if args.model_pos and args.model_opt and args.model_pos != args.model_opt:
-        raise ConfigError(f"--model: given twice ({args.model_pos!r} and {args.model_opt!r})")
-    chosen = args.model_opt or args.model_pos
-    if chosen is None:
-        return demo_model_path(progress=not args.json)
-    path = Path(chosen).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"--model: {chosen!r} is not a file")
-    return path
+    config = from_args(args)
+    model = config.model or demo_model_path(progress=not getattr(args, "json", False))
+    return config, model
 
 
 def cmd_launch(args) -> int:
     from .generate import generate
-    from .pipeline import Pipeline
-    from .placement import default_device, parse_devices
+    from .launch import Cluster
     from .sampling import SamplingParams
-    from .stage import Stage
     from .tokenizer import Tokenizer
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
-    devices = parse_devices(args.target_gpus) if args.target_gpus else (default_device(),)
-    if len(devices) > 1:
-        raise ConfigError(f"--target-gpus: {args.target_gpus!r} names several devices; this build runs one")
     if args.prompt is None and not args.chat:
         raise ConfigError("--prompt: missing; give -p TEXT (or --chat for an interactive chat)")
-    model = _model_path(args)
+    config, model = _resolve(args)
     tokenizer = Tokenizer(model)
+    with Cluster(config, model) as cluster:
+        pipeline = cluster.pipeline
+        for stage in pipeline.stages:
+            logging.getLogger(__name__).info("%s", stage.describe())
+        if args.chat and args.prompt is None:
+            return _interactive_chat(pipeline, tokenizer, params)
+        prompt_ids = tokenizer.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat \
+            else tokenizer.encode(args.prompt)
+        if args.json:
+            result = generate(pipeline, tokenizer, prompt_ids, params)
+            out = result.to_json()
+            out["stages"] = [stage.describe() for stage in pipeline.stages]
+            print(json.dumps(out))
+            return 0
+        if not args.chat:
+            print(args.prompt, end="", flush=True)
+        result = generate(pipeline, tokenizer, prompt_ids, params, on_text=lambda s: print(s, end="", flush=True))
+        print()
+        print(f"[{len(prompt_ids)} prompt tokens, {result.prefill_tokens_per_s:.1f} tok/s prefill; "
+              f"{len(result.tokens)} generated, {result.decode_tokens_per_s:.1f} tok/s decode; "
+              f"{len(pipeline.stages)} stage(s)]", file=sys.stderr)
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from .devices import discover, missing
     from .gguf_file import GGUFFile
+    from .launch import plan_rows
     from .model import ModelConfig
 
+    config, model = _resolve(args)
     with GGUFFile(model) as gguf:
-        n_layers = ModelConfig.from_gguf(gguf).n_layers
-    stage = Stage(model, 0, n_layers, devices[0].torch_device(), max_ctx=args.max_ctx)
-    pipeline = Pipeline([stage])
-    logging.getLogger(__name__).info("%s", stage.describe())
-
-    if args.chat and args.prompt is None:
-        return _interactive_chat(pipeline, tokenizer, params)
-    prompt_ids = tokenizer.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat \
-        else tokenizer.encode(args.prompt)
+        cfg = ModelConfig.from_gguf(gguf)
+        rows = plan_rows(config, gguf, cfg)
+    absent = missing(config.devices, discover())
+    table = [{
+        "backend": r.shard.device.backend, "device": str(r.shard.device), "process": r.process.label,
+        "local_device": r.process.local_index(r.shard.device) if r.shard.device.is_gpu else None,
+        "pinned_env": r.process.child_env(), "layers": str(r.span), "weight_bytes": r.weight_bytes, "cover": r.cover,
+        "python": config.pythons.get(r.process.backend, "this interpreter") if not r.process.in_process else "coordinator",
+    } for r in rows]
     if args.json:
-        result = generate(pipeline, tokenizer, prompt_ids, params)
-        print(json.dumps(result.to_json()))
+        print(json.dumps({"model": str(model), "layers": cfg.n_layers, "shards": table,
+                          "missing": [str(d) for d in absent]}))
         return 0
-    if not args.chat:
-        print(args.prompt, end="", flush=True)
-    result = generate(pipeline, tokenizer, prompt_ids, params, on_text=lambda s: print(s, end="", flush=True))
-    print()
-    print(f"[{len(prompt_ids)} prompt tokens, {result.prefill_tokens_per_s:.1f} tok/s prefill; "
-          f"{len(result.tokens)} generated, {result.decode_tokens_per_s:.1f} tok/s decode; {stage.describe()}]",
-          file=sys.stderr)
+    print(f"model {model.name}: {cfg.arch}, {cfg.n_layers} layers, max_ctx {config.max_ctx}")
+    headers = ("backend", "device", "process", "pinned env", "layers", "weights", "span cover")
+    cells = [(t["backend"], t["device"] + (f" (local {t['local_device']})" if t["local_device"] is not None
+                                            and t["process"] != "coordinator" else ""),
+              t["process"], " ".join(f"{k}={v}" for k, v in t["pinned_env"].items()) or "-", t["layers"],
+              f"{t['weight_bytes'] / (1 << 20):.1f} MiB", t["cover"]) for t in table]
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *cells)]
+    for line in (headers, *cells):
+        print("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip())
+    if absent:
+        print(f"missing on this machine: {', '.join(str(d) for d in absent)} (the plan stands; launch needs them)")
+    return 0
+
+
+def cmd_devices(args) -> int:
+    from .devices import discover
+
+    for info in discover():
+        kind = "host" if not info.spec.is_gpu else "integrated" if info.integrated else "discrete"
+        print(f"{str(info.spec):8} {info.name:40} {info.free_bytes / (1 << 30):7.1f} GiB free of "
+              f"{info.total_bytes / (1 << 30):7.1f} GiB  {kind}")
     return 0
 
 
@@ -117,13 +165,19 @@ def _interactive_chat(pipeline, tokenizer, params) -> int:
         messages.append({"role": "assistant", "content": result.text})
 
 
-COMMANDS = {"launch": cmd_launch}
+COMMANDS = {"launch": cmd_launch, "plan": cmd_plan, "devices": cmd_devices}
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="shardrt: %(levelname)s %(name)s: %(message)s")
+    # SIGTERM unwinds like Ctrl-C, so every daemon, socket and segment is cleaned up
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         return COMMANDS[args.command](args)
     except ShardrtError as exc:

@@ -73,9 +73,12 @@ def generate(pipeline: Pipeline, tokenizer: Tokenizer, prompt_ids: list[int], pa
     stop_text = _StopText(params.stop)
     pipeline.reset()
 
+    def next_token(ids: list[int], base_pos: int) -> int:
+        x = torch.tensor(ids, dtype=torch.long)
+        return pipeline.greedy(x, base_pos) if params.greedy else sample(pipeline.forward(x, base_pos)[-1])
+
     t0 = time.perf_counter()
-    logits = pipeline.forward(torch.tensor(prompt_ids, dtype=torch.long), 0)
-    token = sample(logits[-1]) if params.max_tokens else None
+    token = next_token(prompt_ids, 0) if params.max_tokens else None
     t1 = time.perf_counter()
 
     tokens: list[int] = []
@@ -94,8 +97,7 @@ def generate(pipeline: Pipeline, tokenizer: Tokenizer, prompt_ids: list[int], pa
             on_text(stop_text.ready(text, final=False))
         if len(tokens) >= params.max_tokens:
             break
-        logits = pipeline.forward(torch.tensor([token], dtype=torch.long), len(prompt_ids) + len(tokens) - 1)
-        token = sample(logits[-1])
+        token = next_token([token], len(prompt_ids) + len(tokens) - 1)
     if on_text:
         on_text(stop_text.ready(text, final=True))
     t2 = time.perf_counter()

@@ -136,14 +136,14 @@ def check_shape(gguf: GGUFFile, cfg: ModelConfig, name: str) -> None:
 class StageWeights:
     """Reads a stage's tensors into torch, counting the file bytes it touched."""
 
-    def __init__(self, gguf: GGUFFile, cfg: ModelConfig, span: LayerSpan):
+    def __init__(self, gguf: GGUFFile, cfg: ModelConfig, span: LayerSpan, prefetch: bool = True):
         self.gguf, self.cfg, self.span = gguf, cfg, span
         self.names = stage_tensor_names(cfg, span)
         self.cover = span_cover(gguf, self.names)
         for name in self.names:
             check_shape(gguf, cfg, name)
         self.bytes_read = 0
-        for start, end in self.cover.spans:
+        for start, end in self.cover.spans if prefetch else ():
             gguf.prefetch(start, end)
 
     def load(self, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

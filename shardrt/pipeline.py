@@ -30,11 +30,19 @@ class Pipeline:
     def length(self) -> int:
         return self.stages[-1].length
 
-    def forward(self, ids: torch.Tensor, base_pos: int, all_logits: bool = False) -> torch.Tensor:
+    def _to_last(self, ids: torch.Tensor, base_pos: int) -> torch.Tensor:
         x = ids
         for stage in self.stages[:-1]:
             x = stage.forward(x, base_pos)
-        return self.stages[-1].forward(x, base_pos, all_logits=all_logits)
+        return x
+
+    def forward(self, ids: torch.Tensor, base_pos: int, all_logits: bool = False) -> torch.Tensor:
+        """float32 logits: [1, vocab] for the last position, or [n, vocab] with all_logits."""
+        return self.stages[-1].forward(self._to_last(ids, base_pos), base_pos, all_logits=all_logits)
+
+    def greedy(self, ids: torch.Tensor, base_pos: int) -> int:
+        """The argmax next token; a remote head sends back the token id, not the logits."""
+        return self.stages[-1].argmax(self._to_last(ids, base_pos), base_pos)
 
     def truncate(self, n: int) -> None:
         for stage in self.stages:

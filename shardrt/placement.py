@@ -107,3 +107,75 @@ def default_device() -> DeviceSpec:
     if torch.cuda.is_available():
         return DeviceSpec("hip" if torch.version.hip else "cuda", 0)
     return DeviceSpec("cpu", 0)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One device's contiguous layer range; `process` 0 is the coordinator, k > 0 daemon k."""
+
+    device: DeviceSpec
+    start: int
+    stop: int
+    process: int
+
+
+@dataclass(frozen=True)
+class ProcessPlan:
+    """One process and the shards it holds; daemons see their GPUs remapped to 0..n-1."""
+
+    index: int  # 0: the coordinator itself
+    backend: str
+    devices: tuple[DeviceSpec, ...]
+
+    @property
+    def in_process(self) -> bool:
+        return self.index == 0
+
+    @property
+    def label(self) -> str:
+        return "coordinator" if self.in_process else f"daemon {self.index}"
+
+    def child_env(self) -> dict[str, str]:
+        """Environment a daemon adds to its parent's: GPU visibility pinned to its own devices."""
+        if self.in_process or self.backend == "cpu":
+            return {}
+        ids = ",".join(str(d.index) for d in self.devices)
+        if self.backend == "cuda":
+            return {"CUDA_VISIBLE_DEVICES": ids}
+        return {"HIP_VISIBLE_DEVICES": ids, "ROCR_VISIBLE_DEVICES": ids}
+
+    def local_index(self, device: DeviceSpec) -> int:
+        """The device's id inside this process (0-based in a daemon's pinned view)."""
+        if self.in_process or device.backend == "cpu":
+            return device.index
+        return self.devices.index(device)
+
+
+def plan_processes(devices: tuple[DeviceSpec, ...], isolate_gpus: bool = True,
+                   all_daemons: bool = False) -> tuple[ProcessPlan, ...]:
+    """Which process holds each device.
+
+    isolate_gpus: every device but the first gets its own daemon. Otherwise the first device's
+    backend group stays in-process and every other backend group shares one daemon.
+    all_daemons: the coordinator holds no device; every group above becomes a daemon.
+    """
+    groups: list[list[DeviceSpec]] = []
+    if isolate_gpus:
+        groups = [[d] for d in devices]
+    else:
+        by_backend: dict[str, list[DeviceSpec]] = {}
+        for d in devices:
+            by_backend.setdefault(d.backend, []).append(d)
+        groups = list(by_backend.values())
+    first = 1 if all_daemons else 0
+    return tuple(ProcessPlan(i + first, g[0].backend, tuple(g)) for i, g in enumerate(groups))
+
+
+def plan_shards(devices: tuple[DeviceSpec, ...], n_layers: int, weights: tuple[float, ...] | None = None,
+                isolate_gpus: bool = True, all_daemons: bool = False) -> tuple[tuple[Shard, ...], tuple[ProcessPlan, ...]]:
+    weights = weights or tuple(1.0 / len(devices) for _ in devices)
+    ranges = split_layers(n_layers, weights)
+    processes = plan_processes(devices, isolate_gpus, all_daemons)
+    owner = {d: p.index for p in processes for d in p.devices}
+    shards = tuple(Shard(d, a, b, owner[d]) for d, (a, b) in zip(devices, ranges))
+    return shards, processes

@@ -96,6 +96,10 @@ class Stage:
             x = x[-1:]
         return torch.nn.functional.linear(rms_norm(x, self.output_norm, self.cfg.norm_eps), self.output).float()
 
+    def argmax(self, inputs: torch.Tensor, base_pos: int) -> int:
+        """The greedy next token after `inputs` (stage with the head only)."""
+        return int(self.forward(inputs, base_pos)[-1].argmax())
+
     def truncate(self, n: int) -> None:
         """Forget KV beyond the first n tokens (speculative rollback)."""
         if not 0 <= n <= self.length:

@@ -1,0 +1,110 @@
+"""Device discovery across backends, without creating a GPU context in this process.
+
+NVIDIA GPUs come from NVML (`pynvml`), AMD GPUs from `amdsmi` when installed, else from the
+kernel's KFD topology in sysfs. CPU is always there.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from .placement import DeviceSpec
+
+log = logging.getLogger(__name__)
+KFD_NODES = Path("/sys/class/kfd/kfd/topology/nodes")
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    spec: DeviceSpec
+    name: str
+    total_bytes: int
+    free_bytes: int
+    integrated: bool
+
+
+def nvidia_devices() -> list[DeviceInfo]:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # no driver, no library: no NVIDIA GPUs to report
+        return []
+    try:
+        found = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            name = pynvml.nvmlDeviceGetName(handle)
+            mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            found.append(DeviceInfo(DeviceSpec("cuda", i), name if isinstance(name, str) else name.decode(),
+                                    int(mem.total), int(mem.free), integrated=False))
+        return found
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def amd_devices() -> list[DeviceInfo]:
+    try:
+        import amdsmi
+
+        amdsmi.amdsmi_init()
+    except Exception:
+        return _kfd_devices()
+    try:
+        found = []
+        for i, handle in enumerate(amdsmi.amdsmi_get_processor_handles()):
+            info = amdsmi.amdsmi_get_gpu_asic_info(handle)
+            total = amdsmi.amdsmi_get_gpu_memory_total(handle, amdsmi.AmdSmiMemoryType.VRAM)
+            used = amdsmi.amdsmi_get_gpu_memory_usage(handle, amdsmi.AmdSmiMemoryType.VRAM)
+            found.append(DeviceInfo(DeviceSpec("hip", i), str(info.get("market_name", "AMD GPU")), int(total),
+                                    int(total - used), integrated=False))
+        return found
+    except Exception as exc:
+        log.warning("amdsmi failed (%s); reading the KFD topology instead", exc)
+        return _kfd_devices()
+    finally:
+        try:
+            amdsmi.amdsmi_shut_down()
+        except Exception:
+            pass
+
+
+def _kfd_devices() -> list[DeviceInfo]:
+    """GPU nodes of the KFD topology (those with SIMD units), numbered as HIP numbers them."""
+    found = []
+    if not KFD_NODES.is_dir():
+        return found
+    for node in sorted(KFD_NODES.iterdir(), key=lambda p: int(p.name) if p.name.isdigit() else 1 << 30):
+        try:
+            props = dict(line.split()[:2] for line in (node / "properties").read_text().splitlines() if line.strip())
+        except (OSError, ValueError):
+            continue
+        if int(props.get("simd_count", 0)) == 0:
+            continue
+        total = 0
+        for bank in (node / "mem_banks").glob("*/properties"):
+            bank_props = dict(line.split()[:2] for line in bank.read_text().splitlines() if line.strip())
+            total += int(bank_props.get("size_in_bytes", 0))
+        integrated = int(props.get("cpu_cores_count", 0)) > 0
+        found.append(DeviceInfo(DeviceSpec("hip", len(found)), f"AMD gfx{props.get('gfx_target_version', '?')}",
+                                total, total, integrated))
+    return found
+
+
+def cpu_device() -> DeviceInfo:
+    mem = psutil.virtual_memory()
+    return DeviceInfo(DeviceSpec("cpu", 0), f"CPU ({psutil.cpu_count()} threads)", mem.total, mem.available, True)
+
+
+def discover() -> list[DeviceInfo]:
+    return [*nvidia_devices(), *amd_devices(), cpu_device()]
+
+
+def missing(devices: tuple[DeviceSpec, ...], present: list[DeviceInfo]) -> list[DeviceSpec]:
+    """The GPUs named in a placement that this machine does not have (any cpu:N is present)."""
+    have = {d.spec for d in present}
+    return [d for d in devices if d.is_gpu and d not in have]

@@ -1,0 +1,76 @@
+"""All wire encoding: msgpack maps, with tensors as separate zero-copy ZeroMQ frames.
+
+A message is one msgpack frame followed by zero or more payload frames. A tensor inside the
+map is a reference `{"dtype", "shape", "frame": i}` (payload frame i) or `{"dtype", "shape",
+"shm": seq}` (the sender's shared-memory slot). No pickle, ever. Decoding checks every size,
+count and dtype before it touches memory.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import numpy as np
+import torch
+
+from ..errors import IpcError
+from .shm import DTYPE_NAMES, MAX_RANK
+
+MAX_MESSAGE_BYTES = 1 << 20  # the msgpack part; payloads ride in their own frames
+MAX_FRAMES = 8
+
+
+def encode(message: dict, payloads: list[torch.Tensor] = ()) -> list:
+    """Frames for `message`; each tensor in `payloads` becomes one raw frame (no copy on CPU)."""
+    frames: list = [msgpack.packb(message, use_bin_type=True)]
+    for tensor in payloads:
+        frames.append(memoryview(tensor.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy()))
+    return frames
+
+
+def tensor_ref(tensor: torch.Tensor, **where: int) -> dict:
+    return {"dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape), **where}
+
+
+def decode(frames: list) -> dict:
+    if not frames or len(frames) > MAX_FRAMES:
+        raise IpcError(f"wire: {len(frames)} frames; 1..{MAX_FRAMES} accepted")
+    head = frames[0]
+    if len(head) > MAX_MESSAGE_BYTES:
+        raise IpcError(f"wire: message of {len(head)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    try:
+        message = msgpack.unpackb(bytes(head), raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several types for malformed input
+        raise IpcError(f"wire: message is not valid msgpack ({type(exc).__name__})") from None
+    if not isinstance(message, dict):
+        raise IpcError(f"wire: message is a {type(message).__name__}, not a map")
+    return message
+
+
+def frame_tensor(ref: Any, frames: list, field: str) -> torch.Tensor:
+    """The tensor that `ref` (a validated reference) names among the payload frames."""
+    dtype, shape = check_ref(ref, field)
+    index = ref.get("frame")
+    if not isinstance(index, int) or isinstance(index, bool) or not 1 <= index < len(frames):
+        raise IpcError(f"{field}.frame: {index!r} is not a payload frame of this message")
+    buf = frames[index]
+    raw = buf.buffer if hasattr(buf, "buffer") else buf
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    expected = int(np.prod(shape, dtype=np.int64)) * itemsize
+    if len(raw) != expected:
+        raise IpcError(f"{field}: frame has {len(raw)} bytes, shape {shape} of {dtype} needs {expected}")
+    return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape) if expected else torch.empty(shape, dtype=dtype)
+
+
+def check_ref(ref: Any, field: str) -> tuple[torch.dtype, list[int]]:
+    if not isinstance(ref, dict):
+        raise IpcError(f"{field}: {ref!r} is not a tensor reference")
+    dtype = DTYPE_NAMES.get(ref.get("dtype"))
+    if dtype is None:
+        raise IpcError(f"{field}.dtype: {ref.get('dtype')!r}; accepted: {', '.join(DTYPE_NAMES)}")
+    shape = ref.get("shape")
+    if (not isinstance(shape, list) or len(shape) > MAX_RANK
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 31 for d in shape)):
+        raise IpcError(f"{field}.shape: {shape!r} is not a list of at most {MAX_RANK} sizes")
+    return dtype, shape

@@ -1,0 +1,69 @@
+"""The coordinator <-> daemon protocol: one table of operations and the checks on each.
+
+Requests are msgpack maps `{op, id, ...}`; replies `{id, ok: true, ...}` or
+`{id, ok: false, error: {code, message}}`. docs/PROTOCOL.md is the written reference.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import IpcError
+
+PROTOCOL_VERSION = 1
+MAX_TOKENS_PER_FORWARD = 1 << 16
+
+# op -> {field: (type, required)}
+OPS: dict[str, dict[str, tuple[type, bool]]] = {
+    "hello": {"version": (int, True), "model": (dict, True)},
+    "forward": {"base_pos": (int, True), "n": (int, True), "input": (dict, True), "want": (str, True),
+                "all_logits": (bool, False)},
+    "kv_truncate": {"n": (int, True)},
+    "reset": {},
+    "stats": {},
+    "ping": {},
+    "shutdown": {},
+}
+WANTS = ("activation", "argmax", "logits")
+
+
+class ProtocolError(IpcError):
+    """A request the daemon refuses; `code` goes into the error reply."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def check_request(message: dict) -> str:
+    """The op of a well-formed request; ProtocolError naming the field otherwise."""
+    op = message.get("op")
+    if op not in OPS:
+        raise ProtocolError("unknown_op", f"op: {op!r} is not one of {', '.join(OPS)}")
+    request_id = message.get("id")
+    if not isinstance(request_id, int) or isinstance(request_id, bool):
+        raise ProtocolError("bad_request", f"id: {request_id!r} is not an integer")
+    for name, (kind, required) in OPS[op].items():
+        if name not in message:
+            if required:
+                raise ProtocolError("bad_request", f"{op}.{name}: missing")
+            continue
+        value = message[name]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ProtocolError("bad_request", f"{op}.{name}: {value!r} is not {kind.__name__}")
+        if kind is int and not 0 <= value < 1 << 40:
+            raise ProtocolError("bad_request", f"{op}.{name}: {value} is out of range")
+    unknown = sorted(set(message) - set(OPS[op]) - {"op", "id"})
+    if unknown:
+        raise ProtocolError("bad_request", f"{op}: unknown field {unknown[0]!r}")
+    if op == "forward":
+        if message["want"] not in WANTS:
+            raise ProtocolError("bad_request", f"forward.want: {message['want']!r} is not one of {', '.join(WANTS)}")
+        if not 1 <= message["n"] <= MAX_TOKENS_PER_FORWARD:
+            raise ProtocolError("bad_request", f"forward.n: {message['n']} is outside 1..{MAX_TOKENS_PER_FORWARD}")
+    return op
+
+
+def error_reply(request_id: Any, code: str, message: str) -> dict:
+    return {"id": request_id if isinstance(request_id, int) else -1, "ok": False,
+            "error": {"code": code, "message": message}}

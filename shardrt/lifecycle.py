@@ -1,0 +1,135 @@
+"""Daemon processes from the coordinator's side: exec with a pinned environment, the death
+pipe, liveness, and shutdown (ask -> close the pipe -> SIGTERM -> SIGKILL).
+
+Nothing is left behind: the runtime directory (0700, holding the `ipc://` sockets and the
+daemons' logs) and every shared-memory segment go when the daemons go.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError
+from .ipc.shm import SharedSegment, new_segment_name
+from .worker import DaemonSpec
+
+DAEMON_MODULE = "shardrt.daemons.target_shard"
+LOG_TAIL_BYTES = 4096
+
+
+def _env_seconds(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: {raw!r} is not a number of seconds") from None
+    if not 0 < value < 1e6:
+        raise ConfigError(f"{name}: {raw!r} is not a positive number of seconds")
+    return value
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    ready: float = 120.0  # daemon start: exec, torch import, weight loading
+    request: float = 600.0  # one request, however long the prefill
+    heartbeat: float = 5.0  # a daemon whose heartbeat stalls this long has stopped answering
+    stop: float = 3.0  # each step of the shutdown sequence
+
+    @classmethod
+    def from_env(cls) -> "Timeouts":
+        return cls(
+            ready=_env_seconds("SHARDRT_READY_TIMEOUT", cls.ready),
+            request=_env_seconds("SHARDRT_REQUEST_TIMEOUT", cls.request),
+            heartbeat=_env_seconds("SHARDRT_HEARTBEAT_TIMEOUT", cls.heartbeat),
+            stop=cls.stop,
+        )
+
+
+def make_runtime_dir() -> Path:
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if not base or not os.path.isdir(base) or not os.access(base, os.W_OK):
+        base = None
+    return Path(tempfile.mkdtemp(prefix="shardrt-", dir=base))  # mkdtemp makes it 0700
+
+
+class DaemonProcess:
+    """One exec'd daemon and the resources the coordinator holds for it."""
+
+    def __init__(self, *, label: str, backend: str, python: str | None, child_env: dict[str, str],
+                 runtime_dir: Path, index: int, shared_bytes: int, model: str | None, identity: dict,
+                 shards: tuple, max_ctx: int):
+        self.label = label
+        self.child_env = dict(child_env)
+        self.endpoint = f"ipc://{runtime_dir / f'd{index}.sock'}"
+        self.log_path = runtime_dir / f"d{index}.log"
+        self.segment = SharedSegment(new_segment_name(f"d{index}"), shared_bytes)
+        read_fd, self._death_fd = os.pipe()
+        spec = DaemonSpec(label=label, backend=backend, endpoint=self.endpoint, shm_name=self.segment.name,
+                          model=model, identity=identity, shards=shards, max_ctx=max_ctx, death_fd=read_fd)
+        python = python or sys.executable
+        try:
+            with open(self.log_path, "wb") as log:
+                # exec, never a bare fork: the coordinator may hold a GPU context
+                self.process = subprocess.Popen(
+                    [python, "-m", DAEMON_MODULE, spec.to_json()],
+                    env={**os.environ, **self.child_env}, pass_fds=(read_fd,), stdin=subprocess.DEVNULL,
+                    stdout=log, stderr=log, start_new_session=True,  # Ctrl-C reaches the coordinator only
+                )
+        except OSError as exc:
+            self.segment.unlink()
+            os.close(self._death_fd)
+            raise ConfigError(f"backends.{backend}.python: cannot run {python!r}: {exc.strerror}") from None
+        finally:
+            os.close(read_fd)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def exit_reason(self) -> str:
+        """Why it exited, in one line: its last error line, else its exit status."""
+        code = self.process.poll()
+        status = f"exit status {code}" if code is None or code >= 0 else f"killed by {signal.Signals(-code).name}"
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(max(0, os.path.getsize(self.log_path) - LOG_TAIL_BYTES))
+                lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
+        except OSError:
+            lines = []
+        errors = [ln for ln in lines if "error" in ln.lower()]
+        detail = (errors or lines or [""])[-1]
+        return f"{status}: {detail}" if detail else status
+
+    def stop(self, timeouts: Timeouts) -> None:
+        """Close the death pipe, then SIGTERM, then SIGKILL; always release the segment."""
+        try:
+            if self._death_fd >= 0:
+                os.close(self._death_fd)
+                self._death_fd = -1
+            for sig in (None, signal.SIGTERM, signal.SIGKILL):
+                if sig is not None and self.alive():
+                    self.process.send_signal(sig)
+                try:
+                    self.process.wait(timeout=timeouts.stop)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        finally:
+            self.segment.close()
+            self.segment.unlink()
+
+
+def remove_runtime_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

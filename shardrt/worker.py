@@ -1,0 +1,316 @@
+"""The inside of a target-shard daemon: its spec, its backend check, and the request loop.
+
+A daemon is exec'd by the coordinator (`python -m shardrt.daemons.target_shard SPEC`), binds
+a ZeroMQ ROUTER, checks that its torch build fits its backend, loads its stages, and serves
+the protocol until told to shut down or until its coordinator dies (EOF on the death pipe).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigError, IpcError, ShardrtError
+from .ipc.codec import check_ref, decode, encode, frame_tensor, tensor_ref
+from .ipc.protocol import PROTOCOL_VERSION, ProtocolError, check_request, error_reply
+from .ipc.shm import SharedSegment
+from .placement import parse_device
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_SECONDS = 0.2
+EXIT_BACKEND_MISMATCH = 3
+PINNED_ENV_KEYS = ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES")
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    device: str  # as the user named it, e.g. "hip:1"
+    local_index: int  # the device's id in this daemon's pinned view
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class DaemonSpec:
+    label: str
+    backend: str
+    endpoint: str
+    shm_name: str
+    model: str | None  # None: echo mode, no model (IPC benchmarks)
+    identity: dict
+    shards: tuple[ShardSpec, ...]
+    max_ctx: int
+    death_fd: int
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "DaemonSpec":
+        raw = json.loads(text)
+        raw["shards"] = tuple(ShardSpec(**s) for s in raw["shards"])
+        return cls(**raw)
+
+
+def check_backend(spec: DaemonSpec) -> None:
+    """Refuse to load anything when this interpreter's torch cannot drive the backend."""
+    if spec.backend == "cpu":
+        return
+    devices = ",".join(s.device for s in spec.shards)
+    build = f"torch {torch.__version__} (torch.version.cuda={torch.version.cuda}, torch.version.hip={torch.version.hip})"
+    wanted = {"cuda": ("a CUDA", torch.version.cuda), "hip": ("a ROCm", torch.version.hip)}[spec.backend]
+    if wanted[1] is None:
+        raise ConfigError(
+            f"backend {spec.backend} for {devices}: this interpreter ({sys.executable}) has {build}, not {wanted[0]} "
+            f"build; set backends.{spec.backend}.python in the placement file to an interpreter that has one"
+        )
+    visible = torch.cuda.device_count()
+    if visible < len(spec.shards):
+        pinned = ", ".join(f"{k}={os.environ[k]}" for k in PINNED_ENV_KEYS if k in os.environ)
+        raise ConfigError(f"backend {spec.backend} for {devices}: torch sees {visible} devices with {pinned or 'no pinning'}; "
+                          f"{len(spec.shards)} needed; check the device indices with `shardrt devices`")
+
+
+class EchoStage:
+    """Stands in for a model in echo mode: returns its input, for measuring the hop alone."""
+
+    length = 0
+
+    def forward(self, x, base_pos, all_logits=False):
+        return x
+
+    def truncate(self, n):
+        pass
+
+    def reset(self):
+        pass
+
+
+class ShardServer:
+    """Answers protocol requests for this daemon's consecutive stages."""
+
+    def __init__(self, spec: DaemonSpec, segment: SharedSegment, stages: list):
+        self.spec, self.segment, self.stages = spec, segment, stages
+        self.forwards, self.forward_seconds = 0, 0.0
+        self.started = time.time()
+
+    def hello_reply(self) -> dict:
+        shards = self.spec.shards
+        return {
+            "version": PROTOCOL_VERSION,
+            "model": self.spec.identity,
+            "layers": [shards[0].start, shards[-1].stop] if shards else [0, 0],
+            "backend": self.spec.backend,
+            "devices": [s.device for s in shards],
+            "local_devices": [s.local_index for s in shards],
+            "visible_env": {k: os.environ[k] for k in PINNED_ENV_KEYS if k in os.environ},
+            "pid": os.getpid(),
+            "python": sys.executable,
+            "torch": torch.__version__,
+            "cover": [str(s.cover) for s in self.stages if hasattr(s, "cover")],
+            "rss_bytes": _rss(),
+        }
+
+    def handle(self, message: dict, frames: list) -> tuple[dict, list, bool]:
+        """Reply, payload frames, and whether to stop after sending."""
+        op = check_request(message)
+        rid = message["id"]
+        if op == "hello":
+            if message["version"] != PROTOCOL_VERSION:
+                raise ProtocolError("version_mismatch",
+                                    f"hello.version: {message['version']} but this daemon speaks {PROTOCOL_VERSION}")
+            if message["model"] != self.spec.identity:
+                raise ProtocolError("model_mismatch", f"hello.model: {message['model']} but this daemon holds {self.spec.identity}")
+            return {"id": rid, "ok": True, **self.hello_reply()}, [], False
+        if op == "forward":
+            return self._forward(message, frames)
+        if op == "kv_truncate":
+            for stage in self.stages:
+                stage.truncate(message["n"])
+            return {"id": rid, "ok": True}, [], False
+        if op == "reset":
+            for stage in self.stages:
+                stage.reset()
+            return {"id": rid, "ok": True}, [], False
+        if op == "stats":
+            return {"id": rid, "ok": True, "forwards": self.forwards, "forward_seconds": self.forward_seconds,
+                    "length": self.stages[-1].length if self.stages else 0, "rss_bytes": _rss(),
+                    "cover": [str(s.cover) for s in self.stages if hasattr(s, "cover")]}, [], False
+        if op == "ping":
+            return {"id": rid, "ok": True, "pid": os.getpid()}, [], False
+        return {"id": rid, "ok": True}, [], True  # shutdown
+
+    def _input(self, message: dict, frames: list) -> torch.Tensor:
+        ref = message["input"]
+        if "shm" in ref:
+            dtype, shape = check_ref(ref, "forward.input")
+            x = self.segment.read(SharedSegment.IN, ref["shm"])
+            if x.dtype != dtype or list(x.shape) != shape:
+                raise IpcError(f"forward.input: shared memory holds {x.dtype} {list(x.shape)}, message says {dtype} {shape}")
+            return x
+        return frame_tensor(ref, frames, "forward.input")
+
+    def _forward(self, message: dict, frames: list) -> tuple[dict, list, bool]:
+        rid, n, want = message["id"], message["n"], message["want"]
+        x = self._input(message, frames)
+        if x.shape[0] != n:
+            raise ProtocolError("bad_request", f"forward.input: {x.shape[0]} rows but forward.n is {n}")
+        first = self.stages[0] if self.stages else None
+        if getattr(getattr(first, "span", None), "embed", False):
+            if x.dtype != torch.int64 or x.dim() != 1:
+                raise ProtocolError("bad_request", f"forward.input: the first stage takes int64 token ids [n], got {x.dtype} {list(x.shape)}")
+        elif first is not None and hasattr(first, "cfg") and (x.dim() != 2 or x.shape[1] != first.cfg.dim):
+            raise ProtocolError("bad_request", f"forward.input: expected an activation [n, {first.cfg.dim}], got {list(x.shape)}")
+        t0 = time.perf_counter()
+        for stage in self.stages[:-1]:
+            x = stage.forward(x, message["base_pos"])
+        x = self.stages[-1].forward(x, message["base_pos"], all_logits=message.get("all_logits", False))
+        self.forwards += 1
+        self.forward_seconds += time.perf_counter() - t0
+        has_head = getattr(getattr(self.stages[-1], "span", None), "head", False)
+        if want == "argmax":
+            if not has_head:
+                raise ProtocolError("bad_request", "forward.want: argmax needs the stage with the head")
+            return {"id": rid, "ok": True, "tokens": x.argmax(-1).tolist()}, [], False
+        out = x.cpu()
+        if self.segment.fits(out):
+            self.segment.write(SharedSegment.OUT, rid, out)
+            return {"id": rid, "ok": True, "output": tensor_ref(out, shm=rid)}, [], False
+        return {"id": rid, "ok": True, "output": tensor_ref(out, frame=1)}, [out], False
+
+
+def _rss() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def _watch_parent(fd: int, on_gone) -> None:
+    """Block on the death pipe; EOF (or any error) means the coordinator is gone."""
+    try:
+        while os.read(fd, 1):
+            pass
+    except OSError:
+        pass
+    on_gone()
+
+
+def serve(spec: DaemonSpec) -> int:
+    import zmq
+
+    socket_path = spec.endpoint.removeprefix("ipc://") if spec.endpoint.startswith("ipc://") else None
+    segment = SharedSegment(spec.shm_name)
+
+    def cleanup_and_exit():
+        # the coordinator is gone: nobody else will remove what we share with it
+        segment.unlink()
+        if socket_path:
+            for path in (socket_path,):
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+            try:
+                os.rmdir(os.path.dirname(socket_path))
+            except OSError:
+                pass
+        os._exit(0)
+
+    threading.Thread(target=_watch_parent, args=(spec.death_fd, cleanup_and_exit), daemon=True).start()
+
+    def heartbeat():
+        while True:
+            segment.beat()
+            time.sleep(HEARTBEAT_SECONDS)
+
+    threading.Thread(target=heartbeat, daemon=True).start()
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 1000)
+    sock.bind(spec.endpoint)
+
+    refusal: tuple[str, ShardrtError] | None = None
+    stages: list = []
+    try:
+        check_backend(spec)
+    except ShardrtError as exc:
+        refusal = ("backend_mismatch", exc)
+    if refusal is None:
+        try:
+            stages = load_stages(spec)
+        except ShardrtError as exc:
+            refusal = ("load_failed", exc)
+    if refusal is not None:
+        print(f"shardrt daemon {spec.label}: error: {refusal[1]}", file=sys.stderr, flush=True)
+    server = ShardServer(spec, segment, stages)
+
+    while True:
+        frames = sock.recv_multipart(copy=False)
+        if len(frames) < 2:
+            continue
+        peer, body = frames[0], frames[1:]
+        rid, stop, payloads = -1, False, []
+        try:
+            message = decode([f.buffer for f in body])
+            rid = message.get("id", -1)
+            if refusal is not None:
+                # answer with what this daemon sees, so the coordinator can say why, then leave
+                reply = error_reply(rid, refusal[0], str(refusal[1]))
+                reply.update(server.hello_reply())
+                reply["ok"], stop = False, True
+            else:
+                reply, payloads, stop = server.handle(message, [f.buffer for f in body])
+        except ProtocolError as exc:
+            reply = error_reply(rid, exc.code, str(exc))
+        except ShardrtError as exc:
+            reply = error_reply(rid, "stage_error", str(exc))
+        except Exception as exc:  # a bug must not take the daemon down with the request
+            log.exception("request %s failed", rid)
+            reply = error_reply(rid, "internal", f"{type(exc).__name__}: {exc}")
+        sock.send_multipart([peer, *encode(reply, payloads)], copy=False)
+        if stop:
+            break
+    sock.close()
+    ctx.term()
+    segment.close()
+    return EXIT_BACKEND_MISMATCH if refusal is not None else 0
+
+
+def load_stages(spec: DaemonSpec) -> list:
+    if spec.model is None:
+        return [EchoStage()]
+    from .stage import Stage
+
+    stages = []
+    for shard in spec.shards:
+        device = parse_device(shard.device).torch_device(shard.local_index)
+        stages.append(Stage(Path(spec.model), shard.start, shard.stop, device, max_ctx=spec.max_ctx))
+    return stages
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.WARNING, format="shardrt daemon: %(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if len(argv) != 1:
+        print("usage: python -m shardrt.daemons.target_shard SPEC_JSON", file=sys.stderr)
+        return 2
+    try:
+        spec = DaemonSpec.from_json(argv[0])
+    except (ValueError, TypeError, KeyError) as exc:
+        print(f"shardrt daemon: error: spec is malformed: {exc}", file=sys.stderr)
+        return 2
+    return serve(spec)
