@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--top-p", type=float, default=1.0)
     launch.add_argument("--seed", type=int, default=None)
     launch.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    launch.add_argument("--ignore-eos", action="store_true", help="generate all N tokens even past end-of-sequence")
     launch.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     launch.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
 
@@ -72,7 +73,7 @@ def cmd_launch(args) -> int:
     from .tokenizer import Tokenizer
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
+                            top_p=args.top_p, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
     if args.prompt is None and not args.chat:
         raise ConfigError("--prompt: missing; give -p TEXT (or --chat for an interactive chat)")
     config, model = _resolve(args)

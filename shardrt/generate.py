@@ -84,7 +84,7 @@ def generate(pipeline: Pipeline, tokenizer: Tokenizer, prompt_ids: list[int], pa
     tokens: list[int] = []
     text, finish = "", "length"
     while token is not None:
-        if token in tokenizer.stop_ids:
+        if token in tokenizer.stop_ids and not params.ignore_eos:
             finish = "stop"
             break
         tokens.append(token)

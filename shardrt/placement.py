@@ -82,8 +82,9 @@ def parse_layer_split(items: str | list, n_devices: int, field: str = "--layer-s
         weights.append(value)
     if len(weights) != n_devices:
         raise PlacementError(f"{field}: {len(weights)} weights for {n_devices} devices; give one weight per device")
-    total = sum(weights)
-    return tuple(w / total for w in weights)
+    largest = max(weights)  # scale first: the sum of large finite weights can overflow to inf
+    total = sum(w / largest for w in weights)
+    return tuple(w / largest / total for w in weights)
 
 
 def split_layers(n_layers: int, weights: tuple[float, ...]) -> list[tuple[int, int]]:

@@ -114,7 +114,9 @@ class RemoteStage:
             error = reply.get("error") or {}
             code, text = error.get("code", "?"), error.get("message", "no message")
             if code in ("backend_mismatch", "load_failed"):
-                raise ConfigError(f"{self.description}: {text}")
+                refused = ConfigError(f"{self.description}: {text}")
+                refused.reply = reply  # what the daemon saw: its pinned environment and devices
+                raise refused
             raise IpcError(f"{self.description}: {message['op']} refused ({code}): {text}")
         return reply, frames
 

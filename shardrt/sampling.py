@@ -18,6 +18,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
+    ignore_eos: bool = False  # generate exactly max_tokens (benchmarks, soak tests)
 
     def __post_init__(self):
         checks = (

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -217,15 +218,9 @@ def serve(spec: DaemonSpec) -> int:
         # the coordinator is gone: nobody else will remove what we share with it
         segment.unlink()
         if socket_path:
-            for path in (socket_path,):
-                try:
-                    os.unlink(path)
-                except OSError:
-                    pass
-            try:
-                os.rmdir(os.path.dirname(socket_path))
-            except OSError:
-                pass
+            runtime_dir = os.path.dirname(socket_path)
+            if os.path.basename(runtime_dir).startswith("shardrt-"):  # our private dir: sockets and logs
+                shutil.rmtree(runtime_dir, ignore_errors=True)
         os._exit(0)
 
     threading.Thread(target=_watch_parent, args=(spec.death_fd, cleanup_and_exit), daemon=True).start()
