@@ -75,7 +75,7 @@ def parse_shared_bytes(value: Any, where: str) -> int | None:
             return None
         scale = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(text[-1:], 1)
         digits = text[:-1] if scale > 1 else text
-        if not digits.isdigit():
+        if not (digits.isascii() and digits.isdigit()):  # '²'.isdigit() is True, but int() refuses it
             raise ConfigError(f"{where}: {value!r} is not a byte count (e.g. 8M, 1048576) or 'auto'")
         value = int(digits) * scale
     if isinstance(value, bool) or not isinstance(value, int):

@@ -108,8 +108,7 @@ class RemoteStage:
         if not self.daemon.alive():
             raise StageDied(f"{self.description}: daemon exited ({self.daemon.exit_reason()})")
         self.socket.send_multipart(encode(message, list(payloads)), copy=False)
-        frames = self._wait(rid, self.timeouts.request if timeout is None else timeout, heartbeat)
-        reply = decode(frames)
+        reply, frames = self._wait(rid, self.timeouts.request if timeout is None else timeout, heartbeat)
         if not reply.get("ok"):
             error = reply.get("error") or {}
             code, text = error.get("code", "?"), error.get("message", "no message")
@@ -120,7 +119,7 @@ class RemoteStage:
             raise IpcError(f"{self.description}: {message['op']} refused ({code}): {text}")
         return reply, frames
 
-    def _wait(self, rid: int, timeout: float, heartbeat: bool) -> list:
+    def _wait(self, rid: int, timeout: float, heartbeat: bool) -> tuple[dict, list]:
         start = time.monotonic()
         deadline = start + timeout
         segment = self.daemon.segment
@@ -130,7 +129,7 @@ class RemoteStage:
                 frames = [f.buffer for f in self.socket.recv_multipart(copy=False)]
                 reply = decode(frames)
                 if reply.get("id") == rid:
-                    return frames
+                    return reply, frames
                 continue  # a late reply to a request that already failed
             now = time.monotonic()
             if not self.daemon.alive():
