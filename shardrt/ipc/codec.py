@@ -8,10 +8,10 @@ count and dtype before it touches memory.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import msgpack
-import numpy as np
 import torch
 
 from ..errors import IpcError
@@ -57,7 +57,7 @@ def frame_tensor(ref: Any, frames: list, field: str) -> torch.Tensor:
     buf = frames[index]
     raw = buf.buffer if hasattr(buf, "buffer") else buf
     itemsize = torch.empty((), dtype=dtype).element_size()
-    expected = int(np.prod(shape, dtype=np.int64)) * itemsize
+    expected = math.prod(shape) * itemsize  # exact: an int64 product of [65536] * 4 wraps to 0
     if len(raw) != expected:
         raise IpcError(f"{field}: frame has {len(raw)} bytes, shape {shape} of {dtype} needs {expected}")
     return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape) if expected else torch.empty(shape, dtype=dtype)

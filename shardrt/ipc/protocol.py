@@ -43,6 +43,8 @@ def check_request(message: dict) -> str:
     request_id = message.get("id")
     if not isinstance(request_id, int) or isinstance(request_id, bool):
         raise ProtocolError("bad_request", f"id: {request_id!r} is not an integer")
+    if not 0 <= request_id < 1 << 63:  # it doubles as the u64 sequence number of the reply's OUT slot
+        raise ProtocolError("bad_request", f"id: {request_id} is outside 0..2^63-1")
     for name, (kind, required) in OPS[op].items():
         if name not in message:
             if required:
@@ -65,5 +67,7 @@ def check_request(message: dict) -> str:
 
 
 def error_reply(request_id: Any, code: str, message: str) -> dict:
-    return {"id": request_id if isinstance(request_id, int) else -1, "ok": False,
+    # a bool is an int to Python, and True == 1 would match the client's request 1
+    valid = isinstance(request_id, int) and not isinstance(request_id, bool)
+    return {"id": request_id if valid else -1, "ok": False,
             "error": {"code": code, "message": message}}

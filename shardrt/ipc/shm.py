@@ -8,6 +8,7 @@ unlinks it too. Every header read is validated before its bytes are trusted.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import secrets
@@ -52,12 +53,15 @@ class SharedSegment:
         except OSError as exc:
             raise IpcError(f"shm: cannot {'create' if self.owner else 'open'} {name!r}: {exc.strerror}") from None
         try:
-            if self.owner:
-                os.ftruncate(fd, size)
-            self.size = os.fstat(fd).st_size
+            self.size = size if self.owner else os.fstat(fd).st_size
             if self.size < CONTROL_SIZE + 2 * (HEADER_SIZE + 8):
                 raise IpcError(f"shm: segment {name!r} is {self.size} bytes, too small")
-            self._map = mmap.mmap(fd, self.size)
+            try:
+                if self.owner:
+                    os.ftruncate(fd, size)
+                self._map = mmap.mmap(fd, self.size)
+            except OSError as exc:  # e.g. shared_bytes larger than the address space or /dev/shm allows
+                raise IpcError(f"shm: cannot map {name!r} of {self.size} bytes: {exc.strerror}") from None
         except BaseException:
             os.close(fd)
             if self.owner:
@@ -106,8 +110,11 @@ class SharedSegment:
             raise IpcError(f"shm: rank {ndim} exceeds {MAX_RANK}")
         dtype, shape = DTYPES[code], shape[:ndim]
         itemsize = torch.empty((), dtype=dtype).element_size()
-        if nbytes > self.capacity or int(np.prod(shape, dtype=np.int64)) * itemsize != nbytes:
+        # math.prod: exact, where an int64 product of hostile sizes could wrap around to match nbytes
+        if nbytes > self.capacity or math.prod(shape) * itemsize != nbytes:
             raise IpcError(f"shm: header says {nbytes} bytes for shape {shape} of {dtype}; slot holds {self.capacity}")
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype)
         raw = self._buffer[base + HEADER_SIZE : base + HEADER_SIZE + nbytes]
         return torch.from_numpy(raw.copy()).view(dtype).reshape(shape)
 
