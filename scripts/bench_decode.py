@@ -25,24 +25,33 @@ TEXT = ("The history of computing is a story of machines that grew smaller, fast
         "and of the people who learned to program them. ") * 40
 
 
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
 def time_shardrt(stage: Stage, ids: list[int], n: int) -> tuple[float, float]:
     stage.reset()
     t0 = time.perf_counter()
     logits = stage.forward(torch.tensor(ids), 0)
+    sync(stage.device)
     t1 = time.perf_counter()
     for i in range(n):
         logits = stage.forward(logits[-1].argmax().view(1), len(ids) + i)
+    sync(stage.device)
     return t1 - t0, time.perf_counter() - t1
 
 
 @torch.inference_mode()
 def time_transformers(model, ids: list[int], n: int) -> tuple[float, float]:
     t0 = time.perf_counter()
-    out = model(torch.tensor([ids]), use_cache=True)
+    out = model(torch.tensor([ids], device=model.device), use_cache=True)
+    sync(model.device)
     t1 = time.perf_counter()
     for _ in range(n):
         token = out.logits[0, -1].argmax().view(1, 1)
         out = model(token, past_key_values=out.past_key_values, use_cache=True)
+    sync(model.device)
     return t1 - t0, time.perf_counter() - t1
 
 
@@ -58,17 +67,21 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="torch device for both, e.g. cpu or cuda:0")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     args = parser.parse_args()
     path = demo_model_path(progress=False) if args.model is None else args.model
     ids = Tokenizer(path).encode(TEXT)[: args.prompt_tokens]
     with GGUFFile(path) as gguf:
         n_layers = ModelConfig.from_gguf(gguf).n_layers
-    stage = Stage(path, 0, n_layers, "cpu", max_ctx=len(ids) + args.decode_tokens + 1)
+    dtype = getattr(torch, args.dtype)
+    stage = Stage(path, 0, n_layers, args.device, max_ctx=len(ids) + args.decode_tokens + 1, dtype=dtype)
 
     from transformers import AutoModelForCausalLM
     from pathlib import Path
 
-    hf = AutoModelForCausalLM.from_pretrained(Path(path).parent, gguf_file=Path(path).name, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(Path(path).parent, gguf_file=Path(path).name, dtype=dtype)
+    hf = hf.to(args.device).eval()
     ours, theirs = [], []
     time_shardrt(stage, ids, 4)  # warm-up both
     time_transformers(hf, ids, 4)
@@ -76,7 +89,7 @@ def main() -> None:
         ours.append(time_shardrt(stage, ids, args.decode_tokens))
         theirs.append(time_transformers(hf, ids, args.decode_tokens))
     print(json.dumps({
-        "bench": "decode", "model": Path(path).name, "device": "cpu", "threads": torch.get_num_threads(),
+        "bench": "decode", "model": Path(path).name, "device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
         "prompt_tokens": len(ids), "decode_tokens": args.decode_tokens, "repeats": args.repeats,
         "shardrt": best(ours, len(ids), args.decode_tokens),
         "transformers": best(theirs, len(ids), args.decode_tokens),

@@ -26,6 +26,8 @@ def _add_placement_args(p: argparse.ArgumentParser) -> None:
                    help="one daemon per backend group; the first device's group stays in-process")
     p.add_argument("--all-daemons", action="store_true", help="run every stage in a daemon; the coordinator holds no device")
     p.add_argument("--max-ctx", type=int, default=None, metavar="N", help="KV cache length in tokens (default 4096)")
+    p.add_argument("--dtype", default=None, metavar="T",
+                   help="compute dtype: auto (default: float32 on CPU, bf16 on GPU), float32, bfloat16, float16")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,7 +18,8 @@ from .placement import BACKENDS, DeviceSpec, parse_devices, parse_layer_split
 
 MIN_SHARED_BYTES = 64 * 1024
 SHARED_BYTES_ENV = "SHARDRT_IPC_SHARED_BYTES"
-TOP_KEYS = {"model", "max_ctx", "backends", "target", "draft", "ipc"}
+TOP_KEYS = {"model", "max_ctx", "dtype", "backends", "target", "draft", "ipc"}
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 TARGET_KEYS = {"devices", "layer_split", "isolate_gpus", "all_daemons"}
 IPC_KEYS = {"shared_bytes"}
 BACKEND_KEYS = {"python"}
@@ -34,6 +35,7 @@ class LaunchConfig:
     all_daemons: bool = False
     pythons: dict[str, str] = field(default_factory=dict)  # backend -> interpreter for its daemons
     shared_bytes: int | None = None  # None: auto
+    dtype: str = "auto"  # compute dtype; auto: float32 on CPU, bf16 (else fp16) on GPUs
 
     def with_defaults(self) -> "LaunchConfig":
         from .placement import default_device
@@ -85,6 +87,12 @@ def parse_shared_bytes(value: Any, where: str) -> int | None:
     return value
 
 
+def parse_dtype(value: Any, where: str) -> str:
+    if value not in DTYPES:
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(DTYPES)}")
+    return value
+
+
 def load_yaml(path: str | Path) -> LaunchConfig:
     path = Path(path)
     try:
@@ -124,6 +132,7 @@ def load_yaml(path: str | Path) -> LaunchConfig:
     return LaunchConfig(
         model=(path.parent / Path(model).expanduser()) if model else None,
         max_ctx=_positive_int(doc["max_ctx"], "max_ctx") if "max_ctx" in doc else LaunchConfig.max_ctx,
+        dtype=parse_dtype(doc.get("dtype", "auto"), "dtype"),
         devices=devices,
         layer_split=split,
         isolate_gpus=_bool(target.get("isolate_gpus", True), "target.isolate_gpus"),
@@ -152,6 +161,8 @@ def from_args(args) -> LaunchConfig:
         if not devices:
             raise PlacementError("--layer-split: given without --target-gpus")
         updates["layer_split"] = parse_layer_split(args.layer_split, len(devices))
+    if args.dtype is not None:
+        updates["dtype"] = parse_dtype(args.dtype, "--dtype")
     if args.isolate_gpus is not None:
         updates["isolate_gpus"] = args.isolate_gpus
     if args.all_daemons:

@@ -7,6 +7,7 @@ a truncated or corrupt file gets a `ModelFormatError` that names what is wrong.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
@@ -46,7 +47,7 @@ class TensorInfo:
 
     @property
     def n_elements(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)
 
 
 @dataclass(frozen=True)
@@ -231,7 +232,7 @@ class GGUFFile:
             except ValueError:
                 raise ModelFormatError(f"model: tensor {name!r} has unknown tensor type id {qtype_id}") from None
             block_elems, block_bytes = GGML_QUANT_SIZES[qtype]
-            n_elements = int(np.prod(shape, dtype=np.int64))
+            n_elements = math.prod(shape)
             if shape[0] % block_elems:
                 raise ModelFormatError(
                     f"model: tensor {name!r} row length {shape[0]} is not a multiple of {qtype.name}'s block {block_elems}"

@@ -93,7 +93,7 @@ class Cluster:
         self.close()
 
     def _start(self) -> None:
-        from .stage import Stage
+        from .stage import Stage, compute_dtype
 
         with GGUFFile(self.model_path) as gguf:
             cfg = ModelConfig.from_gguf(gguf)
@@ -117,8 +117,9 @@ class Cluster:
         for entry in handles:
             if entry[0] == "local":
                 for row in entry[1]:
-                    stages.append(Stage(self.model_path, row.shard.start, row.shard.stop,
-                                        row.shard.device.torch_device(), max_ctx=self.config.max_ctx))
+                    device = row.shard.device.torch_device()
+                    stages.append(Stage(self.model_path, row.shard.start, row.shard.stop, device,
+                                        max_ctx=self.config.max_ctx, dtype=compute_dtype(self.config.dtype, device)))
             else:
                 stages.append(self._connect(entry[1], entry[2], identity))
         self.pipeline = Pipeline(stages)
@@ -133,6 +134,7 @@ class Cluster:
             python=self.config.pythons.get(process.backend), child_env=process.child_env(),
             runtime_dir=self.runtime_dir, index=process.index, shared_bytes=shared,
             model=str(self.model_path.resolve()), identity=identity, shards=shards, max_ctx=self.config.max_ctx,
+            dtype=self.config.dtype,
         )
         self.daemons.append(daemon)
         log.info("started %s as pid %d with %s", daemon.label, daemon.pid, process.child_env() or "no pinning")

@@ -66,7 +66,7 @@ class DaemonProcess:
 
     def __init__(self, *, label: str, backend: str, python: str | None, child_env: dict[str, str],
                  runtime_dir: Path, index: int, shared_bytes: int, model: str | None, identity: dict,
-                 shards: tuple, max_ctx: int):
+                 shards: tuple, max_ctx: int, dtype: str = "auto"):
         self.label = label
         self.child_env = dict(child_env)
         self.endpoint = f"ipc://{runtime_dir / f'd{index}.sock'}"
@@ -74,7 +74,8 @@ class DaemonProcess:
         self.segment = SharedSegment(new_segment_name(f"d{index}"), shared_bytes)
         read_fd, self._death_fd = os.pipe()
         spec = DaemonSpec(label=label, backend=backend, endpoint=self.endpoint, shm_name=self.segment.name,
-                          model=model, identity=identity, shards=shards, max_ctx=max_ctx, death_fd=read_fd)
+                          model=model, identity=identity, shards=shards, max_ctx=max_ctx, death_fd=read_fd,
+                          dtype=dtype)
         python = python or sys.executable
         try:
             with open(self.log_path, "wb") as log:

@@ -157,17 +157,27 @@ def plan_processes(devices: tuple[DeviceSpec, ...], isolate_gpus: bool = True,
     """Which process holds each device.
 
     isolate_gpus: every device but the first gets its own daemon. Otherwise the first device's
-    backend group stays in-process and every other backend group shares one daemon.
+    backend group stays in-process and every other backend group shares one daemon, as long
+    as its devices are consecutive in the pipeline; a group interleaved with another backend
+    (cuda:0,hip:0,cuda:1,hip:1) gets one daemon per consecutive run, since a daemon runs its
+    stages as one chain.
     all_daemons: the coordinator holds no device; every group above becomes a daemon.
     """
     groups: list[list[DeviceSpec]] = []
     if isolate_gpus:
         groups = [[d] for d in devices]
     else:
-        by_backend: dict[str, list[DeviceSpec]] = {}
-        for d in devices:
-            by_backend.setdefault(d.backend, []).append(d)
-        groups = list(by_backend.values())
+        in_process = None if all_daemons else devices[0].backend
+        in_process_group: list[DeviceSpec] = []
+        for i, d in enumerate(devices):
+            if d.backend == in_process:
+                in_process_group.append(d)
+            elif groups and groups[-1][-1] == devices[i - 1] and devices[i - 1].backend == d.backend:
+                groups[-1].append(d)  # continues the previous device's run
+            else:
+                groups.append([d])
+        if in_process_group:
+            groups.insert(0, in_process_group)
     first = 1 if all_daemons else 0
     return tuple(ProcessPlan(i + first, g[0].backend, tuple(g)) for i, g in enumerate(groups))
 

@@ -80,7 +80,9 @@ class RemoteStage:
         return bool(self.span and self.span.head)
 
     def describe(self) -> str:
-        return self.description
+        hello = getattr(self, "hello", {})
+        cover = "; ".join(hello.get("cover", []))
+        return f"{self.description}, pid {hello.get('pid')}" + (f", {cover}" if cover else "")
 
     # -- requests ---------------------------------------------------------------------
 

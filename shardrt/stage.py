@@ -20,6 +20,11 @@ from .model import Block, ModelConfig, rms_norm, rope_tables
 log = logging.getLogger(__name__)
 
 
+def compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' or a torch dtype name -> the dtype a stage on `device` computes in."""
+    return default_dtype(device) if name == "auto" else getattr(torch, name)
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     if device.type == "cpu":
         return torch.float32
@@ -46,6 +51,8 @@ class Stage:
             self._load(weights)
             self.bytes_read = weights.bytes_read
         self.length = 0  # tokens held in the KV cache
+        if self.device.type != "cpu":
+            self._warm_up()
         self.load_seconds = time.perf_counter() - t0
         log.info("stage %s on %s: %s, loaded in %.2fs", self.span, self.device, self.cover, self.load_seconds)
 
@@ -63,6 +70,13 @@ class Stage:
         cache_shape = (len(self.blocks), cfg.n_kv_heads, self.max_ctx, cfg.head_dim)
         self.k_cache = torch.zeros(cache_shape, device=dev, dtype=dt)
         self.v_cache = torch.zeros(cache_shape, device=dev, dtype=dt)
+
+    def _warm_up(self) -> None:
+        """One throwaway token, so a GPU's lazy initialisation is paid at load time, not by the first request."""
+        x = torch.zeros(1, dtype=torch.long) if self.span.embed else torch.zeros(1, self.cfg.dim, dtype=self.dtype)
+        self.forward(x, 0)
+        torch.cuda.synchronize(self.device)
+        self.reset()
 
     @property
     def has_head(self) -> bool:

@@ -55,7 +55,8 @@ class Tokenizer:
         return list(self.hf.encode(text))
 
     def decode(self, ids: list[int]) -> str:
-        return self.hf.decode(ids, skip_special_tokens=True)
+        # clean-up of spaces is meant for WordPiece and corrupts byte-level BPE text
+        return self.hf.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         if not self.chat_template:

@@ -52,6 +52,7 @@ class DaemonSpec:
     shards: tuple[ShardSpec, ...]
     max_ctx: int
     death_fd: int
+    dtype: str = "auto"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -163,9 +164,12 @@ class ShardServer:
 
     def _forward(self, message: dict, frames: list) -> tuple[dict, list, bool]:
         rid, n, want = message["id"], message["n"], message["want"]
+        has_head = getattr(getattr(self.stages[-1], "span", None), "head", False) if self.stages else False
+        if want == "argmax" and not has_head:  # refuse before the forward writes the KV cache
+            raise ProtocolError("bad_request", "forward.want: argmax needs the stage with the head")
         x = self._input(message, frames)
-        if x.shape[0] != n:
-            raise ProtocolError("bad_request", f"forward.input: {x.shape[0]} rows but forward.n is {n}")
+        if x.dim() == 0 or x.shape[0] != n:
+            raise ProtocolError("bad_request", f"forward.input: shape {list(x.shape)} does not have forward.n={n} rows")
         first = self.stages[0] if self.stages else None
         if getattr(getattr(first, "span", None), "embed", False):
             if x.dtype != torch.int64 or x.dim() != 1:
@@ -178,10 +182,7 @@ class ShardServer:
         x = self.stages[-1].forward(x, message["base_pos"], all_logits=message.get("all_logits", False))
         self.forwards += 1
         self.forward_seconds += time.perf_counter() - t0
-        has_head = getattr(getattr(self.stages[-1], "span", None), "head", False)
         if want == "argmax":
-            if not has_head:
-                raise ProtocolError("bad_request", "forward.want: argmax needs the stage with the head")
             return {"id": rid, "ok": True, "tokens": x.argmax(-1).tolist()}, [], False
         out = x.cpu()
         if self.segment.fits(out):
@@ -287,12 +288,13 @@ def serve(spec: DaemonSpec) -> int:
 def load_stages(spec: DaemonSpec) -> list:
     if spec.model is None:
         return [EchoStage()]
-    from .stage import Stage
+    from .stage import Stage, compute_dtype
 
     stages = []
     for shard in spec.shards:
         device = parse_device(shard.device).torch_device(shard.local_index)
-        stages.append(Stage(Path(spec.model), shard.start, shard.stop, device, max_ctx=spec.max_ctx))
+        stages.append(Stage(Path(spec.model), shard.start, shard.stop, device, max_ctx=spec.max_ctx,
+                            dtype=compute_dtype(spec.dtype, device)))
     return stages
 
 

@@ -61,7 +61,7 @@ def test_sampling_with_a_seed_repeats(demo_model):
     (("--temperature", "-1"), "temperature"),
     (("--top-p", "0"), "top_p"),
     (("--model", "/nonexistent/x.gguf"), "/nonexistent/x.gguf"),
-    (("--max-ctx", "0"), "max_ctx"),
+    (("--max-ctx", "0"), "--max-ctx: 0"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, needle, demo_model):
     base = ("launch", "-p", "hi", "-n", "2")
