@@ -197,3 +197,13 @@ def test_plan_shards_assigns_layers_and_owners():
 
     even, _ = plan_shards((CPU0, CPU1, CPU2), 30)
     assert [(s.start, s.stop, s.process) for s in even] == [(0, 10, 0), (10, 20, 1), (20, 30, 2)]
+
+
+def test_interleaved_backend_groups_get_one_daemon_per_consecutive_run():
+    from shardrt.placement import plan_shards
+
+    shards, processes = plan_shards(parse_devices("cuda:0,hip:0,cuda:1,hip:1"), 30, isolate_gpus=False)
+    assert [s.process for s in shards] == [0, 1, 0, 2]  # cuda:1 joins the coordinator's group
+    assert len({p.index for p in processes}) == len(processes)
+    shards, _ = plan_shards(parse_devices("cpu:0,hip:1,hip:2,cuda:0,hip:3"), 30, isolate_gpus=False)
+    assert [s.process for s in shards] == [0, 1, 1, 2, 3]
