@@ -22,6 +22,9 @@ class Generation:
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
     prefill_seconds: float
     decode_seconds: float
+    prefilled_tokens: int = 0  # prompt tokens actually run (the rest came from the prefix cache)
+    reused_tokens: int = 0
+    spec: dict | None = None
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -35,6 +38,8 @@ class Generation:
 
     def to_json(self) -> dict:
         out = asdict(self)
+        if out["spec"] is None:
+            del out["spec"]
         out["prefill_tokens_per_s"] = round(self.prefill_tokens_per_s, 2)
         out["decode_tokens_per_s"] = round(self.decode_tokens_per_s, 2)
         return out
@@ -62,43 +67,142 @@ class _StopText:
         return piece
 
 
+@dataclass
+class SpecStats:
+    drafter: str
+    drafted: int = 0
+    accepted: int = 0
+    target_forwards: int = 0
+    committed: int = 0  # tokens committed by decode steps (each verify commits accepted + 1)
+
+    def to_json(self) -> dict:
+        return {"drafter": self.drafter, "drafted": self.drafted, "accepted": self.accepted,
+                "target_forwards": self.target_forwards,
+                "acceptance_length": round(self.committed / self.target_forwards, 3) if self.target_forwards else 0.0,
+                "accept_rate": round(self.accepted / self.drafted, 3) if self.drafted else 0.0}
+
+
+class _Verifier:
+    """Runs one target forward over [last token] + draft and decides what to commit."""
+
+    def __init__(self, pipeline: Pipeline, sampler: Sampler, capture: tuple[int, ...], ring):
+        self.pipeline, self.sampler, self.capture, self.ring = pipeline, sampler, capture, ring
+
+    def prefill(self, prompt: list[int], pos: int) -> int:
+        """The first token after the prompt (its positions from `pos` on)."""
+        x = torch.tensor(prompt, dtype=torch.long)
+        if self.sampler.params.greedy:
+            tokens, captured = self.pipeline.greedy_all(x, pos, capture=self.capture)
+            self._keep(captured)
+            return tokens[-1]
+        logits, captured = self.pipeline.run(x, pos, capture=self.capture)
+        self._keep(captured)
+        return self.sampler(logits[-1])
+
+    def __call__(self, block: list[int], pos: int) -> tuple[int, list[int]]:
+        """(number of draft tokens accepted, tokens to commit) for `block` at `pos`."""
+        x = torch.tensor(block, dtype=torch.long)
+        draft = block[1:]
+        if self.sampler.params.greedy:
+            target, captured = self.pipeline.greedy_all(x, pos, all_logits=bool(draft), capture=self.capture)
+            self._keep(captured)
+            accepted = 0
+            while accepted < len(draft) and draft[accepted] == target[accepted]:
+                accepted += 1
+            return accepted, draft[:accepted] + [target[accepted] if draft else target[-1]]
+        logits, captured = self.pipeline.run(x, pos, all_logits=bool(draft), capture=self.capture)
+        self._keep(captured)
+        # speculative sampling with a deterministic draft: accept d with probability p(d),
+        # else draw from p with d removed; the committed tokens follow p exactly
+        for i, d in enumerate(draft):
+            probs = self.sampler.probs(logits[i])
+            if self.sampler.uniform() < probs[d].item():
+                continue
+            probs[d] = 0.0
+            return i, draft[:i] + [self.sampler.draw(probs / probs.sum())]
+        return len(draft), draft + [self.sampler.draw(self.sampler.probs(logits[-1]))]
+
+    def _keep(self, captured) -> None:
+        if self.ring is not None and captured:
+            self.ring.write(captured)
+
+
 def generate(pipeline: Pipeline, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams,
-             on_text: Callable[[str], None] | None = None) -> Generation:
+             on_text: Callable[[str], None] | None = None, *, drafter=None, draft_tokens: int = 4,
+             prefix_cache=None, ring=None) -> Generation:
+    """Prefill (reusing a cached prefix where one matches), then decode until a stop.
+
+    With a drafter, each decode step verifies up to `draft_tokens` proposals in one target
+    forward and rolls the KV of every stage back past the first rejected one; greedy output is
+    the same token for token as plain decoding.
+    """
     if not prompt_ids:
         raise ConfigError("prompt: is empty; give at least one token of text")
-    max_ctx = min(s.max_ctx for s in pipeline.stages)
-    if len(prompt_ids) + params.max_tokens > max_ctx:
-        raise ConfigError(f"prompt + max_tokens: {len(prompt_ids)} + {params.max_tokens} exceed max_ctx {max_ctx}")
-    sample = Sampler(params)
+    if len(prompt_ids) + params.max_tokens > pipeline.max_ctx:
+        raise ConfigError(f"prompt + max_tokens: {len(prompt_ids)} + {params.max_tokens} exceed max_ctx {pipeline.max_ctx}")
+    sampler = Sampler(params)
     stop_text = _StopText(params.stop)
-    pipeline.reset()
-
-    def next_token(ids: list[int], base_pos: int) -> int:
-        x = torch.tensor(ids, dtype=torch.long)
-        return pipeline.greedy(x, base_pos) if params.greedy else sample(pipeline.forward(x, base_pos)[-1])
+    capture = tuple(sorted(set(ring.layers))) if ring is not None else ()
+    verify = _Verifier(pipeline, sampler, capture, ring)
+    spec = SpecStats(drafter.name) if drafter is not None else None
 
     t0 = time.perf_counter()
-    token = next_token(prompt_ids, 0) if params.max_tokens else None
-    t1 = time.perf_counter()
-
+    reused = prefix_cache.restore(prompt_ids) if prefix_cache is not None else (pipeline.reset() or 0)
     tokens: list[int] = []
     text, finish = "", "length"
-    while token is not None:
+    pending: list[int] = []
+    if params.max_tokens:
+        pending = [verify.prefill(prompt_ids[reused:], reused)]
+    if drafter is not None:
+        drafter.begin(prompt_ids)
+    t1 = time.perf_counter()
+
+    def commit(token: int) -> bool:
+        """Take one token; False when generation ends."""
+        nonlocal text, finish
         if token in tokenizer.stop_ids and not params.ignore_eos:
             finish = "stop"
-            break
+            return False
         tokens.append(token)
         text = tokenizer.decode(tokens)
         cut = stop_text.cut(text)
         if cut is not None:
             text, finish = text[:cut], "stop"
-            break
+            return False
         if on_text:
             on_text(stop_text.ready(text, final=False))
-        if len(tokens) >= params.max_tokens:
+        return len(tokens) < params.max_tokens
+
+    going = True
+    while going and pending:
+        for token in pending:
+            going = commit(token)
+            if not going:
+                break
+        if not going:
             break
-        token = next_token([token], len(prompt_ids) + len(tokens) - 1)
+        context = list(prompt_ids) + tokens
+        pos = len(context) - 1  # the last token is not in the cache yet
+        budget = min(draft_tokens, params.max_tokens - len(tokens) - 1, pipeline.max_ctx - len(context) - 1)
+        draft = drafter.propose(context, budget) if drafter is not None and budget > 0 else []
+        accepted, pending = verify([context[-1]] + draft, pos)
+        if draft:
+            pipeline.truncate(pos + 1 + accepted)
+        if spec is not None:
+            spec.drafted += len(draft)
+            spec.accepted += accepted
+            spec.target_forwards += 1
+            spec.committed += len(pending)
     if on_text:
         on_text(stop_text.ready(text, final=True))
     t2 = time.perf_counter()
-    return Generation(list(prompt_ids), tokens, text, finish, t1 - t0, t2 - t1)
+
+    if prefix_cache is not None and params.max_tokens:
+        held = min(pipeline.length, len(prompt_ids) + len(tokens))
+        pipeline.truncate(held)
+        prefix_cache.store((list(prompt_ids) + tokens)[:held])
+    result = Generation(list(prompt_ids), tokens, text, finish, t1 - t0, t2 - t1)
+    result.prefilled_tokens = len(prompt_ids) - reused if params.max_tokens else 0
+    result.reused_tokens = reused
+    result.spec = spec.to_json() if spec is not None else None
+    return result

@@ -1,14 +1,16 @@
 """`Pipeline`: the ordered stages that together hold a whole model, run as one.
 
-A stage may live in this process or behind IPC; the pipeline only needs `forward`,
-`truncate` and `reset` from each, and passes the boundary activation from one to the next.
+A stage may live in this process or behind IPC; the pipeline only needs the `Stage` methods
+from each, and passes the boundary activation from one to the next. KV state never leaves a
+stage: snapshots, restores and truncation are asked of every stage in its own process.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .errors import PlacementError
+from .errors import ConfigError, PlacementError
+from .stage import Captured
 
 
 class Pipeline:
@@ -30,19 +32,55 @@ class Pipeline:
     def length(self) -> int:
         return self.stages[-1].length
 
-    def _to_last(self, ids: torch.Tensor, base_pos: int) -> torch.Tensor:
-        x = ids
+    @property
+    def max_ctx(self) -> int:
+        return min(s.max_ctx for s in self.stages)
+
+    def _to_last(self, ids: torch.Tensor, base_pos: int, capture: tuple[int, ...]) -> tuple[torch.Tensor, list[Captured]]:
+        x, captured = ids, []
         for stage in self.stages[:-1]:
-            x = stage.forward(x, base_pos)
-        return x
+            x, caps = stage.run(x, base_pos, capture=capture)
+            captured += caps
+        return x, captured
+
+    def run(self, ids: torch.Tensor, base_pos: int, *, all_logits: bool = False,
+            capture: tuple[int, ...] = ()) -> tuple[torch.Tensor, list[Captured]]:
+        """float32 logits ([1, vocab] for the last position, [n, vocab] with all_logits) and the
+        hidden states of the `capture` layers, gathered from every stage that holds one."""
+        x, captured = self._to_last(ids, base_pos, capture)
+        logits, caps = self.stages[-1].run(x, base_pos, all_logits=all_logits, capture=capture)
+        return logits, captured + caps
 
     def forward(self, ids: torch.Tensor, base_pos: int, all_logits: bool = False) -> torch.Tensor:
-        """float32 logits: [1, vocab] for the last position, or [n, vocab] with all_logits."""
-        return self.stages[-1].forward(self._to_last(ids, base_pos), base_pos, all_logits=all_logits)
+        return self.run(ids, base_pos, all_logits=all_logits)[0]
+
+    def greedy_all(self, ids: torch.Tensor, base_pos: int, *, all_logits: bool = False,
+                   capture: tuple[int, ...] = ()) -> tuple[list[int], list[Captured]]:
+        """Argmax tokens; a remote head sends back token ids, not logits."""
+        x, captured = self._to_last(ids, base_pos, capture)
+        tokens, caps = self.stages[-1].run_argmax(x, base_pos, all_logits=all_logits, capture=capture)
+        return tokens, captured + caps
 
     def greedy(self, ids: torch.Tensor, base_pos: int) -> int:
-        """The argmax next token; a remote head sends back the token id, not the logits."""
-        return self.stages[-1].argmax(self._to_last(ids, base_pos), base_pos)
+        return self.greedy_all(ids, base_pos)[0][-1]
+
+    def early_exit(self, ids: torch.Tensor, base_pos: int, layer: int) -> torch.Tensor:
+        """The hidden state after `layer`, running only the layers up to it (drafting)."""
+        if not 0 <= layer < self.stages[-1].span.stop:
+            raise ConfigError(f"capture layer: {layer} is outside the model's {self.stages[-1].span.stop} layers")
+        x = ids
+        for stage in self.stages:
+            inside = stage.span.start <= layer < stage.span.stop
+            x, _ = stage.run(x, base_pos, stop_after=layer if inside else None)
+            if inside:
+                return x
+        raise AssertionError("unreachable: the stages cover every layer")
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.stages[-1].project(hidden)
+
+    def project_argmax(self, hidden: torch.Tensor) -> list[int]:
+        return self.stages[-1].project_argmax(hidden)
 
     def truncate(self, n: int) -> None:
         for stage in self.stages:
@@ -51,3 +89,13 @@ class Pipeline:
     def reset(self) -> None:
         for stage in self.stages:
             stage.reset()
+
+    def kv_snapshot(self, slot: int) -> int:
+        return [stage.kv_snapshot(slot) for stage in self.stages][-1]
+
+    def kv_restore(self, slot: int) -> int:
+        return [stage.kv_restore(slot) for stage in self.stages][-1]
+
+    def kv_free(self, slot: int) -> None:
+        for stage in self.stages:
+            stage.kv_free(slot)

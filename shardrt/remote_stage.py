@@ -16,10 +16,11 @@ import zmq
 
 from .errors import ConfigError, IpcError, StageDied
 from .gguf_loader import LayerSpan
-from .ipc.codec import decode, encode, frame_tensor, tensor_ref
+from .ipc.codec import check_ref, decode, encode, frame_tensor, tensor_ref
 from .ipc.protocol import PROTOCOL_VERSION
 from .ipc.shm import SharedSegment
 from .lifecycle import DaemonProcess, Timeouts
+from .stage import Captured
 
 POLL_MS = 20
 
@@ -43,23 +44,37 @@ class RemoteStage:
 
     # -- the Stage interface ----------------------------------------------------------
 
-    def forward(self, x: torch.Tensor, base_pos: int, all_logits: bool = False) -> torch.Tensor:
-        reply, frames = self._forward(x, base_pos, "logits" if self.has_head else "activation", all_logits)
-        ref = reply.get("output")
-        if not isinstance(ref, dict):
-            raise IpcError(f"{self.description}: forward reply carries no output")
-        if "shm" in ref:
-            if ref["shm"] != reply["id"]:
-                raise IpcError(f"{self.description}: output sequence {ref['shm']!r} does not match request {reply['id']}")
-            return self.daemon.segment.read(SharedSegment.OUT, reply["id"])
-        return frame_tensor(ref, frames, "forward.output")
+    def run(self, x: torch.Tensor, base_pos: int, *, all_logits: bool = False, capture: tuple[int, ...] = (),
+            stop_after: int | None = None) -> tuple[torch.Tensor, list[Captured]]:
+        want = "logits" if self.has_head and stop_after is None else "activation"
+        reply, frames = self._forward(x, base_pos, want, all_logits, capture, stop_after)
+        return self._tensor(reply.get("output"), reply, frames, "forward.output"), self._captures(reply, frames)
 
-    def argmax(self, x: torch.Tensor, base_pos: int) -> int:
-        reply, _ = self._forward(x, base_pos, "argmax", False)
-        tokens = reply.get("tokens")
-        if not isinstance(tokens, list) or not tokens or not isinstance(tokens[-1], int):
-            raise IpcError(f"{self.description}: argmax reply carries no tokens")
-        return tokens[-1]
+    def forward(self, x: torch.Tensor, base_pos: int, all_logits: bool = False) -> torch.Tensor:
+        return self.run(x, base_pos, all_logits=all_logits)[0]
+
+    def run_argmax(self, x: torch.Tensor, base_pos: int, *, all_logits: bool = False,
+                   capture: tuple[int, ...] = ()) -> tuple[list[int], list[Captured]]:
+        """Greedy tokens from the head (the last, or every position) instead of the logits."""
+        reply, frames = self._forward(x, base_pos, "argmax", all_logits, capture, None)
+        return self._tokens(reply), self._captures(reply, frames)
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        reply, frames = self._send_tensor({"op": "project", "want": "logits"}, hidden)
+        return self._tensor(reply.get("output"), reply, frames, "project.output")
+
+    def project_argmax(self, hidden: torch.Tensor) -> list[int]:
+        return self._tokens(self._send_tensor({"op": "project", "want": "argmax"}, hidden)[0])
+
+    def kv_snapshot(self, slot: int) -> int:
+        return self.request({"op": "kv_snapshot", "slot": slot})[0]["length"]
+
+    def kv_restore(self, slot: int) -> int:
+        self.length = self.request({"op": "kv_restore", "slot": slot})[0]["length"]
+        return self.length
+
+    def kv_free(self, slot: int) -> None:
+        self.request({"op": "kv_free", "slot": slot})
 
     def truncate(self, n: int) -> None:
         self.request({"op": "kv_truncate", "n": n})
@@ -86,22 +101,61 @@ class RemoteStage:
 
     # -- requests ---------------------------------------------------------------------
 
-    def _forward(self, x: torch.Tensor, base_pos: int, want: str, all_logits: bool):
-        x = x.detach().cpu()
-        message = {"op": "forward", "base_pos": base_pos, "n": int(x.shape[0]), "want": want}
+    def _forward(self, x, base_pos, want, all_logits, capture, stop_after):
+        message = {"op": "forward", "base_pos": base_pos, "want": want}
         if all_logits:
             message["all_logits"] = True
+        if capture:
+            message["capture"] = list(capture)
+        if stop_after is not None:
+            message["stop_after"] = stop_after
+        reply = self._send_tensor(message, x)
+        if stop_after is None:
+            self.length = base_pos + int(x.shape[0])
+        return reply
+
+    def _send_tensor(self, message: dict, x: torch.Tensor) -> tuple[dict, list]:
+        """A request whose input tensor goes through the IN slot, or as a frame when it does not fit."""
+        x = x.detach().cpu()
         rid = next(self._ids)
-        payloads = []
+        message = {**message, "n": int(x.shape[0])}
         if self.daemon.segment.fits(x):
             self.daemon.segment.write(SharedSegment.IN, rid, x)
             message["input"] = tensor_ref(x, shm=rid)
-        else:
-            message["input"] = tensor_ref(x, frame=1)
-            payloads = [x]
-        reply = self.request(message, payloads, rid=rid)
-        self.length = base_pos + int(x.shape[0])
-        return reply
+            return self.request(message, rid=rid)
+        message["input"] = tensor_ref(x, frame=1)
+        return self.request(message, [x], rid=rid)
+
+    def _tensor(self, ref, reply: dict, frames: list, field: str) -> torch.Tensor:
+        if not isinstance(ref, dict):
+            raise IpcError(f"{self.description}: {field} is missing from the reply")
+        if "shm" in ref:
+            if ref["shm"] != reply["id"]:
+                raise IpcError(f"{self.description}: {field} sequence {ref['shm']!r} does not match request {reply['id']}")
+            dtype, shape = check_ref(ref, field)
+            x = self.daemon.segment.read(SharedSegment.OUT, reply["id"], ref.get("offset", 0))
+            if x.dtype != dtype or list(x.shape) != shape:
+                raise IpcError(f"{self.description}: {field} in shared memory is {x.dtype} {list(x.shape)}, "
+                               f"reply says {dtype} {shape}")
+            return x
+        return frame_tensor(ref, frames, field)
+
+    def _captures(self, reply: dict, frames: list) -> list[Captured]:
+        slices = reply.get("captures", [])
+        if not isinstance(slices, list):
+            raise IpcError(f"{self.description}: forward.captures is not a list")
+        out = []
+        for i, ref in enumerate(slices):
+            if not isinstance(ref, dict) or not all(isinstance(ref.get(k), int) for k in ("layer", "start")):
+                raise IpcError(f"{self.description}: forward.captures[{i}] is malformed")
+            out.append(Captured(ref["layer"], ref["start"], self._tensor(ref, reply, frames, f"forward.captures[{i}]")))
+        return out
+
+    def _tokens(self, reply: dict) -> list[int]:
+        tokens = reply.get("tokens")
+        if not isinstance(tokens, list) or not tokens or not all(isinstance(t, int) for t in tokens):
+            raise IpcError(f"{self.description}: reply carries no token ids")
+        return tokens
 
     def request(self, message: dict, payloads: list = (), rid: int | None = None,
                 timeout: float | None = None, heartbeat: bool = True) -> tuple[dict, list]:

@@ -52,9 +52,19 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor) -> int:
         """logits: [vocab] float32 on any device."""
-        p = self.params
-        if p.greedy:
+        if self.params.greedy:
             return int(logits.argmax())
+        return self.draw(self.probs(logits))
+
+    def draw(self, probs: torch.Tensor) -> int:
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def uniform(self) -> float:
+        return float(torch.rand((), generator=self.generator))
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """The distribution sampling draws from: temperature, then top-k, then top-p."""
+        p = self.params
         logits = logits.float().cpu() / p.temperature
         if p.top_k:
             kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
@@ -66,4 +76,4 @@ class Sampler:
             drop = sorted_probs.cumsum(-1) - sorted_probs >= p.top_p
             sorted_probs[drop] = 0.0
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        return probs / probs.sum()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,6 +19,19 @@ from .gguf_loader import LayerSpan, StageWeights
 from .model import Block, ModelConfig, rms_norm, rope_tables
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Captured:
+    """A capture slice: the hidden states after `layer` for `count` tokens from position `start`."""
+
+    layer: int
+    start: int
+    data: torch.Tensor  # [count, dim]
+
+    @property
+    def count(self) -> int:
+        return self.data.shape[0]
 
 
 def compute_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -50,7 +64,9 @@ class Stage:
             self.cover = weights.cover
             self._load(weights)
             self.bytes_read = weights.bytes_read
-        self.length = 0  # tokens held in the KV cache
+        self.length = 0  # tokens held in the KV cache, valid in every layer
+        self._partial_end = 0  # end of the last early-exit (stop_after) write
+        self.snapshots: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
         if self.device.type != "cpu":
             self._warm_up()
         self.load_seconds = time.perf_counter() - t0
@@ -83,45 +99,95 @@ class Stage:
         return self.span.head
 
     @torch.inference_mode()
-    def forward(self, inputs: torch.Tensor, base_pos: int, all_logits: bool = False) -> torch.Tensor:
+    def run(self, inputs: torch.Tensor, base_pos: int, *, all_logits: bool = False, capture: tuple[int, ...] = (),
+            stop_after: int | None = None) -> tuple[torch.Tensor, list[Captured]]:
         """Run `inputs` at positions base_pos.. through this stage.
 
         inputs: token ids [n] on the embedding stage, else a boundary activation [n, dim].
         Returns the activation [n, dim], or float32 logits ([1, vocab] for the last position,
-        [n, vocab] with all_logits) on the stage with the head. Positions >= base_pos + n are
-        dropped from the cache.
+        [n, vocab] with all_logits) on the stage with the head; and the hidden states after each
+        layer in `capture` that this stage holds. With `stop_after`, only layers up to and
+        including that one run (an early exit for drafting): it returns that layer's hidden state
+        and leaves the cache length alone, its partial KV to be overwritten by the next full run.
         """
         n = inputs.shape[0]
-        if not 0 <= base_pos <= self.length:
+        limit = max(self.length, self._partial_end) if stop_after is not None else self.length
+        if not 0 <= base_pos <= limit:
             raise ConfigError(f"base_pos: {base_pos} is outside the {self.length} cached tokens")
         if n == 0 or base_pos + n > self.max_ctx:
             raise ConfigError(f"tokens: {n} at position {base_pos} do not fit max_ctx {self.max_ctx}")
+        last = self.span.stop - 1 if stop_after is None else stop_after
+        if not self.span.start <= last < self.span.stop:
+            raise ConfigError(f"stop_after: layer {stop_after} is outside this stage's layers {self.span}")
         if self.span.embed:
             x = torch.nn.functional.embedding(inputs.to(self.device), self.embedding)
         else:
             x = inputs.to(device=self.device, dtype=self.dtype)
         cos, sin = self.cos[base_pos : base_pos + n], self.sin[base_pos : base_pos + n]
-        for i, block in enumerate(self.blocks):
+        captured = []
+        for i, block in enumerate(self.blocks[: last - self.span.start + 1]):
             x = block(x, cos, sin, self.k_cache[i], self.v_cache[i], base_pos)
-        self.length = base_pos + n
+            if self.span.start + i in capture:
+                captured.append(Captured(self.span.start + i, base_pos, x.clone()))
+        if stop_after is not None:
+            self._partial_end = base_pos + n
+            return x, captured
+        self.length, self._partial_end = base_pos + n, 0
         if not self.span.head:
-            return x
-        if not all_logits:
-            x = x[-1:]
+            return x, captured
+        return self.project(x if all_logits else x[-1:]), captured
+
+    def forward(self, inputs: torch.Tensor, base_pos: int, all_logits: bool = False) -> torch.Tensor:
+        return self.run(inputs, base_pos, all_logits=all_logits)[0]
+
+    @torch.inference_mode()
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm and head over hidden states [n, dim] -> float32 logits [n, vocab]."""
+        if not self.span.head:
+            raise ConfigError(f"project: stage {self.span} does not hold the head")
+        x = hidden.to(device=self.device, dtype=self.dtype)
         return torch.nn.functional.linear(rms_norm(x, self.output_norm, self.cfg.norm_eps), self.output).float()
 
-    def argmax(self, inputs: torch.Tensor, base_pos: int) -> int:
-        """The greedy next token after `inputs` (stage with the head only)."""
-        return int(self.forward(inputs, base_pos)[-1].argmax())
+    def run_argmax(self, inputs: torch.Tensor, base_pos: int, *, all_logits: bool = False,
+                   capture: tuple[int, ...] = ()) -> tuple[list[int], list[Captured]]:
+        """Greedy tokens (the last, or every position) from the stage with the head."""
+        logits, captured = self.run(inputs, base_pos, all_logits=all_logits, capture=capture)
+        return logits.argmax(-1).tolist(), captured
+
+    def project_argmax(self, hidden: torch.Tensor) -> list[int]:
+        return self.project(hidden).argmax(-1).tolist()
 
     def truncate(self, n: int) -> None:
         """Forget KV beyond the first n tokens (speculative rollback)."""
         if not 0 <= n <= self.length:
             raise ConfigError(f"kv_truncate: {n} is outside the {self.length} cached tokens")
-        self.length = n
+        self.length, self._partial_end = n, 0
 
     def reset(self) -> None:
-        self.length = 0
+        self.length, self._partial_end = 0, 0
+
+    # -- KV snapshots: numbered slots kept in this process, for prefix reuse and rollback --------
+
+    def kv_snapshot(self, slot: int) -> int:
+        """Copy the cached tokens into `slot` (replacing what it held); returns their count."""
+        n = self.length
+        self.snapshots[slot] = (n, self.k_cache[:, :, :n].clone(), self.v_cache[:, :, :n].clone())
+        return n
+
+    def kv_restore(self, slot: int) -> int:
+        if slot not in self.snapshots:
+            raise ConfigError(f"kv_restore: slot {slot} holds no snapshot")
+        n, k, v = self.snapshots[slot]
+        if n > self.max_ctx:
+            raise ConfigError(f"kv_restore: slot {slot} holds {n} tokens, more than max_ctx {self.max_ctx}")
+        self.k_cache[:, :, :n] = k
+        self.v_cache[:, :, :n] = v
+        self.length, self._partial_end = n, 0
+        return n
+
+    def kv_free(self, slot: int) -> None:
+        if self.snapshots.pop(slot, None) is None:
+            raise ConfigError(f"kv_free: slot {slot} holds no snapshot")
 
     def describe(self) -> str:
         return f"layers {self.span} on {self.device} ({self.dtype}), {self.cover}"

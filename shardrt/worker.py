@@ -88,8 +88,8 @@ class EchoStage:
 
     length = 0
 
-    def forward(self, x, base_pos, all_logits=False):
-        return x
+    def run(self, x, base_pos, **_):
+        return x, []
 
     def truncate(self, n):
         pass
@@ -136,10 +136,15 @@ class ShardServer:
             return {"id": rid, "ok": True, **self.hello_reply()}, [], False
         if op == "forward":
             return self._forward(message, frames)
+        if op == "project":
+            return self._project(message, frames)
         if op == "kv_truncate":
             for stage in self.stages:
                 stage.truncate(message["n"])
             return {"id": rid, "ok": True}, [], False
+        if op in ("kv_snapshot", "kv_restore", "kv_free"):
+            counts = [getattr(stage, op)(message["slot"]) for stage in self.stages]
+            return {"id": rid, "ok": True, "length": counts[-1] if op != "kv_free" else None}, [], False
         if op == "reset":
             for stage in self.stages:
                 stage.reset()
@@ -153,14 +158,45 @@ class ShardServer:
         return {"id": rid, "ok": True}, [], True  # shutdown
 
     def _input(self, message: dict, frames: list) -> torch.Tensor:
-        ref = message["input"]
+        ref, field = message["input"], f"{message['op']}.input"
         if "shm" in ref:
-            dtype, shape = check_ref(ref, "forward.input")
+            dtype, shape = check_ref(ref, field)
             x = self.segment.read(SharedSegment.IN, ref["shm"])
             if x.dtype != dtype or list(x.shape) != shape:
-                raise IpcError(f"forward.input: shared memory holds {x.dtype} {list(x.shape)}, message says {dtype} {shape}")
+                raise IpcError(f"{field}: shared memory holds {x.dtype} {list(x.shape)}, message says {dtype} {shape}")
             return x
-        return frame_tensor(ref, frames, "forward.input")
+        return frame_tensor(ref, frames, field)
+
+    def _reply_tensors(self, rid: int, out: torch.Tensor, captured: list) -> tuple[dict, list]:
+        """The output and capture slices, in the OUT slot when they all fit, else as frames."""
+        tensors = [out.cpu()] + [c.data.cpu() for c in captured]
+        refs = []
+        if self.segment.fits(*tensors):
+            offset = 0
+            for t in tensors:
+                refs.append(tensor_ref(t, shm=rid, offset=offset))
+                offset = self.segment.write(SharedSegment.OUT, rid, t, offset)
+            payloads = []
+        else:
+            refs = [tensor_ref(t, frame=i + 1) for i, t in enumerate(tensors)]
+            payloads = tensors
+        reply = {"id": rid, "ok": True, "output": refs[0]}
+        if captured:
+            reply["captures"] = [{"layer": c.layer, "start": c.start, **ref} for c, ref in zip(captured, refs[1:])]
+        return reply, payloads
+
+    def _project(self, message: dict, frames: list) -> tuple[dict, list, bool]:
+        last = self.stages[-1] if self.stages else None
+        if not getattr(getattr(last, "span", None), "head", False):
+            raise ProtocolError("bad_request", "project: this daemon does not hold the head")
+        x = self._input(message, frames)
+        if x.dim() != 2 or x.shape[0] != message["n"] or x.shape[1] != last.cfg.dim:
+            raise ProtocolError("bad_request", f"project.input: expected [{message['n']}, {last.cfg.dim}], got {list(x.shape)}")
+        logits = last.project(x)
+        if message["want"] == "argmax":
+            return {"id": message["id"], "ok": True, "tokens": logits.argmax(-1).tolist()}, [], False
+        reply, payloads = self._reply_tensors(message["id"], logits, [])
+        return reply, payloads, False
 
     def _forward(self, message: dict, frames: list) -> tuple[dict, list, bool]:
         rid, n, want = message["id"], message["n"], message["want"]
@@ -176,19 +212,35 @@ class ShardServer:
                 raise ProtocolError("bad_request", f"forward.input: the first stage takes int64 token ids [n], got {x.dtype} {list(x.shape)}")
         elif first is not None and hasattr(first, "cfg") and (x.dim() != 2 or x.shape[1] != first.cfg.dim):
             raise ProtocolError("bad_request", f"forward.input: expected an activation [n, {first.cfg.dim}], got {list(x.shape)}")
+        capture, stop_after = tuple(message.get("capture", ())), message.get("stop_after")
+        if stop_after is not None:
+            spans = [getattr(stage, "span", None) for stage in self.stages]
+            if not any(sp and sp.start <= stop_after < sp.stop for sp in spans):
+                raise ProtocolError("bad_request", f"forward.stop_after: layer {stop_after} is not held by this daemon")
+            if want == "argmax":
+                raise ProtocolError("bad_request", "forward.want: argmax cannot go with stop_after")
         t0 = time.perf_counter()
-        for stage in self.stages[:-1]:
-            x = stage.forward(x, message["base_pos"])
-        x = self.stages[-1].forward(x, message["base_pos"], all_logits=message.get("all_logits", False))
+        captured = []
+        for i, stage in enumerate(self.stages):
+            span = getattr(stage, "span", None)
+            stops_here = stop_after is not None and span is not None and span.start <= stop_after < span.stop
+            last = i == len(self.stages) - 1
+            x, caps = stage.run(x, message["base_pos"], all_logits=last and message.get("all_logits", False),
+                                capture=capture, stop_after=stop_after if stops_here else None)
+            captured += caps
+            if stops_here:
+                break
         self.forwards += 1
         self.forward_seconds += time.perf_counter() - t0
         if want == "argmax":
-            return {"id": rid, "ok": True, "tokens": x.argmax(-1).tolist()}, [], False
-        out = x.cpu()
-        if self.segment.fits(out):
-            self.segment.write(SharedSegment.OUT, rid, out)
-            return {"id": rid, "ok": True, "output": tensor_ref(out, shm=rid)}, [], False
-        return {"id": rid, "ok": True, "output": tensor_ref(out, frame=1)}, [out], False
+            reply = {"id": rid, "ok": True, "tokens": x.argmax(-1).tolist()}
+            payloads = []
+            if captured:
+                reply, payloads = self._reply_tensors(rid, torch.zeros(0), captured)
+                reply["tokens"] = x.argmax(-1).tolist()
+            return reply, payloads, False
+        reply, payloads = self._reply_tensors(rid, x, captured)
+        return reply, payloads, False
 
 
 def _rss() -> int:

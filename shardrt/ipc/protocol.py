@@ -10,15 +10,21 @@ from typing import Any
 
 from ..errors import IpcError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_TOKENS_PER_FORWARD = 1 << 16
+MAX_CAPTURE_LAYERS = 64
+MAX_KV_SLOTS = 1 << 12
 
 # op -> {field: (type, required)}
 OPS: dict[str, dict[str, tuple[type, bool]]] = {
     "hello": {"version": (int, True), "model": (dict, True)},
     "forward": {"base_pos": (int, True), "n": (int, True), "input": (dict, True), "want": (str, True),
-                "all_logits": (bool, False)},
+                "all_logits": (bool, False), "capture": (list, False), "stop_after": (int, False)},
+    "project": {"n": (int, True), "input": (dict, True), "want": (str, True)},
     "kv_truncate": {"n": (int, True)},
+    "kv_snapshot": {"slot": (int, True)},
+    "kv_restore": {"slot": (int, True)},
+    "kv_free": {"slot": (int, True)},
     "reset": {},
     "stats": {},
     "ping": {},
@@ -58,11 +64,19 @@ def check_request(message: dict) -> str:
     unknown = sorted(set(message) - set(OPS[op]) - {"op", "id"})
     if unknown:
         raise ProtocolError("bad_request", f"{op}: unknown field {unknown[0]!r}")
-    if op == "forward":
-        if message["want"] not in WANTS:
-            raise ProtocolError("bad_request", f"forward.want: {message['want']!r} is not one of {', '.join(WANTS)}")
+    if op in ("forward", "project"):
+        wants = WANTS if op == "forward" else WANTS[1:]
+        if message["want"] not in wants:
+            raise ProtocolError("bad_request", f"{op}.want: {message['want']!r} is not one of {', '.join(wants)}")
         if not 1 <= message["n"] <= MAX_TOKENS_PER_FORWARD:
-            raise ProtocolError("bad_request", f"forward.n: {message['n']} is outside 1..{MAX_TOKENS_PER_FORWARD}")
+            raise ProtocolError("bad_request", f"{op}.n: {message['n']} is outside 1..{MAX_TOKENS_PER_FORWARD}")
+    capture = message.get("capture", [])
+    if len(capture) > MAX_CAPTURE_LAYERS or not all(
+            isinstance(c, int) and not isinstance(c, bool) and 0 <= c < 1 << 20 for c in capture):
+        raise ProtocolError("bad_request", f"forward.capture: {capture!r} is not a list of at most "
+                                           f"{MAX_CAPTURE_LAYERS} layer ids")
+    if "slot" in message and not message["slot"] < MAX_KV_SLOTS:
+        raise ProtocolError("bad_request", f"{op}.slot: {message['slot']} is outside 0..{MAX_KV_SLOTS - 1}")
     return op
 
 

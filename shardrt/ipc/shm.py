@@ -33,6 +33,15 @@ DTYPE_CODES = {v: k for k, v in DTYPES.items()}
 DTYPE_NAMES = {str(v).removeprefix("torch."): v for v in DTYPES.values()}
 
 
+ALIGN = 64
+
+
+def packed_size(tensor: torch.Tensor) -> int:
+    """Bytes a tensor takes in a slot: its header and its payload, rounded up to ALIGN."""
+    nbytes = HEADER_SIZE + tensor.numel() * tensor.element_size()
+    return -(-nbytes // ALIGN) * ALIGN
+
+
 def new_segment_name(tag: str) -> str:
     return f"shardrt-{os.getpid()}-{tag}-{secrets.token_hex(4)}"
 
@@ -82,25 +91,34 @@ class SharedSegment:
     def heartbeat(self) -> int:
         return CONTROL.unpack_from(self._map, 0)[0]
 
-    def fits(self, tensor: torch.Tensor) -> bool:
-        return tensor.numel() * tensor.element_size() <= self.capacity
+    def fits(self, *tensors: torch.Tensor) -> bool:
+        """Whether these tensors, packed one after another, fit one slot."""
+        return sum(packed_size(t) for t in tensors) <= self.slot_size
 
-    def write(self, slot: int, seq: int, tensor: torch.Tensor) -> None:
+    def write(self, slot: int, seq: int, tensor: torch.Tensor, offset: int = 0) -> int:
+        """Put `tensor` (header + bytes) at `offset` in the slot; returns the offset after it.
+
+        A slot may hold several tensors back to back (an output and its capture slices)."""
         tensor = tensor.detach()
         if tensor.dtype not in DTYPE_CODES or tensor.dim() > MAX_RANK:
             raise IpcError(f"shm: cannot carry a {tensor.dtype} tensor of rank {tensor.dim()}")
         nbytes = tensor.numel() * tensor.element_size()
-        if nbytes > self.capacity:
-            raise IpcError(f"shm: {nbytes} bytes do not fit the {self.capacity}-byte slot")
-        base = self._slot_base(slot)
+        if offset % ALIGN or offset + packed_size(tensor) > self.slot_size:
+            raise IpcError(f"shm: {nbytes} bytes at offset {offset} do not fit the {self.slot_size}-byte slot")
+        base = self._slot_base(slot) + offset
         payload = self._buffer[base + HEADER_SIZE : base + HEADER_SIZE + nbytes]
         payload[:] = tensor.contiguous().cpu().view(-1).view(torch.uint8).numpy()
         shape = list(tensor.shape) + [0] * (MAX_RANK - tensor.dim())
         HEADER.pack_into(self._map, base, seq, nbytes, DTYPE_CODES[tensor.dtype], tensor.dim(), *shape)
+        return offset + packed_size(tensor)
 
-    def read(self, slot: int, seq: int) -> torch.Tensor:
-        """The tensor in `slot`, checked against the expected sequence number; a copy."""
-        base = self._slot_base(slot)
+    def read(self, slot: int, seq: int, offset: int = 0) -> torch.Tensor:
+        """The tensor at `offset` in `slot`, checked against the expected sequence number; a copy."""
+        if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0 or offset % ALIGN \
+                or offset + HEADER_SIZE > self.slot_size:
+            raise IpcError(f"shm: offset {offset!r} is not an aligned place in the {self.slot_size}-byte slot")
+        capacity = self.slot_size - offset - HEADER_SIZE
+        base = self._slot_base(slot) + offset
         got_seq, nbytes, code, ndim, *shape = HEADER.unpack_from(self._map, base)
         if got_seq != seq:
             raise IpcError(f"shm: slot holds sequence {got_seq}, expected {seq}")
@@ -111,8 +129,8 @@ class SharedSegment:
         dtype, shape = DTYPES[code], shape[:ndim]
         itemsize = torch.empty((), dtype=dtype).element_size()
         # math.prod: exact, where an int64 product of hostile sizes could wrap around to match nbytes
-        if nbytes > self.capacity or math.prod(shape) * itemsize != nbytes:
-            raise IpcError(f"shm: header says {nbytes} bytes for shape {shape} of {dtype}; slot holds {self.capacity}")
+        if nbytes > capacity or math.prod(shape) * itemsize != nbytes:
+            raise IpcError(f"shm: header says {nbytes} bytes for shape {shape} of {dtype}; slot holds {capacity}")
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype)
         raw = self._buffer[base + HEADER_SIZE : base + HEADER_SIZE + nbytes]

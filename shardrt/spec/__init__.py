@@ -1,0 +1,1 @@
+"""Speculative decoding: drafters, the feature ring they read, and the prefix cache."""

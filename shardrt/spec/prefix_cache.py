@@ -1,0 +1,78 @@
+"""Prefix cache: KV snapshots of earlier requests, kept in numbered slots inside each stage.
+
+A new prompt that shares a prefix with a cached slot restores that slot on every stage,
+drops what does not match, and prefills only the rest. Least recently used slots go first.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+
+
+def common_prefix(a, b) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+@dataclass
+class PrefixStats:
+    hits: int = 0
+    misses: int = 0
+    reused_tokens: int = 0
+
+    def to_json(self) -> dict:
+        return {"hits": self.hits, "misses": self.misses, "reused_tokens": self.reused_tokens}
+
+
+class PrefixCache:
+    def __init__(self, pipeline, slots: int = 16):
+        if not isinstance(slots, int) or slots < 0:
+            raise ConfigError(f"--prefix-cache-slots: {slots!r} is not a whole number >= 0")
+        self.pipeline, self.slots = pipeline, slots
+        self.entries: OrderedDict[int, tuple[int, ...]] = OrderedDict()  # slot -> tokens, oldest first
+        self.stats = PrefixStats()
+
+    def restore(self, prompt: list[int]) -> int:
+        """Set the pipeline up for `prompt`; returns how many of its tokens are already cached."""
+        best_slot, best = None, 0
+        for slot, tokens in self.entries.items():
+            n = common_prefix(tokens, prompt)
+            if n > best:
+                best_slot, best = slot, n
+        usable = min(best, len(prompt) - 1)  # at least one token must run, for the next logits
+        if best_slot is None or usable <= 0:
+            self.stats.misses += 1
+            self.pipeline.reset()
+            return 0
+        self.pipeline.kv_restore(best_slot)
+        self.pipeline.truncate(usable)
+        self.entries.move_to_end(best_slot)
+        self.stats.hits += 1
+        self.stats.reused_tokens += usable
+        return usable
+
+    def store(self, tokens: list[int]) -> None:
+        """Snapshot the pipeline's cache, which holds exactly `tokens`."""
+        if self.slots == 0 or not tokens:
+            return
+        if self.pipeline.length != len(tokens):
+            raise ConfigError(f"prefix cache: pipeline holds {self.pipeline.length} tokens, not {len(tokens)}")
+        # a slot whose tokens this extends (an earlier turn of the same chat) is replaced
+        slot = next((s for s, t in self.entries.items() if common_prefix(t, tokens) == len(t)), None)
+        if slot is None:
+            if len(self.entries) >= self.slots:
+                oldest, _ = self.entries.popitem(last=False)
+                self.pipeline.kv_free(oldest)
+                slot = oldest
+            else:
+                slot = next(s for s in range(self.slots) if s not in self.entries)
+        self.pipeline.kv_snapshot(slot)
+        self.entries[slot] = tuple(tokens)
+        self.entries.move_to_end(slot)
