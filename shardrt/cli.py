@@ -30,6 +30,18 @@ def _add_placement_args(p: argparse.ArgumentParser) -> None:
                    help="compute dtype: auto (default: float32 on CPU, bf16 on GPU), float32, bfloat16, float16")
 
 
+def _add_spec_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speculative decoding and prefix cache")
+    g.add_argument("--draft", choices=("none", "ngram", "model", "capture"), default=None,
+                   help="drafter: prompt lookup, a draft model in its own daemon, or capture slices (early exit)")
+    g.add_argument("--draft-tokens", type=int, default=None, metavar="K", help="draft tokens per target forward (default 4)")
+    g.add_argument("--draft-model", metavar="PATH", help="draft GGUF with the target's vocabulary (implies --draft model)")
+    g.add_argument("--draft-gpu", metavar="DEVICE", help="the draft daemon's device, e.g. hip:1 (default cpu:0)")
+    g.add_argument("--capture-layers", metavar="L,L", help="layers whose hidden states feed the capture drafter")
+    g.add_argument("--prefix-cache-slots", type=int, default=None, metavar="N",
+                   help="KV snapshots kept for prefix reuse (default 16, 0 disables)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
@@ -49,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--ignore-eos", action="store_true", help="generate all N tokens even past end-of-sequence")
     launch.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     launch.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
+    _add_spec_args(launch)
 
     plan = sub.add_parser("plan", help="print the shard table without loading weights", parents=[common])
     _add_placement_args(plan)
@@ -85,22 +98,24 @@ def cmd_launch(args) -> int:
         for stage in pipeline.stages:
             logging.getLogger(__name__).info("%s", stage.describe())
         if args.chat and args.prompt is None:
-            return _interactive_chat(pipeline, tokenizer, params)
+            return _interactive_chat(cluster, tokenizer, params)
         prompt_ids = tokenizer.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat \
             else tokenizer.encode(args.prompt)
+        spec = {"drafter": cluster.drafter, "draft_tokens": getattr(cluster, "draft_tokens", 4),
+                "prefix_cache": cluster.prefix_cache, "ring": cluster.ring}
         if args.json:
-            result = generate(pipeline, tokenizer, prompt_ids, params)
+            result = generate(pipeline, tokenizer, prompt_ids, params, **spec)
             out = result.to_json()
             out["stages"] = [stage.describe() for stage in pipeline.stages]
             print(json.dumps(out))
             return 0
         if not args.chat:
             print(args.prompt, end="", flush=True)
-        result = generate(pipeline, tokenizer, prompt_ids, params, on_text=lambda s: print(s, end="", flush=True))
+        result = generate(pipeline, tokenizer, prompt_ids, params, on_text=lambda s: print(s, end="", flush=True), **spec)
         print()
         print(f"[{len(prompt_ids)} prompt tokens, {result.prefill_tokens_per_s:.1f} tok/s prefill; "
               f"{len(result.tokens)} generated, {result.decode_tokens_per_s:.1f} tok/s decode; "
-              f"{len(pipeline.stages)} stage(s)]", file=sys.stderr)
+              f"{len(pipeline.stages)} stage(s)" + _spec_line(result.spec) + "]", file=sys.stderr)
     return 0
 
 
@@ -149,7 +164,14 @@ def cmd_devices(args) -> int:
     return 0
 
 
-def _interactive_chat(pipeline, tokenizer, params) -> int:
+def _spec_line(spec: dict | None) -> str:
+    if not spec:
+        return ""
+    return (f"; {spec['drafter']} draft: {spec['accepted']}/{spec['drafted']} accepted, "
+            f"{spec['acceptance_length']} tokens per target forward")
+
+
+def _interactive_chat(cluster, tokenizer, params) -> int:
     from .generate import generate
 
     messages: list[dict] = []
@@ -162,8 +184,10 @@ def _interactive_chat(pipeline, tokenizer, params) -> int:
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line})
-        result = generate(pipeline, tokenizer, tokenizer.encode_chat(messages), params,
-                          on_text=lambda s: print(s, end="", flush=True))
+        result = generate(cluster.pipeline, tokenizer, tokenizer.encode_chat(messages), params,
+                          on_text=lambda s: print(s, end="", flush=True), drafter=cluster.drafter,
+                          draft_tokens=getattr(cluster, "draft_tokens", 4), prefix_cache=cluster.prefix_cache,
+                          ring=cluster.ring)
         print()
         messages.append({"role": "assistant", "content": result.text})
 

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError, PlacementError
-from .placement import BACKENDS, DeviceSpec, parse_devices, parse_layer_split
+from .placement import BACKENDS, DeviceSpec, parse_device, parse_devices, parse_layer_split
 
 MIN_SHARED_BYTES = 64 * 1024
 SHARED_BYTES_ENV = "SHARDRT_IPC_SHARED_BYTES"
@@ -22,7 +22,45 @@ TOP_KEYS = {"model", "max_ctx", "dtype", "backends", "target", "draft", "ipc"}
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 TARGET_KEYS = {"devices", "layer_split", "isolate_gpus", "all_daemons"}
 IPC_KEYS = {"shared_bytes"}
+DRAFT_KEYS = {"kind", "model", "device", "tokens", "capture_layers"}
+DRAFT_KINDS = ("ngram", "model", "capture")
+MAX_DRAFT_TOKENS = 32
 BACKEND_KEYS = {"python"}
+
+
+@dataclass(frozen=True)
+class DraftConfig:
+    """Speculative decoding: which drafter, and for `model` its GGUF and device."""
+
+    kind: str
+    model: Path | None = None
+    device: DeviceSpec | None = None  # the draft daemon's device; default cpu:0
+    tokens: int = 4  # draft tokens verified per target forward
+    capture_layers: tuple[int, ...] = ()  # default: two thirds of the way up
+
+    def __post_init__(self):
+        if self.kind not in DRAFT_KINDS:
+            raise ConfigError(f"draft.kind: {self.kind!r} is not one of {', '.join(DRAFT_KINDS)}")
+        if self.kind == "model" and self.model is None:
+            raise ConfigError("draft.model: the model drafter needs a draft GGUF (--draft-model PATH)")
+        if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or not 1 <= self.tokens <= MAX_DRAFT_TOKENS:
+            raise ConfigError(f"draft.tokens: {self.tokens!r} is not a whole number in 1..{MAX_DRAFT_TOKENS}")
+
+
+def parse_capture_layers(value: Any, where: str) -> tuple[int, ...]:
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not items:
+        raise ConfigError(f"{where}: {value!r} is not a list of layer ids such as 10,20")
+    layers = []
+    for item in items:
+        try:
+            layer = int(item) if not isinstance(item, bool) else -1
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: {item!r} is not a layer id") from None
+        if layer < 0:
+            raise ConfigError(f"{where}: {item!r} is not a layer id >= 0")
+        layers.append(layer)
+    return tuple(layers)
 
 
 @dataclass(frozen=True)
@@ -36,6 +74,8 @@ class LaunchConfig:
     pythons: dict[str, str] = field(default_factory=dict)  # backend -> interpreter for its daemons
     shared_bytes: int | None = None  # None: auto
     dtype: str = "auto"  # compute dtype; auto: float32 on CPU, bf16 (else fp16) on GPUs
+    draft: DraftConfig | None = None
+    prefix_cache_slots: int = 16
 
     def with_defaults(self) -> "LaunchConfig":
         from .placement import default_device
@@ -107,8 +147,22 @@ def load_yaml(path: str | Path) -> LaunchConfig:
     target = _check_keys(doc.get("target"), TARGET_KEYS, "target")
     ipc = _check_keys(doc.get("ipc"), IPC_KEYS, "ipc")
     backends = _check_keys(doc.get("backends"), set(BACKENDS) | {"rocm"}, "backends")
+    draft = None
     if doc.get("draft") is not None:
-        raise PlacementError("draft: speculative decoding is not available in this build; remove the draft section")
+        section = _check_keys(doc["draft"], DRAFT_KEYS, "draft")
+        if not isinstance(section.get("kind"), str):
+            raise ConfigError(f"draft.kind: {section.get('kind')!r}; give one of {', '.join(DRAFT_KINDS)}")
+        draft_model = section.get("model")
+        if draft_model is not None and (not isinstance(draft_model, str) or not draft_model.strip()):
+            raise ConfigError(f"draft.model: {draft_model!r} is not a path to a GGUF file")
+        draft = DraftConfig(
+            kind=section["kind"],
+            model=(path.parent / Path(draft_model).expanduser()) if draft_model else None,
+            device=parse_device(section["device"], "draft.device") if "device" in section else None,
+            tokens=section.get("tokens", DraftConfig.tokens),
+            capture_layers=parse_capture_layers(section["capture_layers"], "draft.capture_layers")
+            if "capture_layers" in section else (),
+        )
 
     pythons = {}
     for name, section in backends.items():
@@ -139,6 +193,7 @@ def load_yaml(path: str | Path) -> LaunchConfig:
         all_daemons=_bool(target.get("all_daemons", False), "target.all_daemons"),
         pythons=pythons,
         shared_bytes=parse_shared_bytes(ipc.get("shared_bytes", "auto"), "ipc.shared_bytes"),
+        draft=draft,
     )
 
 
@@ -167,10 +222,43 @@ def from_args(args) -> LaunchConfig:
         updates["isolate_gpus"] = args.isolate_gpus
     if args.all_daemons:
         updates["all_daemons"] = True
+    updates["draft"] = _draft_from_args(args, config.draft)
+    if getattr(args, "prefix_cache_slots", None) is not None:
+        if args.prefix_cache_slots < 0:
+            raise ConfigError(f"--prefix-cache-slots: {args.prefix_cache_slots} is not a whole number >= 0")
+        updates["prefix_cache_slots"] = args.prefix_cache_slots
     env_bytes = os.environ.get(SHARED_BYTES_ENV)
     if env_bytes is not None:
         updates["shared_bytes"] = parse_shared_bytes(env_bytes, SHARED_BYTES_ENV)
     config = replace(config, **updates)
     if config.model is not None and not config.model.is_file():
         raise ConfigError(f"model: {str(config.model)!r} is not a file")
+    if config.draft is not None and config.draft.model is not None and not config.draft.model.is_file():
+        raise ConfigError(f"--draft-model: {str(config.draft.model)!r} is not a file")
     return config.with_defaults()
+
+
+def _draft_from_args(args, draft: DraftConfig | None) -> DraftConfig | None:
+    """The file's draft section with the draft flags laid over it."""
+    fields: dict[str, Any] = {}
+    if draft is not None:
+        fields = {"kind": draft.kind, "model": draft.model, "device": draft.device, "tokens": draft.tokens,
+                  "capture_layers": draft.capture_layers}
+    if getattr(args, "draft", None) is not None:
+        fields["kind"] = args.draft
+    if getattr(args, "draft_model", None) is not None:
+        fields["model"] = Path(args.draft_model).expanduser()
+        fields.setdefault("kind", "model")
+    if getattr(args, "draft_gpu", None) is not None:
+        fields["device"] = parse_device(args.draft_gpu, "--draft-gpu")
+    if getattr(args, "draft_tokens", None) is not None:
+        fields["tokens"] = args.draft_tokens
+    if getattr(args, "capture_layers", None) is not None:
+        fields["capture_layers"] = parse_capture_layers(args.capture_layers, "--capture-layers")
+    if not fields:
+        return None
+    if "kind" not in fields:
+        raise ConfigError("--draft: draft options given without a drafter; add --draft ngram|model|capture")
+    if fields["kind"] == "none":
+        return None
+    return DraftConfig(**fields)

@@ -10,17 +10,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import LaunchConfig
-from .errors import ShardrtError
+from .errors import ConfigError, ShardrtError
 from .gguf_file import GGUFFile
 from .gguf_loader import LayerSpan, StageWeights
 from .lifecycle import DaemonProcess, Timeouts, make_runtime_dir, remove_runtime_dir
 from .model import ModelConfig
 from .pipeline import Pipeline
-from .placement import ProcessPlan, Shard, plan_shards
+from .placement import DeviceSpec, ProcessPlan, Shard, plan_shards
 from .worker import ShardSpec
 
 log = logging.getLogger(__name__)
 
+DRAFT_PROCESS = 99  # the draft daemon's index: its socket and log names in the runtime directory
 SHM_TOKENS = 512  # activations of up to this many tokens ride in shared memory; more go as frames
 SHM_FLOOR = 256 * 1024
 
@@ -34,6 +35,16 @@ class ShardRow:
     span: LayerSpan
     weight_bytes: int
     cover: str
+
+
+def check_same_vocabulary(target: Path, draft: Path) -> None:
+    """A draft proposes token ids; they mean the same only with the very same vocabulary."""
+    with GGUFFile(target) as t, GGUFFile(draft) as d:
+        ours, theirs = t.get("tokenizer.ggml.tokens"), d.get("tokenizer.ggml.tokens")
+    if ours is None or theirs is None or ours != theirs:
+        size = len(theirs) if theirs is not None else "no"
+        raise ConfigError(f"--draft-model: {draft.name!r} has a different vocabulary ({size} tokens) from the target "
+                          f"{target.name!r} ({len(ours) if ours is not None else 'no'} tokens); a draft must share it")
 
 
 def model_identity(path: Path, cfg: ModelConfig) -> dict:
@@ -123,6 +134,61 @@ class Cluster:
             else:
                 stages.append(self._connect(entry[1], entry[2], identity))
         self.pipeline = Pipeline(stages)
+        self._start_spec(shared)
+
+    def _start_spec(self, shared: int) -> None:
+        """The prefix cache, and the drafter with what it needs (its daemon, the feature ring)."""
+        from .spec.drafters import CaptureDrafter, ModelDrafter, NgramDrafter
+        from .spec.feature_ring import FeatureRing
+        from .spec.prefix_cache import PrefixCache
+
+        self.prefix_cache = PrefixCache(self.pipeline, self.config.prefix_cache_slots)
+        self.ring, self.drafter = None, None
+        draft = self.config.draft
+        if draft is None:
+            return
+        self.draft_tokens = draft.tokens
+        if draft.kind == "ngram":
+            self.drafter = NgramDrafter()
+        elif draft.kind == "capture":
+            layers = draft.capture_layers or (2 * self.cfg.n_layers // 3,)
+            bad = [layer for layer in layers if not 0 <= layer < self.cfg.n_layers]
+            if bad:
+                raise ConfigError(f"--capture-layers: layer {bad[0]} is outside the model's {self.cfg.n_layers} layers")
+            self.ring = FeatureRing(layers, self.cfg.dim, capacity=self.config.max_ctx)
+            self.drafter = CaptureDrafter(self.pipeline, self.ring, layers[-1])
+        else:
+            self.drafter = ModelDrafter(self._start_draft_daemon(draft, shared))
+
+    def _start_draft_daemon(self, draft, shared: int) -> Pipeline:
+        check_same_vocabulary(self.model_path, draft.model)
+        with GGUFFile(draft.model) as gguf:
+            draft_cfg = ModelConfig.from_gguf(gguf)
+        device = draft.device or DeviceSpec("cpu", 0)
+        process = ProcessPlan(DRAFT_PROCESS, device.backend, (device,))
+        if self.runtime_dir is None:
+            self.runtime_dir = make_runtime_dir()
+        identity = model_identity(draft.model, draft_cfg)
+        daemon = DaemonProcess(
+            label=f"draft daemon ({device})", backend=device.backend, python=self.config.pythons.get(device.backend),
+            child_env=process.child_env(), runtime_dir=self.runtime_dir, index=DRAFT_PROCESS,
+            shared_bytes=self.config.shared_bytes or auto_shared_bytes(draft_cfg), model=str(draft.model.resolve()),
+            identity=identity, shards=(ShardSpec(str(device), process.local_index(device), 0, draft_cfg.n_layers),),
+            max_ctx=self.config.max_ctx, dtype=self.config.dtype,
+        )
+        self.daemons.append(daemon)
+        log.info("started %s as pid %d with %s", daemon.label, daemon.pid, process.child_env() or "no pinning")
+        import zmq
+
+        from .remote_stage import RemoteStage
+
+        if self._context is None:
+            self._context = zmq.Context()
+        stage = RemoteStage(daemon, self._context, self.timeouts, identity, LayerSpan.of(0, draft_cfg.n_layers,
+                            draft_cfg.n_layers), draft_cfg, self.config.max_ctx,
+                            description=f"stage {daemon.label}, draft layers [0,{draft_cfg.n_layers})")
+        self.remote.append(stage)
+        return Pipeline([stage])
 
     def _start_daemon(self, process: ProcessPlan, run: list[ShardRow], shared: int, identity: dict) -> DaemonProcess:
         if self.runtime_dir is None:
