@@ -82,7 +82,6 @@ def _resolve(args):
 
 
 def cmd_launch(args) -> int:
-    from .generate import generate
     from .launch import Cluster
     from .sampling import SamplingParams
     from .tokenizer import Tokenizer
@@ -101,17 +100,15 @@ def cmd_launch(args) -> int:
             return _interactive_chat(cluster, tokenizer, params)
         prompt_ids = tokenizer.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat \
             else tokenizer.encode(args.prompt)
-        spec = {"drafter": cluster.drafter, "draft_tokens": getattr(cluster, "draft_tokens", 4),
-                "prefix_cache": cluster.prefix_cache, "ring": cluster.ring}
         if args.json:
-            result = generate(pipeline, tokenizer, prompt_ids, params, **spec)
+            result = cluster.generate(tokenizer, prompt_ids, params)
             out = result.to_json()
             out["stages"] = [stage.describe() for stage in pipeline.stages]
             print(json.dumps(out))
             return 0
         if not args.chat:
             print(args.prompt, end="", flush=True)
-        result = generate(pipeline, tokenizer, prompt_ids, params, on_text=lambda s: print(s, end="", flush=True), **spec)
+        result = cluster.generate(tokenizer, prompt_ids, params, on_text=lambda s: print(s, end="", flush=True))
         print()
         print(f"[{len(prompt_ids)} prompt tokens, {result.prefill_tokens_per_s:.1f} tok/s prefill; "
               f"{len(result.tokens)} generated, {result.decode_tokens_per_s:.1f} tok/s decode; "
@@ -172,8 +169,6 @@ def _spec_line(spec: dict | None) -> str:
 
 
 def _interactive_chat(cluster, tokenizer, params) -> int:
-    from .generate import generate
-
     messages: list[dict] = []
     while True:
         try:
@@ -184,10 +179,8 @@ def _interactive_chat(cluster, tokenizer, params) -> int:
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line})
-        result = generate(cluster.pipeline, tokenizer, tokenizer.encode_chat(messages), params,
-                          on_text=lambda s: print(s, end="", flush=True), drafter=cluster.drafter,
-                          draft_tokens=getattr(cluster, "draft_tokens", 4), prefix_cache=cluster.prefix_cache,
-                          ring=cluster.ring)
+        result = cluster.generate(tokenizer, tokenizer.encode_chat(messages), params,
+                                  on_text=lambda s: print(s, end="", flush=True))
         print()
         messages.append({"role": "assistant", "content": result.text})
 

@@ -19,7 +19,7 @@ class Generation:
     prompt_tokens: list[int]
     tokens: list[int]
     text: str
-    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    finish_reason: str  # "stop" (EOS or a stop string), "length", or "cancelled"
     prefill_seconds: float
     decode_seconds: float
     prefilled_tokens: int = 0  # prompt tokens actually run (the rest came from the prefix cache)
@@ -82,6 +82,32 @@ class SpecStats:
                 "accept_rate": round(self.accepted / self.drafted, 3) if self.drafted else 0.0}
 
 
+class _DraftBudget:
+    """How many tokens to draft next: more after a fully accepted draft, half after a rejected
+    one, and none for a while once drafting stops paying, with a one-token probe now and then."""
+
+    PROBE_EVERY = 8
+
+    def __init__(self, most: int):
+        self.most, self.now, self.idle = most, most, 0
+
+    def next(self) -> int:
+        if self.now > 0:
+            return self.now
+        self.idle += 1
+        return 1 if self.idle % self.PROBE_EVERY == 0 else 0
+
+    def update(self, drafted: int, accepted: int) -> None:
+        if not drafted:
+            return
+        if accepted == drafted:
+            self.now = min(self.most, max(self.now, drafted) + 1)
+        elif accepted == 0:
+            self.now //= 2
+        else:
+            self.now = max(1, accepted)
+
+
 class _Verifier:
     """Runs one target forward over [last token] + draft and decides what to commit."""
 
@@ -129,7 +155,7 @@ class _Verifier:
 
 def generate(pipeline: Pipeline, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams,
              on_text: Callable[[str], None] | None = None, *, drafter=None, draft_tokens: int = 4,
-             prefix_cache=None, ring=None) -> Generation:
+             prefix_cache=None, ring=None, cancelled: Callable[[], bool] | None = None) -> Generation:
     """Prefill (reusing a cached prefix where one matches), then decode until a stop.
 
     With a drafter, each decode step verifies up to `draft_tokens` proposals in one target
@@ -145,6 +171,7 @@ def generate(pipeline: Pipeline, tokenizer: Tokenizer, prompt_ids: list[int], pa
     capture = tuple(sorted(set(ring.layers))) if ring is not None else ()
     verify = _Verifier(pipeline, sampler, capture, ring)
     spec = SpecStats(drafter.name) if drafter is not None else None
+    budget = _DraftBudget(draft_tokens)
 
     t0 = time.perf_counter()
     reused = prefix_cache.restore(prompt_ids) if prefix_cache is not None else (pipeline.reset() or 0)
@@ -175,6 +202,9 @@ def generate(pipeline: Pipeline, tokenizer: Tokenizer, prompt_ids: list[int], pa
 
     going = True
     while going and pending:
+        if cancelled is not None and cancelled():
+            finish = "cancelled"
+            break
         for token in pending:
             going = commit(token)
             if not going:
@@ -183,9 +213,11 @@ def generate(pipeline: Pipeline, tokenizer: Tokenizer, prompt_ids: list[int], pa
             break
         context = list(prompt_ids) + tokens
         pos = len(context) - 1  # the last token is not in the cache yet
-        budget = min(draft_tokens, params.max_tokens - len(tokens) - 1, pipeline.max_ctx - len(context) - 1)
-        draft = drafter.propose(context, budget) if drafter is not None and budget > 0 else []
+        room = min(params.max_tokens - len(tokens) - 1, pipeline.max_ctx - len(context) - 1)
+        k = min(budget.next(), room) if drafter is not None else 0
+        draft = drafter.propose(context, k) if k > 0 else []
         accepted, pending = verify([context[-1]] + draft, pos)
+        budget.update(len(draft), accepted)
         if draft:
             pipeline.truncate(pos + 1 + accepted)
         if spec is not None:

@@ -160,6 +160,14 @@ class Cluster:
         else:
             self.drafter = ModelDrafter(self._start_draft_daemon(draft, shared))
 
+    def generate(self, tokenizer, prompt_ids: list[int], params, on_text=None, cancelled=None):
+        """One request through this cluster, with its drafter, feature ring and prefix cache."""
+        from .generate import generate
+
+        return generate(self.pipeline, tokenizer, prompt_ids, params, on_text, drafter=self.drafter,
+                        draft_tokens=getattr(self, "draft_tokens", 4), prefix_cache=self.prefix_cache,
+                        ring=self.ring, cancelled=cancelled)
+
     def _start_draft_daemon(self, draft, shared: int) -> Pipeline:
         check_same_vocabulary(self.model_path, draft.model)
         with GGUFFile(draft.model) as gguf:

@@ -20,7 +20,7 @@ from shardrt.stage import Stage
 
 from .oracle import load_hf_model
 from .synthetic import write_model
-from .test_multiprocess import EXIT_WAIT, Launch, _running, shm_segments
+from .test_multiprocess import Launch, _running, shm_segments
 
 CODE = ("def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\n"
         "def mul(a, b):\n    return a * b\n\ndef div(a, b):\n")

@@ -80,10 +80,11 @@ class ModelDrafter:
 class CaptureDrafter:
     name = "capture"
 
-    def __init__(self, target: Pipeline, ring: FeatureRing, layer: int):
+    def __init__(self, target: Pipeline, ring: FeatureRing, layer: int, min_confidence: float = 0.5):
         if layer not in ring.layers:
             raise ConfigError(f"--capture-layers: the capture drafter needs layer {layer} in the feature ring")
         self.target, self.ring, self.layer = target, ring, layer
+        self.min_confidence = min_confidence  # an early exit less sure than this is rarely accepted
         self.capture_layers = (layer,)
 
     def begin(self, prompt: list[int]) -> None:
@@ -96,7 +97,11 @@ class CaptureDrafter:
         for _ in range(k):
             hidden = self.target.early_exit(torch.tensor([token]), pos, self.layer)
             self.ring.write_one(self.layer, pos, hidden[-1])
-            token = self.target.project_argmax(self.ring.read(self.layer, pos, 1))[-1]
+            probs = torch.softmax(self.target.project(self.ring.read(self.layer, pos, 1))[-1], dim=-1)
+            confidence, token = probs.max(dim=-1)
+            if confidence.item() < self.min_confidence:
+                break
+            token = int(token)
             proposals.append(token)
             pos += 1
         return proposals
