@@ -33,7 +33,6 @@ PROMPTS = {
 def measure(cluster: Cluster, tokenizer: Tokenizer, prompt: str, params: SamplingParams, repeats: int) -> dict:
     best = None
     for _ in range(repeats):
-        cluster.prefix_cache.entries.clear()  # measure decoding, not prefix reuse across repeats
         result = cluster.generate(tokenizer, tokenizer.encode(prompt), params)
         if best is None or result.decode_tokens_per_s > best.decode_tokens_per_s:
             best = result
@@ -50,7 +49,8 @@ def main() -> None:
     model = demo_model_path(progress=False)
     tokenizer = Tokenizer(model)
     params = SamplingParams(max_tokens=args.tokens, ignore_eos=True)
-    base = LaunchConfig(devices=parse_devices(args.devices), max_ctx=1024)
+    # no prefix cache: each repeat measures the whole request, not prefix reuse
+    base = LaunchConfig(devices=parse_devices(args.devices), max_ctx=1024, prefix_cache_slots=0)
 
     with Cluster(base, model) as cluster:
         plain = {name: measure(cluster, tokenizer, p, params, args.repeats) for name, p in PROMPTS.items()}
