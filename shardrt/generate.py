@@ -233,8 +233,6 @@ def generate(pipeline: Pipeline, tokenizer: Tokenizer, prompt_ids: list[int], pa
         held = min(pipeline.length, len(prompt_ids) + len(tokens))
         pipeline.truncate(held)
         prefix_cache.store((list(prompt_ids) + tokens)[:held])
-    result = Generation(list(prompt_ids), tokens, text, finish, t1 - t0, t2 - t1)
-    result.prefilled_tokens = len(prompt_ids) - reused if params.max_tokens else 0
-    result.reused_tokens = reused
-    result.spec = spec.to_json() if spec is not None else None
-    return result
+    return Generation(list(prompt_ids), tokens, text, finish, t1 - t0, t2 - t1,
+                      prefilled_tokens=len(prompt_ids) - reused if params.max_tokens else 0, reused_tokens=reused,
+                      spec=spec.to_json() if spec is not None else None)

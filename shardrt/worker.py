@@ -88,6 +88,9 @@ class EchoStage:
 
     length = 0
 
+    def __init__(self):
+        self.snapshots: set[int] = set()
+
     def run(self, x, base_pos, **_):
         return x, []
 
@@ -96,6 +99,21 @@ class EchoStage:
 
     def reset(self):
         pass
+
+    # KV snapshots of an empty cache, so echo mode answers these ops as a stage would
+    def kv_snapshot(self, slot):
+        self.snapshots.add(slot)
+        return 0
+
+    def kv_restore(self, slot):
+        if slot not in self.snapshots:
+            raise ConfigError(f"kv_restore: slot {slot} holds no snapshot")
+        return 0
+
+    def kv_free(self, slot):
+        if slot not in self.snapshots:
+            raise ConfigError(f"kv_free: slot {slot} holds no snapshot")
+        self.snapshots.remove(slot)
 
 
 class ShardServer:
@@ -161,15 +179,15 @@ class ShardServer:
         ref, field = message["input"], f"{message['op']}.input"
         if "shm" in ref:
             dtype, shape = check_ref(ref, field)
-            x = self.segment.read(SharedSegment.IN, ref["shm"])
+            x = self.segment.read(SharedSegment.IN, ref["shm"], ref.get("offset", 0))
             if x.dtype != dtype or list(x.shape) != shape:
                 raise IpcError(f"{field}: shared memory holds {x.dtype} {list(x.shape)}, message says {dtype} {shape}")
             return x
         return frame_tensor(ref, frames, field)
 
-    def _reply_tensors(self, rid: int, out: torch.Tensor, captured: list) -> tuple[dict, list]:
-        """The output and capture slices, in the OUT slot when they all fit, else as frames."""
-        tensors = [out.cpu()] + [c.data.cpu() for c in captured]
+    def _reply_tensors(self, rid: int, out: torch.Tensor | None, captured: list) -> tuple[dict, list]:
+        """The output (if any) and capture slices, in the OUT slot when they all fit, else as frames."""
+        tensors = ([out.cpu()] if out is not None else []) + [c.data.cpu() for c in captured]
         refs = []
         if self.segment.fits(*tensors):
             offset = 0
@@ -180,9 +198,11 @@ class ShardServer:
         else:
             refs = [tensor_ref(t, frame=i + 1) for i, t in enumerate(tensors)]
             payloads = tensors
-        reply = {"id": rid, "ok": True, "output": refs[0]}
+        reply = {"id": rid, "ok": True}
+        if out is not None:
+            reply["output"], refs = refs[0], refs[1:]
         if captured:
-            reply["captures"] = [{"layer": c.layer, "start": c.start, **ref} for c, ref in zip(captured, refs[1:])]
+            reply["captures"] = [{"layer": c.layer, "start": c.start, **ref} for c, ref in zip(captured, refs)]
         return reply, payloads
 
     def _project(self, message: dict, frames: list) -> tuple[dict, list, bool]:
@@ -232,14 +252,9 @@ class ShardServer:
                 break
         self.forwards += 1
         self.forward_seconds += time.perf_counter() - t0
+        reply, payloads = self._reply_tensors(rid, None if want == "argmax" else x, captured)
         if want == "argmax":
-            reply = {"id": rid, "ok": True, "tokens": x.argmax(-1).tolist()}
-            payloads = []
-            if captured:
-                reply, payloads = self._reply_tensors(rid, torch.zeros(0), captured)
-                reply["tokens"] = x.argmax(-1).tolist()
-            return reply, payloads, False
-        reply, payloads = self._reply_tensors(rid, x, captured)
+            reply["tokens"] = x.argmax(-1).tolist()
         return reply, payloads, False
 
 

@@ -15,10 +15,11 @@ import msgpack
 import torch
 
 from ..errors import IpcError
+from .protocol import MAX_CAPTURE_LAYERS
 from .shm import DTYPE_NAMES, MAX_RANK
 
 MAX_MESSAGE_BYTES = 1 << 20  # the msgpack part; payloads ride in their own frames
-MAX_FRAMES = 8
+MAX_FRAMES = 2 + MAX_CAPTURE_LAYERS  # the map, then a reply's output and one frame per capture slice
 
 
 def encode(message: dict, payloads: list[torch.Tensor] = ()) -> list:

@@ -103,7 +103,7 @@ class SharedSegment:
         if tensor.dtype not in DTYPE_CODES or tensor.dim() > MAX_RANK:
             raise IpcError(f"shm: cannot carry a {tensor.dtype} tensor of rank {tensor.dim()}")
         nbytes = tensor.numel() * tensor.element_size()
-        if offset % ALIGN or offset + packed_size(tensor) > self.slot_size:
+        if offset < 0 or offset % ALIGN or offset + packed_size(tensor) > self.slot_size:
             raise IpcError(f"shm: {nbytes} bytes at offset {offset} do not fit the {self.slot_size}-byte slot")
         base = self._slot_base(slot) + offset
         payload = self._buffer[base + HEADER_SIZE : base + HEADER_SIZE + nbytes]
