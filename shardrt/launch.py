@@ -91,6 +91,8 @@ class Cluster:
         self.runtime_dir: Path | None = None
         self._context = None
         self.pipeline: Pipeline | None = None
+        self.drafter, self.ring, self.prefix_cache = None, None, None
+        self.draft_tokens = config.draft.tokens if config.draft is not None else 4
 
     def __enter__(self) -> "Cluster":
         try:
@@ -113,26 +115,20 @@ class Cluster:
         identity = model_identity(self.model_path, cfg)
         shared = self.config.shared_bytes or auto_shared_bytes(cfg)
 
-        handles: list = []
-        pending = []  # daemons are started first, so they load while the coordinator does
-        for run in _runs(self.rows):
-            process = run[0].process
-            if process.in_process:
-                handles.append(("local", run))
-                continue
-            daemon = self._start_daemon(process, run, shared, identity)
-            handles.append(("remote", run, daemon))
-            pending.append(daemon)
-
+        runs = _runs(self.rows)
+        # daemons first, so they load their weights while the coordinator loads its own
+        daemons = {i: self._start_daemon(run[0].process, run, self.model_path, identity, shared)
+                   for i, run in enumerate(runs) if not run[0].process.in_process}
         stages = []
-        for entry in handles:
-            if entry[0] == "local":
-                for row in entry[1]:
-                    device = row.shard.device.torch_device()
-                    stages.append(Stage(self.model_path, row.shard.start, row.shard.stop, device,
-                                        max_ctx=self.config.max_ctx, dtype=compute_dtype(self.config.dtype, device)))
-            else:
-                stages.append(self._connect(entry[1], entry[2], identity))
+        for i, run in enumerate(runs):
+            if i in daemons:
+                span = LayerSpan(run[0].shard.start, run[-1].shard.stop, run[0].span.embed, run[-1].span.head)
+                stages.append(self._connect(daemons[i], identity, span, cfg, f"layers {span}"))
+                continue
+            for row in run:
+                device = row.shard.device.torch_device()
+                stages.append(Stage(self.model_path, row.shard.start, row.shard.stop, device,
+                                    max_ctx=self.config.max_ctx, dtype=compute_dtype(self.config.dtype, device)))
         self.pipeline = Pipeline(stages)
         self._start_spec(shared)
 
@@ -143,11 +139,9 @@ class Cluster:
         from .spec.prefix_cache import PrefixCache
 
         self.prefix_cache = PrefixCache(self.pipeline, self.config.prefix_cache_slots)
-        self.ring, self.drafter = None, None
         draft = self.config.draft
         if draft is None:
             return
-        self.draft_tokens = draft.tokens
         if draft.kind == "ngram":
             self.drafter = NgramDrafter()
         elif draft.kind == "capture":
@@ -165,65 +159,47 @@ class Cluster:
         from .generate import generate
 
         return generate(self.pipeline, tokenizer, prompt_ids, params, on_text, drafter=self.drafter,
-                        draft_tokens=getattr(self, "draft_tokens", 4), prefix_cache=self.prefix_cache,
+                        draft_tokens=self.draft_tokens, prefix_cache=self.prefix_cache,
                         ring=self.ring, cancelled=cancelled)
 
     def _start_draft_daemon(self, draft, shared: int) -> Pipeline:
         check_same_vocabulary(self.model_path, draft.model)
         with GGUFFile(draft.model) as gguf:
             draft_cfg = ModelConfig.from_gguf(gguf)
-        device = draft.device or DeviceSpec("cpu", 0)
+            (row,) = plan_rows(LaunchConfig(devices=(draft.device or DeviceSpec("cpu", 0),)), gguf, draft_cfg)
+        device = row.shard.device
         process = ProcessPlan(DRAFT_PROCESS, device.backend, (device,))
-        if self.runtime_dir is None:
-            self.runtime_dir = make_runtime_dir()
         identity = model_identity(draft.model, draft_cfg)
-        daemon = DaemonProcess(
-            label=f"draft daemon ({device})", backend=device.backend, python=self.config.pythons.get(device.backend),
-            child_env=process.child_env(), runtime_dir=self.runtime_dir, index=DRAFT_PROCESS,
-            shared_bytes=self.config.shared_bytes or auto_shared_bytes(draft_cfg), model=str(draft.model.resolve()),
-            identity=identity, shards=(ShardSpec(str(device), process.local_index(device), 0, draft_cfg.n_layers),),
-            max_ctx=self.config.max_ctx, dtype=self.config.dtype,
-        )
-        self.daemons.append(daemon)
-        log.info("started %s as pid %d with %s", daemon.label, daemon.pid, process.child_env() or "no pinning")
-        import zmq
-
-        from .remote_stage import RemoteStage
-
-        if self._context is None:
-            self._context = zmq.Context()
-        stage = RemoteStage(daemon, self._context, self.timeouts, identity, LayerSpan.of(0, draft_cfg.n_layers,
-                            draft_cfg.n_layers), draft_cfg, self.config.max_ctx,
-                            description=f"stage {daemon.label}, draft layers [0,{draft_cfg.n_layers})")
-        self.remote.append(stage)
+        daemon = self._start_daemon(process, [row], draft.model, identity,
+                                    self.config.shared_bytes or auto_shared_bytes(draft_cfg),
+                                    label=f"draft daemon ({device})")
+        stage = self._connect(daemon, identity, row.span, draft_cfg, f"draft layers {row.span}")
         return Pipeline([stage])
 
-    def _start_daemon(self, process: ProcessPlan, run: list[ShardRow], shared: int, identity: dict) -> DaemonProcess:
+    def _start_daemon(self, process: ProcessPlan, run: list[ShardRow], model: Path, identity: dict,
+                      shared: int, label: str | None = None) -> DaemonProcess:
         if self.runtime_dir is None:
             self.runtime_dir = make_runtime_dir()
         shards = tuple(ShardSpec(str(r.shard.device), process.local_index(r.shard.device), r.shard.start, r.shard.stop)
                        for r in run)
         daemon = DaemonProcess(
-            label=f"{process.label} ({','.join(str(d) for d in process.devices)})", backend=process.backend,
+            label=label or f"{process.label} ({','.join(str(d) for d in process.devices)})", backend=process.backend,
             python=self.config.pythons.get(process.backend), child_env=process.child_env(),
-            runtime_dir=self.runtime_dir, index=process.index, shared_bytes=shared,
-            model=str(self.model_path.resolve()), identity=identity, shards=shards, max_ctx=self.config.max_ctx,
-            dtype=self.config.dtype,
+            runtime_dir=self.runtime_dir, index=process.index, shared_bytes=shared, model=str(model.resolve()),
+            identity=identity, shards=shards, max_ctx=self.config.max_ctx, dtype=self.config.dtype,
         )
         self.daemons.append(daemon)
         log.info("started %s as pid %d with %s", daemon.label, daemon.pid, process.child_env() or "no pinning")
         return daemon
 
-    def _connect(self, run: list[ShardRow], daemon: DaemonProcess, identity: dict):
+    def _connect(self, daemon: DaemonProcess, identity: dict, span: LayerSpan, cfg: ModelConfig, layers: str):
         import zmq
 
         from .remote_stage import RemoteStage
 
         if self._context is None:
             self._context = zmq.Context()
-        span = LayerSpan(run[0].shard.start, run[-1].shard.stop, run[0].span.embed, run[-1].span.head)
-        layers = f"layers {span}"
-        stage = RemoteStage(daemon, self._context, self.timeouts, identity, span, self.cfg, self.config.max_ctx,
+        stage = RemoteStage(daemon, self._context, self.timeouts, identity, span, cfg, self.config.max_ctx,
                             description=f"stage {daemon.label}, {layers}")
         self.remote.append(stage)
         return stage

@@ -34,7 +34,7 @@ def three_procs(**kw) -> LaunchConfig:
 
 def run(cluster: Cluster, tokenizer, prompt: str, params=GREEDY, **kw):
     return generate(cluster.pipeline, tokenizer, tokenizer.encode(prompt), params, drafter=cluster.drafter,
-                    draft_tokens=getattr(cluster, "draft_tokens", 4), ring=cluster.ring, **kw)
+                    draft_tokens=cluster.draft_tokens, ring=cluster.ring, **kw)
 
 
 @pytest.fixture(scope="module")
