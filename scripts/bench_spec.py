@@ -3,7 +3,8 @@ processes (cpu:0 in-process, cpu:1 and cpu:2 in daemons).
 
 Prints one JSON line per drafter: decode tokens/s and acceptance length beside plain decoding,
 on a repetitive prompt (a code edit) and a free-form one. Greedy; every drafter's tokens are
-checked equal to plain decoding's.
+compared with plain decoding's (equal in float32; in bf16 a (k+1)-token verify rounds
+differently from one-token steps, so long outputs may part ways).
 
     python scripts/bench_spec.py [--tokens 96] [--draft-tokens 4] [--devices cpu:0,cpu:1,cpu:2]
 """
@@ -45,12 +46,13 @@ def main() -> None:
     parser.add_argument("--draft-tokens", type=int, default=4)
     parser.add_argument("--devices", default="cpu:0,cpu:1,cpu:2")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bf16 on GPUs), float32, bfloat16")
     args = parser.parse_args()
     model = demo_model_path(progress=False)
     tokenizer = Tokenizer(model)
     params = SamplingParams(max_tokens=args.tokens, ignore_eos=True)
     # no prefix cache: each repeat measures the whole request, not prefix reuse
-    base = LaunchConfig(devices=parse_devices(args.devices), max_ctx=1024, prefix_cache_slots=0)
+    base = LaunchConfig(devices=parse_devices(args.devices), max_ctx=1024, prefix_cache_slots=0, dtype=args.dtype)
 
     with Cluster(base, model) as cluster:
         plain = {name: measure(cluster, tokenizer, p, params, args.repeats) for name, p in PROMPTS.items()}
@@ -59,7 +61,8 @@ def main() -> None:
               "model": DraftConfig("model", model=model, tokens=args.draft_tokens)}
     for name, draft in drafts.items():
         with Cluster(LaunchConfig(**{**base.__dict__, "draft": draft}), model) as cluster:
-            line = {"bench": "spec", "drafter": name, "devices": args.devices, "draft_tokens": args.draft_tokens,
+            line = {"bench": "spec", "drafter": name, "devices": args.devices, "dtype": args.dtype,
+                    "draft_tokens": args.draft_tokens,
                     "decode_tokens": args.tokens}
             if name == "model":
                 line["note"] = "the draft is the target model itself (the only model shipped): it shows the mechanism, not a speed-up"
