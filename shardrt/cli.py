@@ -67,6 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_placement_args(plan)
     plan.add_argument("--json", action="store_true", help="print the table as JSON")
 
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server", parents=[common])
+    _add_placement_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; others need --allow-remote)")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    serve.add_argument("--max-queue", type=int, default=16, metavar="N",
+                       help="requests that may wait for the engine; more get 503 with Retry-After (default 16)")
+    serve.add_argument("--allow-remote", action="store_true",
+                       help="allow a non-loopback --host (the API has no authentication)")
+    serve.add_argument("--served-model-name", metavar="NAME", help="the model name clients give (default: the GGUF file name)")
+    _add_spec_args(serve)
+
     sub.add_parser("devices", help="list the GPUs of every backend and the CPU", parents=[common])
     return parser
 
@@ -151,6 +162,16 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .server.serve import ServeOptions, check_address, serve
+
+    options = ServeOptions(host=args.host, port=args.port, max_queue=args.max_queue, allow_remote=args.allow_remote,
+                           model_name=args.served_model_name)
+    check_address(options)  # before the model is fetched or loaded
+    config, model = _resolve(args)
+    return serve(config, model, options)
+
+
 def cmd_devices(args) -> int:
     from .devices import discover
 
@@ -185,7 +206,7 @@ def _interactive_chat(cluster, tokenizer, params) -> int:
         messages.append({"role": "assistant", "content": result.text})
 
 
-COMMANDS = {"launch": cmd_launch, "plan": cmd_plan, "devices": cmd_devices}
+COMMANDS = {"launch": cmd_launch, "plan": cmd_plan, "devices": cmd_devices, "serve": cmd_serve}
 
 
 def _raise_interrupt(signum, frame):

@@ -67,6 +67,7 @@ class Stage:
         self.length = 0  # tokens held in the KV cache, valid in every layer
         self._partial_end = 0  # end of the last early-exit (stop_after) write
         self.snapshots: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
+        self.forwards, self.forward_seconds = 0, 0.0
         if self.device.type != "cpu":
             self._warm_up()
         self.load_seconds = time.perf_counter() - t0
@@ -110,6 +111,14 @@ class Stage:
         including that one run (an early exit for drafting): it returns that layer's hidden state
         and leaves the cache length alone, its partial KV to be overwritten by the next full run.
         """
+        t0 = time.perf_counter()
+        try:
+            return self._run(inputs, base_pos, all_logits, capture, stop_after)
+        finally:
+            self.forwards += 1
+            self.forward_seconds += time.perf_counter() - t0
+
+    def _run(self, inputs, base_pos, all_logits, capture, stop_after):
         n = inputs.shape[0]
         limit = max(self.length, self._partial_end) if stop_after is not None else self.length
         if not 0 <= base_pos <= limit:
@@ -188,6 +197,11 @@ class Stage:
     def kv_free(self, slot: int) -> None:
         if self.snapshots.pop(slot, None) is None:
             raise ConfigError(f"kv_free: slot {slot} holds no snapshot")
+
+    def stats(self) -> dict:
+        """The same numbers a daemon's `stats` reply carries."""
+        return {"forwards": self.forwards, "forward_seconds": self.forward_seconds, "length": self.length,
+                "cover": [str(self.cover)]}
 
     def describe(self) -> str:
         return f"layers {self.span} on {self.device} ({self.dtype}), {self.cover}"

@@ -118,7 +118,12 @@ def test_good_yaml_values(tmp_path, text, field, value):
     ("ipc:\n  shared_bytes: 8T\n", ["ipc.shared_bytes:", "'8T'"]),
     ("ipc:\n  shared_bytes: true\n", ["ipc.shared_bytes:", "True"]),
     ("ipc: 8M\n", ["ipc:", "expected a mapping", "'8M'"]),
-    ("draft:\n  kind: ngram\n", ["draft:"]),
+    ("draft:\n  kind: medusa\n", ["draft.kind:", "'medusa'"]),
+    ("draft:\n  kind: ngram\n  tokens: 0\n", ["draft.tokens:", "0"]),
+    ("draft:\n  kind: ngram\n  speed: fast\n", ["draft:", "unknown key", "'speed'"]),
+    ("draft:\n  kind: model\n", ["draft.model:"]),
+    ("draft:\n  kind: capture\n  capture_layers: [a]\n", ["draft.capture_layers:", "'a'"]),
+    ("draft:\n  kind: model\n  model: m.gguf\n  device: tpu:1\n", ["draft.device:", "'tpu:1'"]),
     ("- cuda:0\n- hip:0\n", ["place.yaml", "expected a mapping", "list"]),
     ("just a string\n", ["place.yaml", "expected a mapping", "str"]),
     ("model: x\nmax_ctx: 10\ntarget: devices: [cpu:0]\n", ["'place.yaml' is not valid YAML", "line 3"]),
@@ -296,3 +301,12 @@ def test_cli_plan_shipped_config_with_demo_model(demo_model):
     ]
     # without --model, the file's model is used and it does not exist here
     assert_one_error_line(shardrt("plan", "--config", "configs/p4-2xprovii.yaml"), "/models/Qwen3-8B-Q4_K_M.gguf")
+
+
+def test_draft_section_parses(tmp_path):
+    from shardrt.config import load_yaml
+
+    path = tmp_path / "spec.yaml"
+    path.write_text("draft:\n  kind: model\n  model: draft.gguf\n  device: hip:1\n  tokens: 6\n")
+    draft = load_yaml(path).draft
+    assert (draft.kind, draft.model, str(draft.device), draft.tokens) == ("model", tmp_path / "draft.gguf", "hip:1", 6)

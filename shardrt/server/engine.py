@@ -1,0 +1,402 @@
+"""The engine: one thread owns the `Cluster` and runs one sequence at a time from a bounded
+FIFO queue. It cancels what clients abandon, notices stages that die (a failed request, or a
+daemon found dead while idle or by `/health`), restarts the whole Cluster with the same
+configuration, and reports its state for `/health` and its numbers for `/metrics`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import LaunchConfig
+from ..errors import ConfigError, IpcError, ModelFormatError, StageDied
+from ..sampling import SamplingParams
+from .metrics import ServerMetrics
+from .schema import ApiError, GenerateRequest
+
+log = logging.getLogger(__name__)
+
+IDLE_POLL_S = 0.25  # how often an idle engine checks that its daemons are alive
+RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)  # between failed restarts
+STOP_JOIN_S = 30.0  # how long shutdown waits for the engine thread (a restart in progress loads weights)
+
+
+class SharedTokenizer:
+    """The tokenizer behind one lock: HTTP threads encode prompts while the engine thread decodes."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer, self._lock = tokenizer, threading.Lock()
+        self.stop_ids = tokenizer.stop_ids
+
+    def encode(self, text: str) -> list[int]:
+        with self._lock:
+            return self._tokenizer.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        with self._lock:
+            return self._tokenizer.decode(ids)
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        with self._lock:
+            return self._tokenizer.encode_chat(messages)
+
+
+class Job:
+    """One request on its way through the engine. Its events, in order: ("text", piece)...,
+    then ("done", Generation) or ("error", ApiError)."""
+
+    def __init__(self, request: GenerateRequest, prompt_ids: list[int], params: SamplingParams):
+        self.request, self.prompt_ids, self.params = request, prompt_ids, params
+        self.events: queue.SimpleQueue = queue.SimpleQueue()
+        self.arrived = time.monotonic()
+        self.first_token_at: float | None = None
+        self._cancel = threading.Event()
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def on_text(self, piece: str) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+        if piece:
+            self.events.put(("text", piece))
+
+    def finish(self, result) -> None:
+        self.events.put(("done", result))
+
+    def fail(self, error: ApiError) -> None:
+        self.events.put(("error", error))
+
+
+@dataclass(frozen=True)
+class StageInfo:
+    """What `/health` says about one stage, and the daemon to test, if it lives in one."""
+
+    name: str  # e.g. "daemon 1 (cpu:1), layers [15,30)"; also the `stage` label in /metrics
+    process: str  # "coordinator", "daemon 1", "draft daemon"
+    pid: int
+    handle: object  # the Stage or RemoteStage: its `stats()` gives forwards and time
+    daemon: object | None = None
+
+    def alive(self) -> bool:
+        return self.daemon is None or self.daemon.alive()
+
+    def to_json(self) -> dict:
+        return {"stage": self.name, "process": self.process, "pid": self.pid, "alive": self.alive()}
+
+
+class Engine:
+    def __init__(self, config: LaunchConfig, model_path: Path, metrics: ServerMetrics, max_queue: int, timeouts=None):
+        self.config, self.model_path, self.metrics = config, Path(model_path), metrics
+        self.max_queue, self.timeouts = max_queue, timeouts
+        self.tokenizer: SharedTokenizer | None = None
+        self.cluster = None
+        self.state = "starting"  # starting | ready | stage_died | restarting | failed | stopped
+        self.failure: dict | None = None  # the last stage failure: {"stage", "error", "at"}
+        self.restarts = 0
+        self.last_restart_seconds: float | None = None
+        self.stages: list[StageInfo] = []
+        self._cond = threading.Condition()
+        self._queue: deque[Job] = deque()
+        self._running: Job | None = None
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load the tokenizer and the Cluster in the calling thread (so Ctrl-C unwinds it), then
+        hand the Cluster to the engine thread."""
+        from ..tokenizer import Tokenizer
+
+        self.tokenizer = SharedTokenizer(Tokenizer(self.model_path))
+        self._open()
+        self._ready()
+        self._thread = threading.Thread(target=self._loop, name="shardrt-engine", daemon=True)
+        self._thread.start()
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self) -> None:
+        """Refuse what waits, cancel what runs, close the Cluster; bounded by STOP_JOIN_S."""
+        with self._cond:
+            self._stopping = True
+            waiting = list(self._queue)
+            self._queue.clear()
+            running = self._running
+            self._cond.notify_all()
+        self.metrics.queue_depth.set(0)
+        for job in waiting:
+            job.fail(ApiError("server: shutting down", status=503, code="shutting_down"))
+        if running is not None:
+            running.cancel()
+        if self._thread is not None:
+            self._thread.join(STOP_JOIN_S)
+            if self._thread.is_alive():
+                log.warning("the engine did not stop within %.0fs; its daemons exit with this process", STOP_JOIN_S)
+                return
+        self._close()
+        self.state = "stopped"
+
+    def _open(self) -> None:
+        from ..launch import Cluster
+
+        cluster = Cluster(self.config, self.model_path, self.timeouts)
+        cluster.__enter__()  # the Cluster closes itself if its start fails
+        self.cluster = cluster
+        stages = []
+        remote = {id(r) for r in cluster.remote}
+        for stage in cluster.pipeline.stages:
+            if id(stage) in remote:
+                stages.append(self._remote_info(stage))
+            else:
+                device = next((r.shard.device for r in cluster.rows if r.shard.start == stage.span.start), stage.device)
+                stages.append(StageInfo(f"coordinator ({device}), layers {stage.span}", "coordinator", os.getpid(), stage))
+        in_pipeline = {id(s) for s in cluster.pipeline.stages}
+        stages += [self._remote_info(r) for r in cluster.remote if id(r) not in in_pipeline]  # the draft daemon
+        self.stages = stages
+        self._prefix_base = (0, 0, 0)
+        self._stats_base: dict[str, tuple[int, float]] = {}
+
+    def _ready(self) -> None:
+        with self._cond:
+            self.state = "ready"
+        self.metrics.up.set(1)
+
+    @staticmethod
+    def _remote_info(stage) -> StageInfo:
+        return StageInfo(stage.description.removeprefix("stage "), stage.daemon.label, stage.daemon.pid, stage,
+                         stage.daemon)
+
+    def _close(self) -> None:
+        cluster, self.cluster = self.cluster, None
+        if cluster is not None:
+            try:
+                cluster.close()
+            except Exception as exc:  # closing must go on whatever one step says
+                log.warning("closing the cluster: %s", exc)
+
+    # -- the queue ----------------------------------------------------------------------
+
+    def prepare(self, request: GenerateRequest) -> Job:
+        """Tokenize and check a request against max_ctx (in the caller's thread, before queueing)."""
+        if self.tokenizer is None or self.state == "starting":
+            raise ApiError("server: still loading the model; retry shortly", status=503, code="starting", retry_after=2)
+        try:
+            prompt_ids = self.tokenizer.encode_chat(request.chat_messages()) if request.kind == "chat" \
+                else self.tokenizer.encode(request.prompt)
+        except ModelFormatError as exc:
+            raise ApiError(f"messages: {exc}; use /v1/completions", "messages", code="no_chat_template") from None
+        except Exception as exc:  # the GGUF's own Jinja template may refuse a conversation
+            raise ApiError(f"messages: the model's chat template refused them: {exc}", "messages") from None
+        max_tokens = request.resolve_max_tokens(len(prompt_ids), self.config.max_ctx)
+        try:
+            params = SamplingParams(max_tokens=max_tokens, temperature=request.temperature, top_k=request.top_k,
+                                    top_p=request.top_p, seed=request.seed, stop=request.stop,
+                                    ignore_eos=request.ignore_eos)
+        except ConfigError as exc:
+            raise ApiError(str(exc), str(exc).split(":")[0]) from None
+        return Job(request, prompt_ids, params)
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if self._stopping:
+                raise ApiError("server: shutting down", status=503, code="shutting_down")
+            if self.state == "failed":
+                raise ApiError(f"server: the stages are down ({self.failure['error'] if self.failure else '?'}); "
+                               "restarting them", status=503, code="stages_down", retry_after=5)
+            if len(self._queue) >= self.max_queue:
+                self.metrics.queue_rejected.inc()
+                raise ApiError(f"server: the queue is full ({self.max_queue} requests waiting, --max-queue); "
+                               "retry later", status=503, code="queue_full", retry_after=1)
+            self._queue.append(job)
+            self.metrics.queue_depth.set(len(self._queue))
+            self._cond.notify_all()
+
+    def withdraw(self, job: Job) -> None:
+        """The client went away: cancel the job and free its place in the queue."""
+        job.cancel()
+        with self._cond:
+            if job in self._queue:
+                self._queue.remove(job)
+                self.metrics.queue_depth.set(len(self._queue))
+                self.metrics.generations.inc(finish_reason="cancelled")
+
+    def _take(self) -> Job | None:
+        with self._cond:
+            if not self._queue and not self._stopping and self.state == "ready":
+                self._cond.wait(IDLE_POLL_S)
+            if self._stopping or self.state != "ready" or not self._queue:
+                return None
+            job = self._queue.popleft()
+            self._running = job
+            self.metrics.queue_depth.set(len(self._queue))
+            return job
+
+    # -- the engine thread --------------------------------------------------------------
+
+    def _loop(self) -> None:
+        failures = 0
+        while not self._stopping:
+            if self.state in ("stage_died", "failed"):
+                failures = 0 if self._restart(failures) else failures + 1
+                continue
+            job = self._take()
+            if job is None:
+                dead = self._dead_stage()
+                if dead is not None:
+                    self._stage_died(dead.name, f"{dead.name}: daemon exited ({dead.daemon.exit_reason()})")
+                continue
+            try:
+                self._run(job)
+            finally:
+                with self._cond:
+                    self._running = None
+        self._close()
+
+    def _run(self, job: Job) -> None:
+        if job.cancelled():
+            job.fail(ApiError("request: cancelled", status=499, code="cancelled"))
+            return
+        self.metrics.running.set(1)
+        try:
+            result = self.cluster.generate(self.tokenizer, job.prompt_ids, job.params, on_text=job.on_text,
+                                           cancelled=job.cancelled)
+        except (StageDied, IpcError) as exc:
+            dead = self._dead_stage()
+            name = dead.name if dead is not None else str(exc).removeprefix("stage ").split(":")[0]
+            job.fail(ApiError(f"{exc}; the server is restarting its stages, retry shortly", status=503,
+                              code="stage_died", retry_after=5))
+            self.metrics.generations.inc(finish_reason="error")
+            self._stage_died(name, str(exc))
+            return
+        except Exception as exc:  # a bug or a broken stage: fail this request, restart to a clean state
+            log.error("generation failed: %s: %s", type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+            job.fail(ApiError(f"server: generation failed ({type(exc).__name__}: {exc})", status=500,
+                              code="internal_error"))
+            self.metrics.generations.inc(finish_reason="error")
+            self._stage_died("engine", f"{type(exc).__name__}: {exc}")
+            return
+        finally:
+            self.metrics.running.set(0)
+        try:
+            self._record(job, result)  # before the client hears: what it reads from /metrics next is current
+        except Exception as exc:  # numbers must never cost an answer
+            log.error("recording metrics: %s: %s", type(exc).__name__, exc)
+        if result.finish_reason == "cancelled" and self._stopping:
+            job.fail(ApiError("server: shutting down", status=503, code="shutting_down"))
+        else:
+            job.finish(result)
+
+    def _record(self, job: Job, result) -> None:
+        m = self.metrics
+        m.generations.inc(finish_reason=result.finish_reason)
+        m.prompt_tokens.inc(len(result.prompt_tokens))
+        m.generation_tokens.inc(len(result.tokens))
+        m.ttft.observe((job.first_token_at or time.monotonic()) - job.arrived)
+        if len(result.tokens) > 1:
+            m.decode_tokens.inc(len(result.tokens) - 1)
+            m.decode_seconds.inc(result.decode_seconds)
+            m.decode_rate.set(result.decode_tokens_per_s)
+        if result.spec:
+            m.spec_drafted.inc(result.spec["drafted"])
+            m.spec_accepted.inc(result.spec["accepted"])
+        stats = self.cluster.prefix_cache.stats
+        now = (stats.hits, stats.misses, stats.reused_tokens)
+        for counter, new, old in zip((m.prefix_hits, m.prefix_misses, m.prefix_reused), now, self._prefix_base):
+            counter.inc(new - old)
+        self._prefix_base = now
+        try:
+            self._record_stages()
+        except (StageDied, IpcError) as exc:
+            dead = self._dead_stage()
+            self._stage_died(dead.name if dead else "a daemon", str(exc))
+
+    def _record_stages(self) -> None:
+        """Per-stage forward counts and time, from each stage's own `stats` (new stages after a
+        restart count from zero again, so only what is new since the last look is added)."""
+        for info in self.stages:
+            reply = info.handle.stats()
+            forwards, seconds = int(reply.get("forwards", 0)), float(reply.get("forward_seconds", 0.0))
+            before = self._stats_base.get(info.name, (0, 0.0))
+            self._stats_base[info.name] = (forwards, seconds)
+            self.metrics.stage_forwards.inc(forwards - before[0], stage=info.name)
+            self.metrics.stage_seconds.inc(seconds - before[1], stage=info.name)
+
+    def _dead_stage(self) -> StageInfo | None:
+        return next((s for s in self.stages if not s.alive()), None)
+
+    def _stage_died(self, stage: str, error: str) -> None:
+        with self._cond:
+            if self.state == "ready":
+                log.warning("stage died: %s", error)
+                self.failure = {"stage": stage, "error": error, "at": time.time()}
+                self.state = "stage_died"
+                self.metrics.up.set(0)
+                self._cond.notify_all()
+
+    def _restart(self, failures: int) -> bool:
+        """Close the Cluster and start a new one with the same configuration; True when it runs."""
+        with self._cond:
+            self.state = "restarting"
+        t0 = time.monotonic()
+        self._close()
+        try:
+            self._open()
+        except Exception as exc:  # any failure: stay down, say why, try again later
+            wait = RESTART_BACKOFF_S[min(failures, len(RESTART_BACKOFF_S) - 1)]
+            log.error("restarting the cluster failed: %s; next try in %.0fs", exc, wait)
+            with self._cond:
+                self.state = "failed"
+                self.failure = {**(self.failure or {}), "error": f"restart failed: {exc}", "at": time.time()}
+                waiting = list(self._queue)
+                self._queue.clear()
+                self.metrics.queue_depth.set(0)
+            for job in waiting:
+                job.fail(ApiError(f"server: the stages are down ({exc}); retry later", status=503,
+                                  code="stages_down", retry_after=int(wait) + 1))
+            with self._cond:
+                if not self._stopping:
+                    self._cond.wait(wait)
+            return False
+        took = time.monotonic() - t0
+        with self._cond:
+            self.restarts += 1
+            self.last_restart_seconds = took
+        self.metrics.restarts.inc()
+        self.metrics.last_restart.set(took)
+        self._ready()
+        log.warning("restarted the cluster in %.2fs (%s)", took, self.failure["stage"] if self.failure else "?")
+        return True
+
+    # -- /health --------------------------------------------------------------------------
+
+    def health(self) -> tuple[int, dict]:
+        """(HTTP status, body): 200 when every stage is ready, else 503 with the stage that is not."""
+        dead = self._dead_stage() if self.state == "ready" else None
+        if dead is not None:  # found here first: tell the engine thread, which restarts when idle
+            self._stage_died(dead.name, f"{dead.name}: daemon exited ({dead.daemon.exit_reason()})")
+        with self._cond:
+            body = {"status": "ok" if self.state == "ready" else self.state,
+                    "model": self.model_path.name,
+                    "stages": [s.to_json() for s in self.stages],
+                    "queue": len(self._queue), "running": int(self._running is not None),
+                    "restarts": self.restarts, "last_restart_seconds": self.last_restart_seconds}
+            if self.failure:
+                key = "last_failure" if self.state == "ready" else "failure"
+                body[key] = dict(self.failure)
+                if self.state != "ready":
+                    body["stage"] = self.failure["stage"]
+        return (200 if self.state == "ready" else 503), body
+
