@@ -174,7 +174,11 @@ def generate(pipeline: Pipeline, tokenizer: Tokenizer, prompt_ids: list[int], pa
     budget = _DraftBudget(draft_tokens)
 
     t0 = time.perf_counter()
-    reused = prefix_cache.restore(prompt_ids) if prefix_cache is not None else (pipeline.reset() or 0)
+    if prefix_cache is not None:
+        reused = prefix_cache.restore(prompt_ids)
+    else:
+        pipeline.reset()
+        reused = 0
     tokens: list[int] = []
     text, finish = "", "length"
     pending: list[int] = []
