@@ -16,7 +16,7 @@ import zmq
 
 from .errors import ConfigError, IpcError, StageDied
 from .gguf_loader import LayerSpan
-from .ipc.codec import check_ref, decode, encode, frame_tensor, tensor_ref
+from .ipc.codec import decode, encode, ref_tensor, tensor_ref
 from .ipc.protocol import PROTOCOL_VERSION
 from .ipc.shm import SharedSegment
 from .lifecycle import DaemonProcess, Timeouts
@@ -129,16 +129,9 @@ class RemoteStage:
     def _tensor(self, ref, reply: dict, frames: list, field: str) -> torch.Tensor:
         if not isinstance(ref, dict):
             raise IpcError(f"{self.description}: {field} is missing from the reply")
-        if "shm" in ref:
-            if ref["shm"] != reply["id"]:
-                raise IpcError(f"{self.description}: {field} sequence {ref['shm']!r} does not match request {reply['id']}")
-            dtype, shape = check_ref(ref, field)
-            x = self.daemon.segment.read(SharedSegment.OUT, reply["id"], ref.get("offset", 0))
-            if x.dtype != dtype or list(x.shape) != shape:
-                raise IpcError(f"{self.description}: {field} in shared memory is {x.dtype} {list(x.shape)}, "
-                               f"reply says {dtype} {shape}")
-            return x
-        return frame_tensor(ref, frames, field)
+        if "shm" in ref and ref["shm"] != reply["id"]:
+            raise IpcError(f"{self.description}: {field} sequence {ref['shm']!r} does not match request {reply['id']}")
+        return ref_tensor(ref, frames, f"{self.description}: {field}", self.daemon.segment, SharedSegment.OUT)
 
     def _captures(self, reply: dict, frames: list) -> list[Captured]:
         slices = reply.get("captures", [])

@@ -95,10 +95,6 @@ class Stage:
         torch.cuda.synchronize(self.device)
         self.reset()
 
-    @property
-    def has_head(self) -> bool:
-        return self.span.head
-
     @torch.inference_mode()
     def run(self, inputs: torch.Tensor, base_pos: int, *, all_logits: bool = False, capture: tuple[int, ...] = (),
             stop_after: int | None = None) -> tuple[torch.Tensor, list[Captured]]:
@@ -197,6 +193,10 @@ class Stage:
     def kv_free(self, slot: int) -> None:
         if self.snapshots.pop(slot, None) is None:
             raise ConfigError(f"kv_free: slot {slot} holds no snapshot")
+
+    @property
+    def has_head(self) -> bool:
+        return self.span.head
 
     def stats(self) -> dict:
         """The same numbers a daemon's `stats` reply carries."""

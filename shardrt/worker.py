@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConfigError, IpcError, ShardrtError
-from .ipc.codec import check_ref, decode, encode, frame_tensor, tensor_ref
+from .errors import ConfigError, ShardrtError
+from .gguf_loader import LayerSpan
+from .ipc.codec import decode, encode, ref_tensor, tensor_ref
 from .ipc.protocol import PROTOCOL_VERSION, ProtocolError, check_request, error_reply
 from .ipc.shm import SharedSegment
 from .placement import parse_device
@@ -87,6 +88,8 @@ class EchoStage:
     """Stands in for a model in echo mode: returns its input, for measuring the hop alone."""
 
     length = 0
+    span = LayerSpan(0, 0, embed=False, head=False)  # no layers: no early exit, no head, any input
+    cfg = None
 
     def __init__(self):
         self.snapshots: set[int] = set()
@@ -176,14 +179,7 @@ class ShardServer:
         return {"id": rid, "ok": True}, [], True  # shutdown
 
     def _input(self, message: dict, frames: list) -> torch.Tensor:
-        ref, field = message["input"], f"{message['op']}.input"
-        if "shm" in ref:
-            dtype, shape = check_ref(ref, field)
-            x = self.segment.read(SharedSegment.IN, ref["shm"], ref.get("offset", 0))
-            if x.dtype != dtype or list(x.shape) != shape:
-                raise IpcError(f"{field}: shared memory holds {x.dtype} {list(x.shape)}, message says {dtype} {shape}")
-            return x
-        return frame_tensor(ref, frames, field)
+        return ref_tensor(message["input"], frames, f"{message['op']}.input", self.segment, SharedSegment.IN)
 
     def _reply_tensors(self, rid: int, out: torch.Tensor | None, captured: list) -> tuple[dict, list]:
         """The output (if any) and capture slices, in the OUT slot when they all fit, else as frames."""
@@ -206,8 +202,8 @@ class ShardServer:
         return reply, payloads
 
     def _project(self, message: dict, frames: list) -> tuple[dict, list, bool]:
-        last = self.stages[-1] if self.stages else None
-        if not getattr(getattr(last, "span", None), "head", False):
+        last = self.stages[-1]
+        if not last.span.head:
             raise ProtocolError("bad_request", "project: this daemon does not hold the head")
         x = self._input(message, frames)
         if x.dim() != 2 or x.shape[0] != message["n"] or x.shape[1] != last.cfg.dim:
@@ -220,30 +216,27 @@ class ShardServer:
 
     def _forward(self, message: dict, frames: list) -> tuple[dict, list, bool]:
         rid, n, want = message["id"], message["n"], message["want"]
-        has_head = getattr(getattr(self.stages[-1], "span", None), "head", False) if self.stages else False
-        if want == "argmax" and not has_head:  # refuse before the forward writes the KV cache
+        if want == "argmax" and not self.stages[-1].span.head:  # refuse before the forward writes the KV cache
             raise ProtocolError("bad_request", "forward.want: argmax needs the stage with the head")
         x = self._input(message, frames)
         if x.dim() == 0 or x.shape[0] != n:
             raise ProtocolError("bad_request", f"forward.input: shape {list(x.shape)} does not have forward.n={n} rows")
-        first = self.stages[0] if self.stages else None
-        if getattr(getattr(first, "span", None), "embed", False):
+        first = self.stages[0]
+        if first.span.embed:
             if x.dtype != torch.int64 or x.dim() != 1:
                 raise ProtocolError("bad_request", f"forward.input: the first stage takes int64 token ids [n], got {x.dtype} {list(x.shape)}")
-        elif first is not None and hasattr(first, "cfg") and (x.dim() != 2 or x.shape[1] != first.cfg.dim):
+        elif first.cfg is not None and (x.dim() != 2 or x.shape[1] != first.cfg.dim):
             raise ProtocolError("bad_request", f"forward.input: expected an activation [n, {first.cfg.dim}], got {list(x.shape)}")
         capture, stop_after = tuple(message.get("capture", ())), message.get("stop_after")
         if stop_after is not None:
-            spans = [getattr(stage, "span", None) for stage in self.stages]
-            if not any(sp and sp.start <= stop_after < sp.stop for sp in spans):
+            if not any(stage.span.start <= stop_after < stage.span.stop for stage in self.stages):
                 raise ProtocolError("bad_request", f"forward.stop_after: layer {stop_after} is not held by this daemon")
             if want == "argmax":
                 raise ProtocolError("bad_request", "forward.want: argmax cannot go with stop_after")
         t0 = time.perf_counter()
         captured = []
         for i, stage in enumerate(self.stages):
-            span = getattr(stage, "span", None)
-            stops_here = stop_after is not None and span is not None and span.start <= stop_after < span.stop
+            stops_here = stop_after is not None and stage.span.start <= stop_after < stage.span.stop
             last = i == len(self.stages) - 1
             x, caps = stage.run(x, message["base_pos"], all_logits=last and message.get("all_logits", False),
                                 capture=capture, stop_after=stop_after if stops_here else None)

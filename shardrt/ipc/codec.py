@@ -64,6 +64,18 @@ def frame_tensor(ref: Any, frames: list, field: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape) if expected else torch.empty(shape, dtype=dtype)
 
 
+def ref_tensor(ref: Any, frames: list, field: str, segment, slot: int) -> torch.Tensor:
+    """The tensor a reference names: in `segment`'s `slot`, where the header must agree with
+    the reference, or among the payload frames."""
+    if not isinstance(ref, dict) or "shm" not in ref:
+        return frame_tensor(ref, frames, field)
+    dtype, shape = check_ref(ref, field)
+    x = segment.read(slot, ref["shm"], ref.get("offset", 0))
+    if x.dtype != dtype or list(x.shape) != shape:
+        raise IpcError(f"{field}: shared memory holds {x.dtype} {list(x.shape)}, the message says {dtype} {shape}")
+    return x
+
+
 def check_ref(ref: Any, field: str) -> tuple[torch.dtype, list[int]]:
     if not isinstance(ref, dict):
         raise IpcError(f"{field}: {ref!r} is not a tensor reference")
