@@ -1,11 +1,12 @@
-"""Median round trip of one forward hop through a daemon with no model work (echo mode),
-beside a bare ZeroMQ round trip of the same bytes to another process, in one run.
+"""Round trip of one forward hop through a daemon with no model work (echo mode), through the
+shared-memory doorbell (both sides spinning) and through ZeroMQ alone (both sides asleep, as on
+a box with few cores), beside a bare ZeroMQ round trip of the same bytes to another process.
 
-Prints one JSON line. The shardrt hop is the real path: activation into the daemon's shared
-memory, a msgpack `forward` over ZeroMQ ipc, the daemon reading, validating and writing it
-back, the reply, and the coordinator reading the result.
+Prints one JSON line: p50 and p99 per size. The shardrt hop is the real path: activation into
+the daemon's shared memory, a msgpack `forward` in the mailbox (or over ZeroMQ ipc), the daemon
+reading, validating and writing it back, the reply, and the coordinator reading the result.
 
-    python scripts/bench_ipc.py [--iters 2000]
+    python scripts/bench_ipc.py [--iters 2000] [--spin-us 20000]
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ while True:
 """
 
 
-def median_us(fn, iters: int) -> float:
+def percentiles_us(fn, iters: int) -> dict:
     for _ in range(min(100, iters)):  # warm-up
         fn()
     samples = []
@@ -45,55 +46,76 @@ def median_us(fn, iters: int) -> float:
         t0 = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - t0)
-    return round(statistics.median(samples) * 1e6, 1)
+    samples.sort()
+    return {"p50": round(samples[len(samples) // 2] * 1e6, 1), "p99": round(samples[int(len(samples) * 0.99)] * 1e6, 1)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--iters", type=int, default=2000)
-    args = parser.parse_args()
+def echo_hops(sizes: dict[str, int], iters: int, spin_us: int) -> dict:
+    """p50/p99 µs of a forward hop through an echo daemon, per size, both sides spinning `spin_us`."""
     runtime = make_runtime_dir()
     context = zmq.Context()
-    daemon = stage = bare = None
+    daemon = stage = None
     results = {}
     try:
-        daemon = DaemonProcess(label="echo daemon", backend="cpu", python=None, child_env={}, runtime_dir=runtime,
-                               index=1, shared_bytes=2 * (max(SIZES.values()) + 4096), model=None,
+        daemon = DaemonProcess(label="echo daemon", backend="cpu", python=None,
+                               child_env={"SHARDRT_SPIN_US": str(spin_us)}, runtime_dir=runtime, index=1,
+                               shared_bytes=2 * (max(sizes.values()) + 4096) + (1 << 16), model=None,
                                identity={"file": "echo"}, shards=(), max_ctx=0)
-        stage = RemoteStage(daemon, context, Timeouts(), {"file": "echo"}, span=None)
-        endpoint = f"ipc://{runtime / 'bare.sock'}"
-        bare = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, endpoint])
-        sock = context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RCVTIMEO, 10_000)
-        sock.connect(endpoint)
-
-        for name, size in SIZES.items():
+        stage = RemoteStage(daemon, context, Timeouts(spin=spin_us / 1e6), {"file": "echo"}, span=None)
+        for name, size in sizes.items():
             activation = torch.randn(size // 4).view(-1, 256)  # exactly `size` bytes of float32
             assert torch.equal(stage.forward(activation, 0), activation)
-            payload = bytes(size)
-
-            def bare_round_trip():
-                sock.send(payload, copy=False)
-                sock.recv(copy=False)
-
-            results[name] = {"shardrt_hop_us": median_us(lambda: stage.forward(activation, 0), args.iters),
-                             "bare_zmq_us": median_us(bare_round_trip, args.iters)}
-        sock.send(b"stop")
-        sock.recv()
-        sock.close()
+            results[name] = percentiles_us(lambda: stage.forward(activation, 0), iters)
     finally:
         if stage is not None:
             stage.request({"op": "shutdown"}, timeout=5)
             stage.close()
         if daemon is not None:
             daemon.stop(Timeouts())
-        if bare is not None:
-            bare.kill()
-            bare.wait(timeout=5)
         context.destroy(linger=0)
         remove_runtime_dir(runtime)
-    print(json.dumps({"bench": "ipc", "transport": "ipc:// + shm", "iters": args.iters, "median_round_trip": results}))
+    return results
+
+
+def bare_zmq(sizes: dict[str, int], iters: int) -> dict:
+    runtime = make_runtime_dir()
+    context = zmq.Context()
+    endpoint = f"ipc://{runtime / 'bare.sock'}"
+    bare = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, endpoint])
+    results = {}
+    try:
+        sock = context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVTIMEO, 10_000)
+        sock.connect(endpoint)
+        for name, size in sizes.items():
+            payload = bytes(size)
+
+            def round_trip():
+                sock.send(payload, copy=False)
+                sock.recv(copy=False)
+
+            results[name] = percentiles_us(round_trip, iters)
+        sock.send(b"stop")
+        sock.recv()
+        sock.close()
+    finally:
+        bare.kill()
+        bare.wait(timeout=5)
+        context.destroy(linger=0)
+        remove_runtime_dir(runtime)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iters", type=int, default=2000)
+    parser.add_argument("--spin-us", type=int, default=20_000, help="how long each side spins on the doorbell")
+    args = parser.parse_args()
+    print(json.dumps({"bench": "ipc", "transport": "ipc:// + shm", "iters": args.iters, "spin_us": args.spin_us,
+                      "round_trip_us": {"doorbell": echo_hops(SIZES, args.iters, args.spin_us),
+                                        "zmq_only": echo_hops(SIZES, args.iters, 0),
+                                        "bare_zmq": bare_zmq(SIZES, args.iters)}}))
 
 
 if __name__ == "__main__":

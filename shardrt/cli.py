@@ -28,6 +28,8 @@ def _add_placement_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-ctx", type=int, default=None, metavar="N", help="KV cache length in tokens (default 4096)")
     p.add_argument("--dtype", default=None, metavar="T",
                    help="compute dtype: auto (default: float32 on CPU, bf16 on GPU), float32, bfloat16, float16")
+    p.add_argument("--no-graphs", action="store_true",
+                   help="run GPU stages eagerly, without captured graphs (for debugging and comparison)")
 
 
 def _add_spec_args(p: argparse.ArgumentParser) -> None:

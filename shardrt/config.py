@@ -18,7 +18,7 @@ from .placement import BACKENDS, DeviceSpec, parse_device, parse_devices, parse_
 
 MIN_SHARED_BYTES = 64 * 1024
 SHARED_BYTES_ENV = "SHARDRT_IPC_SHARED_BYTES"
-TOP_KEYS = {"model", "max_ctx", "dtype", "backends", "target", "draft", "ipc"}
+TOP_KEYS = {"model", "max_ctx", "dtype", "graphs", "backends", "target", "draft", "ipc"}
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 TARGET_KEYS = {"devices", "layer_split", "isolate_gpus", "all_daemons"}
 IPC_KEYS = {"shared_bytes"}
@@ -74,6 +74,7 @@ class LaunchConfig:
     pythons: dict[str, str] = field(default_factory=dict)  # backend -> interpreter for its daemons
     shared_bytes: int | None = None  # None: auto
     dtype: str = "auto"  # compute dtype; auto: float32 on CPU, bf16 (else fp16) on GPUs
+    graphs: bool = True  # GPU stages replay captured graphs for decode and verify steps
     draft: DraftConfig | None = None
     prefix_cache_slots: int = 16
 
@@ -187,6 +188,7 @@ def load_yaml(path: str | Path) -> LaunchConfig:
         model=(path.parent / Path(model).expanduser()) if model else None,
         max_ctx=_positive_int(doc["max_ctx"], "max_ctx") if "max_ctx" in doc else LaunchConfig.max_ctx,
         dtype=parse_dtype(doc.get("dtype", "auto"), "dtype"),
+        graphs=_bool(doc.get("graphs", True), "graphs"),
         devices=devices,
         layer_split=split,
         isolate_gpus=_bool(target.get("isolate_gpus", True), "target.isolate_gpus"),
@@ -220,6 +222,8 @@ def from_args(args) -> LaunchConfig:
         updates["dtype"] = parse_dtype(args.dtype, "--dtype")
     if args.isolate_gpus is not None:
         updates["isolate_gpus"] = args.isolate_gpus
+    if getattr(args, "no_graphs", False):
+        updates["graphs"] = False
     if args.all_daemons:
         updates["all_daemons"] = True
     updates["draft"] = _draft_from_args(args, config.draft)

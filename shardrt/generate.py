@@ -11,7 +11,7 @@ import torch
 from .errors import ConfigError
 from .pipeline import Pipeline
 from .sampling import Sampler, SamplingParams
-from .tokenizer import Tokenizer
+from .tokenizer import TextStream, Tokenizer
 
 
 @dataclass
@@ -181,6 +181,7 @@ def generate(pipeline: Pipeline, tokenizer: Tokenizer, prompt_ids: list[int], pa
         reused = 0
     tokens: list[int] = []
     text, finish = "", "length"
+    stream, cut_by_stop_text = TextStream(tokenizer), False
     pending: list[int] = []
     if params.max_tokens:
         pending = [verify.prefill(prompt_ids[reused:], reused)]
@@ -190,15 +191,15 @@ def generate(pipeline: Pipeline, tokenizer: Tokenizer, prompt_ids: list[int], pa
 
     def commit(token: int) -> bool:
         """Take one token; False when generation ends."""
-        nonlocal text, finish
+        nonlocal text, finish, cut_by_stop_text
         if token in tokenizer.stop_ids and not params.ignore_eos:
             finish = "stop"
             return False
         tokens.append(token)
-        text = tokenizer.decode(tokens)
+        text = stream.update(tokens)
         cut = stop_text.cut(text)
         if cut is not None:
-            text, finish = text[:cut], "stop"
+            text, finish, cut_by_stop_text = text[:cut], "stop", True
             return False
         if on_text:
             on_text(stop_text.ready(text, final=False))
@@ -229,6 +230,10 @@ def generate(pipeline: Pipeline, tokenizer: Tokenizer, prompt_ids: list[int], pa
             spec.accepted += accepted
             spec.target_forwards += 1
             spec.committed += len(pending)
+    if not cut_by_stop_text:
+        text = tokenizer.decode(tokens)  # whole, with a character the stream may still hold back
+        cut = stop_text.cut(text)
+        text = text[:cut] if cut is not None else text
     if on_text:
         on_text(stop_text.ready(text, final=True))
     t2 = time.perf_counter()

@@ -2,12 +2,14 @@
 
 A stage names a layer range and whether it holds the embedding and/or the head; the loader
 touches only those tensors' bytes in the memory map (the *span cover*) and dequantizes them
-with the `gguf` package's quant support into the compute dtype on the target device.
+with the `gguf` package's quant support (F32/F16/BF16 are read as they are) into the compute
+dtype on the target device, stacking q/k/v and gate/up into one matrix each.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,7 +19,7 @@ from gguf.quants import dequantize
 
 from .errors import ModelFormatError
 from .gguf_file import GGUFFile, TensorInfo
-from .model import ModelConfig, block_tensor_names
+from .model import ModelConfig, block_tensor_names, block_weights
 
 log = logging.getLogger(__name__)
 
@@ -96,15 +98,37 @@ def require_tensor(gguf: GGUFFile, name: str) -> TensorInfo:
     return info
 
 
+# float types torch reads as they are stored, without a trip through numpy float32
+PLAIN_TYPES = {GGMLQuantizationType.F32: torch.float32, GGMLQuantizationType.F16: torch.float16,
+               GGMLQuantizationType.BF16: torch.bfloat16}
+
+
 def dequantize_tensor(gguf: GGUFFile, info: TensorInfo) -> np.ndarray:
     """float32 array in torch order (GGUF shape reversed)."""
-    if info.qtype not in SUPPORTED_TYPES:
-        supported = ", ".join(sorted(t.name for t in SUPPORTED_TYPES))
-        raise ModelFormatError(f"model: tensor {info.name!r} has type {info.qtype.name}; supported: {supported}")
+    check_type(info)
     block_elems, block_bytes = GGML_QUANT_SIZES[info.qtype]
     row_bytes = info.shape[0] // block_elems * block_bytes
     raw = np.frombuffer(gguf.tensor_bytes(info), dtype=np.uint8).reshape(-1, row_bytes)
     return dequantize(raw, info.qtype).reshape(tuple(reversed(info.shape)))
+
+
+def check_type(info: TensorInfo) -> None:
+    if info.qtype not in SUPPORTED_TYPES:
+        supported = ", ".join(sorted(t.name for t in SUPPORTED_TYPES))
+        raise ModelFormatError(f"model: tensor {info.name!r} has type {info.qtype.name}; supported: {supported}")
+
+
+def host_tensor(gguf: GGUFFile, info: TensorInfo) -> torch.Tensor:
+    """The tensor on the CPU in torch order: a read-only view of the map for float types (copy
+    it before writing), a dequantized float32 copy otherwise."""
+    check_type(info)
+    shape = tuple(reversed(info.shape))
+    if info.qtype in PLAIN_TYPES:
+        raw = np.frombuffer(gguf.tensor_bytes(info), dtype=np.uint8)
+        with warnings.catch_warnings():  # read-only, and only ever copied from
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(raw).view(PLAIN_TYPES[info.qtype]).reshape(shape)
+    return torch.from_numpy(dequantize_tensor(gguf, info))
 
 
 def expected_shape(cfg: ModelConfig, name: str) -> tuple[int, ...] | None:
@@ -147,12 +171,24 @@ class StageWeights:
             gguf.prefetch(start, end)
 
     def load(self, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        info = require_tensor(self.gguf, name)
-        self.bytes_read += info.n_bytes
-        array = dequantize_tensor(self.gguf, info)
-        if not array.flags.writeable:  # F32 comes back as a view of the read-only map: own the bytes
-            array = array.copy()
-        return torch.from_numpy(array).to(device=device, dtype=dtype)
+        return self.load_stacked((name,), device, dtype)
+
+    def load_stacked(self, names: tuple[str, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The tensors `names` stacked along their first (torch) dimension, in one new tensor
+        on `device`: one allocation there, no intermediate copy of the whole."""
+        parts = []
+        for name in names:
+            info = require_tensor(self.gguf, name)
+            self.bytes_read += info.n_bytes
+            parts.append(host_tensor(self.gguf, info))
+        out = torch.empty((sum(p.shape[0] for p in parts), *parts[0].shape[1:]), dtype=dtype, device=device)
+        row = 0
+        for part in parts:
+            out[row : row + part.shape[0]].copy_(part)
+            row += part.shape[0]
+        return out
 
     def load_block(self, layer: int, device, dtype) -> dict[str, torch.Tensor]:
-        return {t: self.load(f"blk.{layer}.{t}", device, dtype) for t in block_tensor_names(self.cfg)}
+        """A Block's weights, q/k/v and gate/up stacked (see model.BLOCK_WEIGHTS)."""
+        return {key: self.load_stacked(tuple(f"blk.{layer}.{t}" for t in parts), device, dtype)
+                for key, parts in block_weights(self.cfg).items()}

@@ -128,7 +128,8 @@ class Cluster:
             for row in run:
                 device = row.shard.device.torch_device()
                 stages.append(Stage(self.model_path, row.shard.start, row.shard.stop, device,
-                                    max_ctx=self.config.max_ctx, dtype=compute_dtype(self.config.dtype, device)))
+                                    max_ctx=self.config.max_ctx, dtype=compute_dtype(self.config.dtype, device),
+                                    graphs=self.config.graphs))
         self.pipeline = Pipeline(stages)
         self._start_spec(shared)
 
@@ -187,6 +188,7 @@ class Cluster:
             python=self.config.pythons.get(process.backend), child_env=process.child_env(),
             runtime_dir=self.runtime_dir, index=process.index, shared_bytes=shared, model=str(model.resolve()),
             identity=identity, shards=shards, max_ctx=self.config.max_ctx, dtype=self.config.dtype,
+            graphs=self.config.graphs,
         )
         self.daemons.append(daemon)
         log.info("started %s as pid %d with %s", daemon.label, daemon.pid, process.child_env() or "no pinning")

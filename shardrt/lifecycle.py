@@ -43,14 +43,18 @@ class Timeouts:
     request: float = 600.0  # one request, however long the prefill
     heartbeat: float = 5.0  # a daemon whose heartbeat stalls this long has stopped answering
     stop: float = 3.0  # each step of the shutdown sequence
+    spin: float = 0.0  # spin on the shared-memory doorbell this long before sleeping on ZeroMQ
 
     @classmethod
     def from_env(cls) -> "Timeouts":
+        from .ipc.doorbell import spin_seconds
+
         return cls(
             ready=_env_seconds("SHARDRT_READY_TIMEOUT", cls.ready),
             request=_env_seconds("SHARDRT_REQUEST_TIMEOUT", cls.request),
             heartbeat=_env_seconds("SHARDRT_HEARTBEAT_TIMEOUT", cls.heartbeat),
             stop=cls.stop,
+            spin=spin_seconds(),  # daemons read the same variable from the environment they inherit
         )
 
 
@@ -66,7 +70,7 @@ class DaemonProcess:
 
     def __init__(self, *, label: str, backend: str, python: str | None, child_env: dict[str, str],
                  runtime_dir: Path, index: int, shared_bytes: int, model: str | None, identity: dict,
-                 shards: tuple, max_ctx: int, dtype: str = "auto"):
+                 shards: tuple, max_ctx: int, dtype: str = "auto", graphs: bool = True):
         self.label = label
         self.child_env = dict(child_env)
         self.endpoint = f"ipc://{runtime_dir / f'd{index}.sock'}"
@@ -75,7 +79,7 @@ class DaemonProcess:
         read_fd, self._death_fd = os.pipe()
         spec = DaemonSpec(label=label, backend=backend, endpoint=self.endpoint, shm_name=self.segment.name,
                           model=model, identity=identity, shards=shards, max_ctx=max_ctx, death_fd=read_fd,
-                          dtype=dtype)
+                          dtype=dtype, graphs=graphs)
         python = python or sys.executable
         try:
             with open(self.log_path, "wb") as log:

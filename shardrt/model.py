@@ -1,7 +1,8 @@
 """The decoder-only transformer of the llama family (llama, mistral, qwen2, qwen3) on one screen.
 
 `ModelConfig` reads every shape and rope parameter from GGUF metadata; `Block` is one
-transformer layer over a preallocated KV cache. Weights stay in GGUF's layout: llama files
+transformer layer over a preallocated KV cache, its ops from `kernels` (Triton on GPUs, the
+torch references elsewhere). Weights stay in GGUF's layout: llama files
 carry q/k rows permuted for interleaved ("normal") rope, qwen files use half-split ("neox")
 rope, so each family applies the rope its file was written for.
 """
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import kernels
 from .errors import ModelFormatError
 from .gguf_file import GGUFFile
 
@@ -92,93 +94,84 @@ class ModelConfig:
         )
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    x32 = x.float()
-    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
-
-
 def rope_tables(cfg: ModelConfig, max_ctx: int, device, rope_freqs: torch.Tensor | None = None):
     """cos and sin, each [max_ctx, rope_dim/2], float32."""
-    inv_freq = 1.0 / cfg.rope_base ** (torch.arange(0, cfg.rope_dim, 2, dtype=torch.float64) / cfg.rope_dim)
-    if rope_freqs is not None:
-        inv_freq = inv_freq / rope_freqs.to(torch.float64).cpu()
-    positions = torch.arange(max_ctx, dtype=torch.float64) / cfg.rope_linear_factor
-    angles = torch.outer(positions, inv_freq)
-    return angles.cos().float().to(device), angles.sin().float().to(device)
+    return kernels.rope_tables(cfg.rope_base, cfg.rope_dim, max_ctx, device, cfg.rope_linear_factor, rope_freqs)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) -> torch.Tensor:
-    """x: [n, heads, head_dim]; cos/sin: [n, rope_dim/2]. Rotates the first rope_dim dims."""
-    rot = cos.shape[-1] * 2
-    x_rot, x_pass = x[..., :rot].float(), x[..., rot:]
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    if style == "interleaved":
-        pairs = x_rot.unflatten(-1, (-1, 2))
-        a, b = pairs[..., 0], pairs[..., 1]
-        rotated = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
-    else:
-        a, b = x_rot[..., : rot // 2], x_rot[..., rot // 2 :]
-        rotated = torch.cat((a * cos - b * sin, a * sin + b * cos), dim=-1)
-    return torch.cat((rotated.to(x.dtype), x_pass), dim=-1)
+@dataclass(frozen=True)
+class Step:
+    """Where a forward's tokens sit: `positions` [n] int64 on the stage's device, and in an eager
+    run `base_pos`, the first of them as a host int. Inside a captured graph `base_pos` is None:
+    nothing on the host may change between replays, so every op reads the positions tensor."""
+
+    positions: torch.Tensor
+    base_pos: int | None = None
+
+    @classmethod
+    def eager(cls, base_pos: int, n: int, device) -> "Step":
+        return cls(torch.arange(base_pos, base_pos + n, device=device), base_pos)
 
 
-class Block(torch.nn.Module):
-    """One transformer layer. `weights` maps GGUF short names (attn_q.weight, ...) to tensors."""
+class Block:
+    """One transformer layer. `weights` holds its tensors in device layout: q/k/v fused into
+    `attn_qkv` (rows q, then k, then v) and gate/up into `ffn_gate_up`, as the loader builds them."""
 
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor]):
-        super().__init__()
         self.cfg = cfg
-        for name, tensor in weights.items():
-            self.register_buffer(name.replace(".", "_"), tensor, persistent=False)
-        self.has_bias = cfg.qkv_bias
-        self.has_qk_norm = cfg.qk_norm
+        self.attn_norm, self.ffn_norm = weights["attn_norm"], weights["ffn_norm"]
+        self.attn_qkv, self.attn_qkv_bias = weights["attn_qkv"], weights.get("attn_qkv_bias")
+        self.q_norm, self.k_norm = weights.get("attn_q_norm"), weights.get("attn_k_norm")
+        self.attn_output, self.ffn_gate_up, self.ffn_down = weights["attn_output"], weights["ffn_gate_up"], weights["ffn_down"]
+        self.scale = 1.0 / math.sqrt(cfg.head_dim)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, base_pos: int):
-        """x: [n, dim] at positions base_pos..base_pos+n; k/v_cache: [kv_heads, max_ctx, head_dim]."""
+    def __call__(self, x, rope: tuple[torch.Tensor, torch.Tensor], k_cache, v_cache, step: Step) -> torch.Tensor:
+        """x: [n, dim] at `step`'s positions; rope: the cos/sin tables; k/v_cache: [kv_heads, max_ctx, head_dim]."""
         cfg, n = self.cfg, x.shape[0]
-        h = rms_norm(x, self.attn_norm_weight, cfg.norm_eps)
-        q = F.linear(h, self.attn_q_weight, self.attn_q_bias if self.has_bias else None)
-        k = F.linear(h, self.attn_k_weight, self.attn_k_bias if self.has_bias else None)
-        v = F.linear(h, self.attn_v_weight, self.attn_v_bias if self.has_bias else None)
-        q = q.view(n, cfg.n_heads, cfg.head_dim)
-        k = k.view(n, cfg.n_kv_heads, cfg.head_dim)
-        v = v.view(n, cfg.n_kv_heads, cfg.head_dim)
-        if self.has_qk_norm:
-            q = rms_norm(q, self.attn_q_norm_weight, cfg.norm_eps)
-            k = rms_norm(k, self.attn_k_norm_weight, cfg.norm_eps)
-        q = apply_rope(q, cos, sin, cfg.rope_style)
-        k = apply_rope(k, cos, sin, cfg.rope_style)
+        h = kernels.rms_norm(x, self.attn_norm, cfg.norm_eps)
+        qkv = F.linear(h, self.attn_qkv, self.attn_qkv_bias)
+        q = kernels.rope_kv_write(qkv, *rope, step.positions, k_cache, v_cache, cfg.n_heads, cfg.rope_style,
+                                  self.q_norm, self.k_norm, cfg.norm_eps)
+        attn = self.attend(q, k_cache, v_cache, step).reshape(n, cfg.n_heads * cfg.head_dim)
+        x, h = kernels.add_rms_norm(x, F.linear(attn, self.attn_output), self.ffn_norm, cfg.norm_eps)
+        return x + F.linear(kernels.silu_mul(F.linear(h, self.ffn_gate_up)), self.ffn_down)
 
-        end = base_pos + n
-        k_cache[:, base_pos:end] = k.transpose(0, 1)
-        v_cache[:, base_pos:end] = v.transpose(0, 1)
-        keys, values = k_cache[:, :end], v_cache[:, :end]
+    def attend(self, q, k_cache, v_cache, step: Step) -> torch.Tensor:
+        """q [n, heads, head_dim] over the cache: the cached-attention kernel for a few tokens
+        (and always inside a graph), scaled_dot_product_attention over the live prefix otherwise."""
+        cfg, n = self.cfg, q.shape[0]
+        if step.base_pos is None or kernels.attention.kernel_takes(q):
+            return kernels.cached_attention(q, k_cache, v_cache, step.positions, self.scale)
+        end = step.base_pos + n
         mask = None
         if n > 1:  # query i sees keys up to base_pos + i
-            key_pos = torch.arange(end, device=x.device)
-            query_pos = torch.arange(base_pos, end, device=x.device)
-            mask = key_pos[None, :] <= query_pos[:, None]
+            key_pos = torch.arange(end, device=q.device)
+            mask = key_pos[None, :] <= step.positions[:, None]
         attn = F.scaled_dot_product_attention(
-            q.transpose(0, 1)[None], keys[None], values[None], attn_mask=mask,
-            scale=1.0 / math.sqrt(cfg.head_dim), enable_gqa=cfg.n_heads != cfg.n_kv_heads,
+            q.transpose(0, 1)[None], k_cache[None, :, :end], v_cache[None, :, :end], attn_mask=mask,
+            scale=self.scale, enable_gqa=cfg.n_heads != cfg.n_kv_heads,
         )
-        x = x + F.linear(attn[0].transpose(0, 1).reshape(n, cfg.n_heads * cfg.head_dim), self.attn_output_weight)
-
-        h = rms_norm(x, self.ffn_norm_weight, cfg.norm_eps)
-        ffn = F.silu(F.linear(h, self.ffn_gate_weight)) * F.linear(h, self.ffn_up_weight)
-        return x + F.linear(ffn, self.ffn_down_weight)
+        return attn[0].transpose(0, 1)
 
 
-BLOCK_TENSORS = ("attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
-                 "ffn_norm.weight", "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
-BIAS_TENSORS = ("attn_q.bias", "attn_k.bias", "attn_v.bias")
-QK_NORM_TENSORS = ("attn_q_norm.weight", "attn_k_norm.weight")
+# a Block's weights -> the GGUF tensors (short names) stacked row-wise into each
+BLOCK_WEIGHTS = {
+    "attn_norm": ("attn_norm.weight",), "attn_qkv": ("attn_q.weight", "attn_k.weight", "attn_v.weight"),
+    "attn_output": ("attn_output.weight",), "ffn_norm": ("ffn_norm.weight",),
+    "ffn_gate_up": ("ffn_gate.weight", "ffn_up.weight"), "ffn_down": ("ffn_down.weight",),
+}
+BIAS_WEIGHTS = {"attn_qkv_bias": ("attn_q.bias", "attn_k.bias", "attn_v.bias")}
+QK_NORM_WEIGHTS = {"attn_q_norm": ("attn_q_norm.weight",), "attn_k_norm": ("attn_k_norm.weight",)}
+
+
+def block_weights(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
+    weights = dict(BLOCK_WEIGHTS)
+    if cfg.qkv_bias:
+        weights.update(BIAS_WEIGHTS)
+    if cfg.qk_norm:
+        weights.update(QK_NORM_WEIGHTS)
+    return weights
 
 
 def block_tensor_names(cfg: ModelConfig) -> tuple[str, ...]:
-    names = BLOCK_TENSORS
-    if cfg.qkv_bias:
-        names += BIAS_TENSORS
-    if cfg.qk_norm:
-        names += QK_NORM_TENSORS
-    return names
+    return tuple(name for parts in block_weights(cfg).values() for name in parts)

@@ -1,9 +1,10 @@
 """`RemoteStage`: the coordinator's handle on stages that live in a daemon.
 
-It has the methods of `Stage` and forwards each over a ZeroMQ DEALER socket, with
-activations through the daemon's shared memory (or as zero-copy frames when they do not fit).
-Every wait is bounded: a daemon that exits fails the request at once, one whose heartbeat
-stalls fails it within the heartbeat timeout, and each names the stage.
+It has the methods of `Stage` and forwards each to the daemon: the message through the shared-memory
+doorbell (ZeroMQ when it does not fit, or as the fallback while a side sleeps), activations
+through the daemon's shared memory (or as zero-copy frames when they do not fit). Every wait is
+bounded: a daemon that exits fails the request at once, one whose heartbeat stalls fails it
+within the heartbeat timeout, and each names the stage.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import zmq
 from .errors import ConfigError, IpcError, StageDied
 from .gguf_loader import LayerSpan
 from .ipc.codec import decode, encode, ref_tensor, tensor_ref
+from .ipc.doorbell import COORDINATOR_ID, deliver, fence, spin
 from .ipc.protocol import PROTOCOL_VERSION
 from .ipc.shm import SharedSegment
 from .lifecycle import DaemonProcess, Timeouts
@@ -32,10 +34,15 @@ class RemoteStage:
         self.span, self.cfg, self.max_ctx = span, cfg, max_ctx
         self.description = description or daemon.label
         self.length = 0
+        # forwards as this side sees them: from sending the request (its input written) to the reply
+        self.forwards, self.forward_seconds = 0, 0.0
         self._ids = itertools.count(1)
         self.socket = context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.ROUTING_ID, COORDINATOR_ID)
         self.socket.connect(daemon.endpoint)
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            daemon.segment.pin()  # this process drives a GPU: activations go device <-> segment by DMA
         try:
             self.hello = self._handshake()
         except BaseException:
@@ -116,7 +123,7 @@ class RemoteStage:
 
     def _send_tensor(self, message: dict, x: torch.Tensor) -> tuple[dict, list]:
         """A request whose input tensor goes through the IN slot, or as a frame when it does not fit."""
-        x = x.detach().cpu()
+        x = x.detach()
         rid = next(self._ids)
         message = {**message, "n": int(x.shape[0])}
         if self.daemon.segment.fits(x):
@@ -124,7 +131,7 @@ class RemoteStage:
             message["input"] = tensor_ref(x, shm=rid)
             return self.request(message, rid=rid)
         message["input"] = tensor_ref(x, frame=1)
-        return self.request(message, [x], rid=rid)
+        return self.request(message, [x.cpu()], rid=rid)
 
     def _tensor(self, ref, reply: dict, frames: list, field: str) -> torch.Tensor:
         if not isinstance(ref, dict):
@@ -156,8 +163,17 @@ class RemoteStage:
         message = {**message, "id": rid}
         if not self.daemon.alive():
             raise StageDied(f"{self.description}: daemon exited ({self.daemon.exit_reason()})")
-        self.socket.send_multipart(encode(message, list(payloads)), copy=False)
+        t0 = time.perf_counter()
+        frames = encode(message, list(payloads))
+        send = lambda f: self.socket.send_multipart(f, copy=False)  # noqa: E731
+        if message["op"] == "hello":  # over the socket: the daemon can route replies to us once it has seen us
+            send(frames)
+        else:
+            deliver(self.daemon.segment, SharedSegment.REQUEST, "daemon", rid, frames, send)
         reply, frames = self._wait(rid, self.timeouts.request if timeout is None else timeout, heartbeat)
+        if message["op"] == "forward":
+            self.forwards += 1
+            self.forward_seconds += time.perf_counter() - t0
         if not reply.get("ok"):
             error = reply.get("error") or {}
             code, text = error.get("code", "?"), error.get("message", "no message")
@@ -168,18 +184,38 @@ class RemoteStage:
             raise IpcError(f"{self.description}: {message['op']} refused ({code}): {text}")
         return reply, frames
 
+    def _mailbox_reply(self) -> tuple[dict, list]:
+        frames = [self.daemon.segment.message(self.daemon.segment.REPLY)]
+        return decode(frames), frames
+
     def _wait(self, rid: int, timeout: float, heartbeat: bool) -> tuple[dict, list]:
+        """Spin on the reply counter for `Timeouts.spin`, then sleep on the socket (flagged, so the
+        daemon nudges us), checking liveness, the heartbeat and the deadline every POLL_MS."""
+        segment = self.daemon.segment
+        replied = lambda: segment.counter("reply") == rid  # noqa: E731
+        if self.timeouts.spin and spin(replied, self.socket, self.timeouts.spin):
+            return self._mailbox_reply()
+        segment.set_waiting("coordinator", True)
+        fence()  # then look at the counter: a reply from now on comes over ZeroMQ or with a nudge
+        try:
+            return self._sleep(rid, replied, timeout, heartbeat)
+        finally:
+            segment.set_waiting("coordinator", False)
+
+    def _sleep(self, rid: int, replied, timeout: float, heartbeat: bool) -> tuple[dict, list]:
         start = time.monotonic()
         deadline = start + timeout
         segment = self.daemon.segment
         last_beat, last_change = segment.heartbeat(), start
         while True:
+            if replied():
+                return self._mailbox_reply()
             if self.socket.poll(POLL_MS):
                 frames = [f.buffer for f in self.socket.recv_multipart(copy=False)]
                 reply = decode(frames)
-                if reply.get("id") == rid:
+                if reply.get("id") == rid and not reply.get("op"):
                     return reply, frames
-                continue  # a late reply to a request that already failed
+                continue  # a nudge (the reply is in the mailbox), or a late reply to a request that already failed
             now = time.monotonic()
             if not self.daemon.alive():
                 raise StageDied(f"{self.description}: daemon exited ({self.daemon.exit_reason()})")

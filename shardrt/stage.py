@@ -2,6 +2,8 @@
 
 The same class runs inside the coordinator and inside a worker daemon. The first stage takes
 token ids, every other stage a boundary activation; the stage with the head returns logits.
+On a GPU, steps of a few tokens replay captured graphs (`runner.GraphRunner`); everything else,
+and every step on a CPU, runs the eager layer loop, which stays the reference.
 """
 
 from __future__ import annotations
@@ -16,9 +18,16 @@ import torch
 from .errors import ConfigError
 from .gguf_file import GGUFFile
 from .gguf_loader import LayerSpan, StageWeights
-from .model import Block, ModelConfig, rms_norm, rope_tables
+from .kernels import rms_norm
+from .kernels.attention import MAX_QUERY_TOKENS
+from .model import Block, ModelConfig, Step, rope_tables
 
 log = logging.getLogger(__name__)
+
+# A GPU stage prefills in chunks of at most 1024 tokens, each padded up to one of these sizes, and
+# runs each size once at load: the first use of a new matrix shape loads and selects kernels
+# (~1 s on an H200), which would otherwise land on the first request of every new prompt length.
+PREFILL_BUCKETS = (32, 64, 128, 256, 512, 1024)
 
 
 @dataclass(frozen=True)
@@ -49,7 +58,7 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 class Stage:
     def __init__(self, model_path: str | Path, start: int, stop: int, device: str | torch.device = "cpu",
-                 max_ctx: int = 4096, dtype: torch.dtype | None = None):
+                 max_ctx: int = 4096, dtype: torch.dtype | None = None, graphs: bool = True):
         t0 = time.perf_counter()
         self.model_path = Path(model_path)
         self.device = torch.device(device)
@@ -67,9 +76,14 @@ class Stage:
         self.length = 0  # tokens held in the KV cache, valid in every layer
         self._partial_end = 0  # end of the last early-exit (stop_after) write
         self.snapshots: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
-        self.forwards, self.forward_seconds = 0, 0.0
+        self.forwards, self.forward_seconds, self.graph_forwards = 0, 0.0, 0
+        self.runner = None
         if self.device.type != "cpu":
             self._warm_up()
+            if graphs and self.device.type == "cuda":  # torch.cuda drives ROCm builds too
+                from .runner import GraphRunner
+
+                self.runner = GraphRunner(self)
         self.load_seconds = time.perf_counter() - t0
         log.info("stage %s on %s: %s, loaded in %.2fs", self.span, self.device, self.cover, self.load_seconds)
 
@@ -77,7 +91,7 @@ class Stage:
         cfg, dev, dt = self.cfg, self.device, self.dtype
         self.blocks = [Block(cfg, weights.load_block(i, dev, dt)) for i in range(self.span.start, self.span.stop)]
         rope_freqs = weights.load("rope_freqs.weight", dev, torch.float32) if cfg.has_rope_freqs else None
-        self.cos, self.sin = rope_tables(cfg, self.max_ctx, dev, rope_freqs)
+        self.rope = rope_tables(cfg, self.max_ctx, dev, rope_freqs)
         self.embedding = weights.load("token_embd.weight", dev, dt) if self.span.embed else None
         if self.span.head:
             self.output_norm = weights.load("output_norm.weight", dev, dt)
@@ -88,10 +102,20 @@ class Stage:
         self.k_cache = torch.zeros(cache_shape, device=dev, dtype=dt)
         self.v_cache = torch.zeros(cache_shape, device=dev, dtype=dt)
 
+    @torch.inference_mode()
     def _warm_up(self) -> None:
-        """One throwaway token, so a GPU's lazy initialisation is paid at load time, not by the first request."""
-        x = torch.zeros(1, dtype=torch.long) if self.span.embed else torch.zeros(1, self.cfg.dim, dtype=self.dtype)
-        self.forward(x, 0)
+        """Throwaway forwards, so a GPU's lazy initialisation and kernel selection are paid at load
+        time, not by the first request: one prefill chunk of every size, and a one-token step."""
+        # every chunk size, then a prompt of two chunks (attention over keys before the chunk)
+        sizes = [b for b in PREFILL_BUCKETS if b < self.max_ctx] or [1]
+        if 2 * sizes[-1] < self.max_ctx:
+            sizes.append(2 * sizes[-1])
+        for n in sizes:
+            self.reset()
+            x = torch.zeros(n, dtype=torch.long) if self.span.embed else torch.zeros(n, self.cfg.dim, dtype=self.dtype)
+            self._run(x, 0, False, (), None, False)
+        if n < self.max_ctx:
+            self._run(x[:1], n, False, (), None, False)
         torch.cuda.synchronize(self.device)
         self.reset()
 
@@ -107,14 +131,25 @@ class Stage:
         including that one run (an early exit for drafting): it returns that layer's hidden state
         and leaves the cache length alone, its partial KV to be overwritten by the next full run.
         """
+        return self._timed(inputs, base_pos, all_logits, capture, stop_after, False)
+
+    @torch.inference_mode()
+    def run_argmax(self, inputs: torch.Tensor, base_pos: int, *, all_logits: bool = False,
+                   capture: tuple[int, ...] = ()) -> tuple[list[int], list[Captured]]:
+        """Greedy tokens (the last, or every position) from the stage with the head."""
+        if not self.span.head:
+            raise ConfigError(f"argmax: stage {self.span} does not hold the head")
+        return self._timed(inputs, base_pos, all_logits, capture, None, True)
+
+    def _timed(self, *args):
         t0 = time.perf_counter()
         try:
-            return self._run(inputs, base_pos, all_logits, capture, stop_after)
+            return self._run(*args)
         finally:
             self.forwards += 1
             self.forward_seconds += time.perf_counter() - t0
 
-    def _run(self, inputs, base_pos, all_logits, capture, stop_after):
+    def _run(self, inputs, base_pos, all_logits, capture, stop_after, tokens):
         n = inputs.shape[0]
         limit = max(self.length, self._partial_end) if stop_after is not None else self.length
         if not 0 <= base_pos <= limit:
@@ -124,23 +159,76 @@ class Stage:
         last = self.span.stop - 1 if stop_after is None else stop_after
         if not self.span.start <= last < self.span.stop:
             raise ConfigError(f"stop_after: layer {stop_after} is outside this stage's layers {self.span}")
-        if self.span.embed:
-            x = torch.nn.functional.embedding(inputs.to(self.device), self.embedding)
+        keep = {layer for layer in capture if self.span.start <= layer <= last}
+        bucket = self.runner.bucket(n, base_pos) if self.runner is not None and stop_after is None else None
+        if bucket is not None:
+            graphed = self.runner.replay(inputs, base_pos, bucket)
+            self.graph_forwards += 1
+            hidden = {layer: graphed.hidden[layer - self.span.start][:n] for layer in keep | {last}}
+        elif self.device.type != "cpu" and n > MAX_QUERY_TOKENS:
+            graphed, hidden = None, self._prefill(inputs, base_pos, last, keep)
         else:
-            x = inputs.to(device=self.device, dtype=self.dtype)
-        cos, sin = self.cos[base_pos : base_pos + n], self.sin[base_pos : base_pos + n]
-        captured = []
-        for i, block in enumerate(self.blocks[: last - self.span.start + 1]):
-            x = block(x, cos, sin, self.k_cache[i], self.v_cache[i], base_pos)
-            if self.span.start + i in capture:
-                captured.append(Captured(self.span.start + i, base_pos, x.clone()))
+            graphed = None
+            hidden = self._layers(self._embed(inputs), Step.eager(base_pos, n, self.device), last, keep)
+        captured = [Captured(layer, base_pos, hidden[layer].clone()) for layer in sorted(keep)]
         if stop_after is not None:
             self._partial_end = base_pos + n
-            return x, captured
+            return hidden[last], captured
         self.length, self._partial_end = base_pos + n, 0
         if not self.span.head:
-            return x, captured
-        return self.project(x if all_logits else x[-1:]), captured
+            return (hidden[last].clone() if graphed else hidden[last]), captured
+        rows = slice(0, n) if all_logits else slice(n - 1, n)
+        if graphed is not None:
+            out = graphed.tokens[rows].tolist() if tokens else graphed.logits[rows].clone()
+        else:
+            logits = self._project(hidden[last][rows])
+            out = logits.argmax(-1).tolist() if tokens else logits
+        return out, captured
+
+    def _embed(self, inputs: torch.Tensor) -> torch.Tensor:
+        if self.span.embed:
+            return torch.nn.functional.embedding(inputs.to(self.device), self.embedding)
+        return inputs.to(device=self.device, dtype=self.dtype)
+
+    def _prefill(self, inputs: torch.Tensor, base_pos: int, last: int, keep: set[int]) -> dict[int, torch.Tensor]:
+        """Many tokens on a GPU: chunks of at most PREFILL_BUCKETS[-1] tokens, each padded up to a
+        bucket size the warm-up ran (the padding rows sit after the real ones: no real query sees
+        them, and the next real tokens overwrite their KV)."""
+        pieces, n = [], inputs.shape[0]
+        for start in range(0, n, PREFILL_BUCKETS[-1]):
+            count = min(PREFILL_BUCKETS[-1], n - start)
+            pos = base_pos + start
+            padded = next((b for b in PREFILL_BUCKETS if b >= count and pos + b <= self.max_ctx), count)
+            chunk = inputs[start : start + count]
+            if padded > count:
+                chunk = torch.cat((chunk, chunk.new_zeros((padded - count, *chunk.shape[1:]))))
+            hidden = self._layers(self._embed(chunk), Step.eager(pos, padded, self.device), last, keep)
+            pieces.append({layer: h[:count] for layer, h in hidden.items()})
+        if len(pieces) == 1:
+            return pieces[0]
+        return {layer: torch.cat([p[layer] for p in pieces]) for layer in pieces[0]}
+
+    def _layers(self, x: torch.Tensor, step: Step, last: int, keep: set[int]) -> dict[int, torch.Tensor]:
+        """The hidden states after layer `last` and after each layer in `keep`."""
+        hidden = {}
+        for i, block in enumerate(self.blocks[: last - self.span.start + 1]):
+            x = block(x, self.rope, self.k_cache[i], self.v_cache[i], step)
+            if self.span.start + i in keep:
+                hidden[self.span.start + i] = x
+        hidden[last] = x
+        return hidden
+
+    def step_outputs(self, inputs: torch.Tensor, step: Step) -> "StepOutputs":
+        """The whole stage as the graph runner captures it: every layer's hidden state, and on the
+        stage with the head the logits of every row and their argmax."""
+        from .runner import StepOutputs
+
+        x, hidden = self._embed(inputs), []
+        for i, block in enumerate(self.blocks):
+            x = block(x, self.rope, self.k_cache[i], self.v_cache[i], step)
+            hidden.append(x)
+        logits = self._project(x) if self.span.head else None
+        return StepOutputs(hidden, logits, logits.argmax(-1) if logits is not None else None)
 
     def forward(self, inputs: torch.Tensor, base_pos: int, all_logits: bool = False) -> torch.Tensor:
         return self.run(inputs, base_pos, all_logits=all_logits)[0]
@@ -150,14 +238,10 @@ class Stage:
         """Final norm and head over hidden states [n, dim] -> float32 logits [n, vocab]."""
         if not self.span.head:
             raise ConfigError(f"project: stage {self.span} does not hold the head")
-        x = hidden.to(device=self.device, dtype=self.dtype)
-        return torch.nn.functional.linear(rms_norm(x, self.output_norm, self.cfg.norm_eps), self.output).float()
+        return self._project(hidden.to(device=self.device, dtype=self.dtype))
 
-    def run_argmax(self, inputs: torch.Tensor, base_pos: int, *, all_logits: bool = False,
-                   capture: tuple[int, ...] = ()) -> tuple[list[int], list[Captured]]:
-        """Greedy tokens (the last, or every position) from the stage with the head."""
-        logits, captured = self.run(inputs, base_pos, all_logits=all_logits, capture=capture)
-        return logits.argmax(-1).tolist(), captured
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(rms_norm(x, self.output_norm, self.cfg.norm_eps), self.output).float()
 
     def project_argmax(self, hidden: torch.Tensor) -> list[int]:
         return self.project(hidden).argmax(-1).tolist()
@@ -199,9 +283,13 @@ class Stage:
         return self.span.head
 
     def stats(self) -> dict:
-        """The same numbers a daemon's `stats` reply carries."""
-        return {"forwards": self.forwards, "forward_seconds": self.forward_seconds, "length": self.length,
-                "cover": [str(self.cover)]}
+        """The same numbers a daemon's `stats` reply carries for each of its stages."""
+        out = {"forwards": self.forwards, "forward_seconds": self.forward_seconds, "length": self.length,
+               "cover": [str(self.cover)], "graph_forwards": self.graph_forwards}
+        if self.runner is not None:
+            out["graphs"] = self.runner.describe()
+        return out
 
     def describe(self) -> str:
-        return f"layers {self.span} on {self.device} ({self.dtype}), {self.cover}"
+        graphs = f", graphs for {','.join(map(str, self.runner.buckets))} tokens" if self.runner else ""
+        return f"layers {self.span} on {self.device} ({self.dtype}), {self.cover}{graphs}"

@@ -64,3 +64,23 @@ class Tokenizer:
         text = self.hf.apply_chat_template(messages, chat_template=self.chat_template,
                                            add_generation_prompt=True, tokenize=False)
         return list(self.hf.encode(text, add_special_tokens=False))
+
+
+class TextStream:
+    """The text of a growing token list, decoding only its tail at each step (a full decode per
+    token costs more than a GPU decode step by the end of a long answer). A token's text can
+    depend on the tokens before it (a word-start marker, a character split over byte tokens), so
+    the tail is decoded with the previous step's tokens as context and only the difference kept;
+    a tail that ends inside a character waits for the next token."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer, self.text = tokenizer, ""
+        self.context, self.done = 0, 0  # tokens[context:done] are decoded already, and are the context
+
+    def update(self, tokens: list[int]) -> str:
+        before = self.tokenizer.decode(tokens[self.context : self.done])
+        after = self.tokenizer.decode(tokens[self.context :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.text += after[len(before) :]
+            self.context, self.done = self.done, len(tokens)
+        return self.text

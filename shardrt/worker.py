@@ -23,6 +23,7 @@ import torch
 from .errors import ConfigError, ShardrtError
 from .gguf_loader import LayerSpan
 from .ipc.codec import decode, encode, ref_tensor, tensor_ref
+from .ipc.doorbell import DaemonDoorbell, spin_seconds
 from .ipc.protocol import PROTOCOL_VERSION, ProtocolError, check_request, error_reply
 from .ipc.shm import SharedSegment
 from .placement import parse_device
@@ -54,6 +55,7 @@ class DaemonSpec:
     max_ctx: int
     death_fd: int
     dtype: str = "auto"
+    graphs: bool = True
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -125,6 +127,7 @@ class ShardServer:
     def __init__(self, spec: DaemonSpec, segment: SharedSegment, stages: list):
         self.spec, self.segment, self.stages = spec, segment, stages
         self.forwards, self.forward_seconds = 0, 0.0
+        self.request_seconds = 0.0  # forwards from taking the request to sending the reply
         self.started = time.time()
 
     def hello_reply(self) -> dict:
@@ -172,28 +175,35 @@ class ShardServer:
             return {"id": rid, "ok": True}, [], False
         if op == "stats":
             return {"id": rid, "ok": True, "forwards": self.forwards, "forward_seconds": self.forward_seconds,
+                    "request_seconds": self.request_seconds,
                     "length": self.stages[-1].length if self.stages else 0, "rss_bytes": _rss(),
-                    "cover": [str(s.cover) for s in self.stages if hasattr(s, "cover")]}, [], False
+                    "cover": [str(s.cover) for s in self.stages if hasattr(s, "cover")],
+                    "stages": [s.stats() for s in self.stages if hasattr(s, "stats")]}, [], False
         if op == "ping":
             return {"id": rid, "ok": True, "pid": os.getpid()}, [], False
         return {"id": rid, "ok": True}, [], True  # shutdown
 
     def _input(self, message: dict, frames: list) -> torch.Tensor:
-        return ref_tensor(message["input"], frames, f"{message['op']}.input", self.segment, SharedSegment.IN)
+        # a view of the IN slot: the coordinator writes it again only after this request's reply
+        return ref_tensor(message["input"], frames, f"{message['op']}.input", self.segment, SharedSegment.IN, copy=False)
 
     def _reply_tensors(self, rid: int, out: torch.Tensor | None, captured: list) -> tuple[dict, list]:
         """The output (if any) and capture slices, in the OUT slot when they all fit, else as frames."""
-        tensors = ([out.cpu()] if out is not None else []) + [c.data.cpu() for c in captured]
+        if out is not None and not captured and self.segment.fits(out):  # the decode step's case
+            ref = tensor_ref(out, shm=rid, offset=0)
+            self.segment.write(SharedSegment.OUT, rid, out)
+            return {"id": rid, "ok": True, "output": ref}, []
+        tensors = ([out] if out is not None else []) + [c.data for c in captured]
         refs = []
-        if self.segment.fits(*tensors):
+        if self.segment.fits(*tensors):  # straight from the device into the slot
             offset = 0
             for t in tensors:
                 refs.append(tensor_ref(t, shm=rid, offset=offset))
                 offset = self.segment.write(SharedSegment.OUT, rid, t, offset)
             payloads = []
         else:
-            refs = [tensor_ref(t, frame=i + 1) for i, t in enumerate(tensors)]
-            payloads = tensors
+            payloads = [t.cpu() for t in tensors]
+            refs = [tensor_ref(t, frame=i + 1) for i, t in enumerate(payloads)]
         reply = {"id": rid, "ok": True}
         if out is not None:
             reply["output"], refs = refs[0], refs[1:]
@@ -219,14 +229,15 @@ class ShardServer:
         if want == "argmax" and not self.stages[-1].span.head:  # refuse before the forward writes the KV cache
             raise ProtocolError("bad_request", "forward.want: argmax needs the stage with the head")
         x = self._input(message, frames)
-        if x.dim() == 0 or x.shape[0] != n:
-            raise ProtocolError("bad_request", f"forward.input: shape {list(x.shape)} does not have forward.n={n} rows")
+        shape = tuple(x.shape)
+        if not shape or shape[0] != n:
+            raise ProtocolError("bad_request", f"forward.input: shape {list(shape)} does not have forward.n={n} rows")
         first = self.stages[0]
         if first.span.embed:
-            if x.dtype != torch.int64 or x.dim() != 1:
-                raise ProtocolError("bad_request", f"forward.input: the first stage takes int64 token ids [n], got {x.dtype} {list(x.shape)}")
-        elif first.cfg is not None and (x.dim() != 2 or x.shape[1] != first.cfg.dim):
-            raise ProtocolError("bad_request", f"forward.input: expected an activation [n, {first.cfg.dim}], got {list(x.shape)}")
+            if x.dtype != torch.int64 or len(shape) != 1:
+                raise ProtocolError("bad_request", f"forward.input: the first stage takes int64 token ids [n], got {x.dtype} {list(shape)}")
+        elif first.cfg is not None and (len(shape) != 2 or shape[1] != first.cfg.dim):
+            raise ProtocolError("bad_request", f"forward.input: expected an activation [n, {first.cfg.dim}], got {list(shape)}")
         capture, stop_after = tuple(message.get("capture", ())), message.get("stop_after")
         if stop_after is not None:
             if not any(stage.span.start <= stop_after < stage.span.stop for stage in self.stages):
@@ -234,20 +245,24 @@ class ShardServer:
             if want == "argmax":
                 raise ProtocolError("bad_request", "forward.want: argmax cannot go with stop_after")
         t0 = time.perf_counter()
-        captured = []
+        captured, tokens = [], None
         for i, stage in enumerate(self.stages):
             stops_here = stop_after is not None and stage.span.start <= stop_after < stage.span.stop
             last = i == len(self.stages) - 1
-            x, caps = stage.run(x, message["base_pos"], all_logits=last and message.get("all_logits", False),
-                                capture=capture, stop_after=stop_after if stops_here else None)
+            all_logits = last and message.get("all_logits", False)
+            if last and want == "argmax":
+                tokens, caps = stage.run_argmax(x, message["base_pos"], all_logits=all_logits, capture=capture)
+            else:
+                x, caps = stage.run(x, message["base_pos"], all_logits=all_logits, capture=capture,
+                                    stop_after=stop_after if stops_here else None)
             captured += caps
             if stops_here:
                 break
         self.forwards += 1
         self.forward_seconds += time.perf_counter() - t0
         reply, payloads = self._reply_tensors(rid, None if want == "argmax" else x, captured)
-        if want == "argmax":
-            reply["tokens"] = x.argmax(-1).tolist()
+        if tokens is not None:
+            reply["tokens"] = tokens
         return reply, payloads, False
 
 
@@ -311,24 +326,29 @@ def serve(spec: DaemonSpec) -> int:
             refusal = ("load_failed", exc)
     if refusal is not None:
         print(f"shardrt daemon {spec.label}: error: {refusal[1]}", file=sys.stderr, flush=True)
+    if any(getattr(stage, "device", None) is not None and stage.device.type == "cuda" for stage in stages):
+        segment.pin()  # activations go device <-> segment by DMA
     server = ShardServer(spec, segment, stages)
 
+    doorbell = DaemonDoorbell(segment, sock, spin_seconds())
     while True:
-        frames = sock.recv_multipart(copy=False)
-        if len(frames) < 2:
+        body, peer = doorbell.next()
+        if not body:
             continue
-        peer, body = frames[0], frames[1:]
-        rid, stop, payloads = -1, False, []
+        taken = time.perf_counter()
+        rid, stop, payloads, message = -1, False, [], {}
         try:
-            message = decode([f.buffer for f in body])
+            message = decode(body)
             rid = message.get("id", -1)
+            if message.get("op") == "nudge":  # the mailbox was rung while this daemon slept: look again
+                continue
             if refusal is not None:
                 # answer with what this daemon sees, so the coordinator can say why, then leave
                 reply = error_reply(rid, refusal[0], str(refusal[1]))
                 reply.update(server.hello_reply())
                 reply["ok"], stop = False, True
             else:
-                reply, payloads, stop = server.handle(message, [f.buffer for f in body])
+                reply, payloads, stop = server.handle(message, body)
         except ProtocolError as exc:
             reply = error_reply(rid, exc.code, str(exc))
         except ShardrtError as exc:
@@ -336,7 +356,10 @@ def serve(spec: DaemonSpec) -> int:
         except Exception as exc:  # a bug must not take the daemon down with the request
             log.exception("request %s failed", rid)
             reply = error_reply(rid, "internal", f"{type(exc).__name__}: {exc}")
-        sock.send_multipart([peer, *encode(reply, payloads)], copy=False)
+        frames = encode(reply, payloads)
+        if reply.get("ok") and message.get("op") == "forward":  # up to the send: the reader may run first
+            server.request_seconds += time.perf_counter() - taken
+        doorbell.reply(peer, reply["id"], frames)
         if stop:
             break
     sock.close()
@@ -354,7 +377,7 @@ def load_stages(spec: DaemonSpec) -> list:
     for shard in spec.shards:
         device = parse_device(shard.device).torch_device(shard.local_index)
         stages.append(Stage(Path(spec.model), shard.start, shard.stop, device, max_ctx=spec.max_ctx,
-                            dtype=compute_dtype(spec.dtype, device)))
+                            dtype=compute_dtype(spec.dtype, device), graphs=spec.graphs))
     return stages
 
 

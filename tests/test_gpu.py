@@ -1,5 +1,6 @@
-"""On a CUDA GPU: the stage on the GPU against the CPU, and the mixed cpu:0,cuda:0 split with
-the CUDA stage in a pinned daemon. Skipped where torch sees no GPU (CI)."""
+"""On a CUDA GPU: the stage on the GPU (graph replays and the eager loop) against the CPU, the
+speculative verify through graph buckets, and the mixed cpu:0,cuda:0 split with the CUDA stage
+in a pinned daemon. Skipped where torch sees no GPU (CI); run through the device."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import os
 import pytest
 import torch
 
-from shardrt.config import LaunchConfig
+from shardrt.config import DraftConfig, LaunchConfig
+from shardrt.generate import generate
+from shardrt.sampling import SamplingParams
 from shardrt.launch import Cluster
 from shardrt.pipeline import Pipeline
 from shardrt.placement import parse_devices
@@ -65,3 +68,52 @@ def test_mixed_cpu_and_cuda_daemon(demo_model, cpu_run):
         got = cluster.pipeline.forward(torch.tensor(ids), 0, all_logits=True)
         assert (got - logits).abs().max().item() < 1e-2
         assert greedy(cluster.pipeline, ids) == tokens
+
+
+def agreeing(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def test_graph_replays_equal_the_eager_loop(demo_model, cpu_run):
+    ids, _, tokens = cpu_run
+    graphed = Stage(demo_model, 0, 30, "cuda:0", max_ctx=256, dtype=torch.float32)
+    eager = Stage(demo_model, 0, 30, "cuda:0", max_ctx=256, dtype=torch.float32, graphs=False)
+    assert graphed.runner is not None and eager.runner is None
+    assert graphed.runner.buckets == (1, 2, 4, 8, 16)
+    assert greedy(Pipeline([graphed]), ids) == tokens == greedy(Pipeline([eager]), ids)
+    assert graphed.graph_forwards == N - 1 and eager.graph_forwards == 0  # the prefill ran eagerly
+    # verify-sized steps (3 and 9 tokens: buckets 4 and 16, padded) give the eager loop's logits
+    for stage in (graphed, eager):
+        stage.reset()
+        stage.forward(torch.tensor(ids), 0)
+    for n in (1, 3, 9):
+        block = torch.tensor(tokens[:n])
+        base = graphed.length
+        got, want = (s.forward(block, base, all_logits=True) for s in (graphed, eager))
+        assert got.shape == want.shape == (n, graphed.cfg.vocab_size)
+        assert (got - want).abs().max().item() < 1e-4
+    assert graphed.length == eager.length == len(ids) + 13
+
+
+def test_cuda_bf16_graphs_keep_most_cpu_tokens(demo_model, cpu_run):
+    ids, _, tokens = cpu_run
+    stage = Stage(demo_model, 0, 30, "cuda:0", max_ctx=256)
+    assert stage.dtype == torch.bfloat16 and stage.runner is not None
+    assert agreeing(greedy(Pipeline([stage]), ids), tokens) >= 24
+
+
+def test_speculative_verify_through_graph_buckets(demo_model, demo_tokenizer):
+    code = ("def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\n"
+            "def mul(a, b):\n    return a * b\n\ndef div(a, b):\n")
+    params = SamplingParams(max_tokens=48, ignore_eos=True)
+    prompt = demo_tokenizer.encode(code)
+    plain_config = LaunchConfig(devices=parse_devices("cuda:0"), max_ctx=512, dtype="float32", prefix_cache_slots=0)
+    with Cluster(plain_config, demo_model) as cluster:
+        plain = generate(cluster.pipeline, demo_tokenizer, prompt, params).tokens
+    with Cluster(LaunchConfig(devices=parse_devices("cuda:0"), max_ctx=512, dtype="float32", prefix_cache_slots=0,
+                              draft=DraftConfig("ngram", tokens=6)), demo_model) as cluster:
+        (stage,) = cluster.pipeline.stages
+        result = generate(cluster.pipeline, demo_tokenizer, prompt, params, drafter=cluster.drafter,
+                          draft_tokens=cluster.draft_tokens)
+        assert result.tokens == plain
+        assert result.spec["accepted"] > 0 and stage.graph_forwards == result.spec["target_forwards"]

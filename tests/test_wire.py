@@ -19,8 +19,8 @@ from shardrt.gguf_file import GGUFFile
 from shardrt.gguf_loader import LayerSpan
 from shardrt.ipc.codec import MAX_FRAMES, decode, encode, frame_tensor, tensor_ref
 from shardrt.ipc.protocol import MAX_CAPTURE_LAYERS, MAX_KV_SLOTS, MAX_TOKENS_PER_FORWARD, PROTOCOL_VERSION
-from shardrt.ipc.shm import (ALIGN, CONTROL_SIZE, HEADER, HEADER_SIZE, SHM_DIR, SharedSegment, new_segment_name,
-                             packed_size)
+from shardrt.ipc.shm import (ALIGN, HEADER, HEADER_SIZE, MAILBOX_BYTES, SHM_DIR, SLOTS_BASE, SharedSegment,
+                             new_segment_name, packed_size)
 from shardrt.lifecycle import DaemonProcess, Timeouts, make_runtime_dir, remove_runtime_dir
 from shardrt.model import ModelConfig
 from shardrt.remote_stage import RemoteStage
@@ -72,7 +72,8 @@ def test_segment_file_is_private_and_unlinked():
         assert seg.name.startswith(f"shardrt-{os.getpid()}-mode-")
         info = os.stat(seg.path)
         assert stat.S_IMODE(info.st_mode) == 0o600 and info.st_size == 1 << 16
-        assert seg.capacity == (seg.size - CONTROL_SIZE) // 2 - HEADER_SIZE
+        assert seg.slot_size % ALIGN == 0 and seg.capacity == seg.slot_size - HEADER_SIZE
+        assert SLOTS_BASE + 2 * seg.slot_size <= seg.size < SLOTS_BASE + 2 * (seg.slot_size + ALIGN)
     finally:
         seg.close()
         seg.unlink()
@@ -124,7 +125,7 @@ def test_corrupted_header_is_refused(segment, header, needle):
     # another writer scribbles over the header, as a broken or hostile peer could
     fd = os.open(peer.path, os.O_RDWR)
     try:
-        os.pwrite(fd, HEADER.pack(*header), CONTROL_SIZE + SharedSegment.IN * peer.slot_size)
+        os.pwrite(fd, HEADER.pack(*header), SLOTS_BASE + SharedSegment.IN * peer.slot_size)
     finally:
         os.close(fd)
     with pytest.raises(IpcError, match=needle):
@@ -177,11 +178,36 @@ def test_segment_read_bounds_the_payload_by_what_follows_the_offset(segment):
     fd = os.open(peer.path, os.O_RDWR)
     try:  # a header there that claims more bytes than lie between it and the slot's end
         os.pwrite(fd, HEADER.pack(9, 4 * (room // 4 + 1), 1, 1, room // 4 + 1, 0, 0, 0),
-                  CONTROL_SIZE + SharedSegment.IN * peer.slot_size + last)
+                  SLOTS_BASE + SharedSegment.IN * peer.slot_size + last)
     finally:
         os.close(fd)
     with pytest.raises(IpcError, match=f"slot holds {room}"):
         peer.read(SharedSegment.IN, 9, last)
+
+
+def test_mailboxes_carry_one_message_each_and_refuse_what_does_not_fit(segment):
+    owner, peer = segment
+    request, reply = msgpack.packb({"op": "ping", "id": 7}), msgpack.packb({"id": 7, "ok": True})
+    assert owner.post(SharedSegment.REQUEST, 7, request)
+    assert peer.counter("request") == 7 and peer.message(SharedSegment.REQUEST) == request
+    assert peer.post(SharedSegment.REPLY, 7, reply)
+    assert owner.counter("reply") == 7 and owner.message(SharedSegment.REPLY) == reply
+    assert owner.message(SharedSegment.REQUEST) == request  # the boxes do not overlap
+    # a message too large for the box is not posted: the counter stays, the sender uses ZeroMQ
+    assert not owner.post(SharedSegment.REQUEST, 8, b"x" * (MAILBOX_BYTES + 1))
+    assert peer.counter("request") == 7 and peer.message(SharedSegment.REQUEST) == request
+    assert owner.post(SharedSegment.REQUEST, 9, b"y" * MAILBOX_BYTES) and peer.message(SharedSegment.REQUEST) == b"y" * MAILBOX_BYTES
+    for side in ("daemon", "coordinator"):
+        assert not peer.waiting(side)
+        owner.set_waiting(side, True)
+        assert peer.waiting(side)
+    fd = os.open(peer.path, os.O_RDWR)
+    try:  # a length larger than the box, as a broken or hostile peer could write
+        os.pwrite(fd, (MAILBOX_BYTES + 1).to_bytes(4, "little"), 64)
+    finally:
+        os.close(fd)
+    with pytest.raises(IpcError, match=f"mailbox message of {MAILBOX_BYTES + 1} bytes"):
+        owner.message(SharedSegment.REQUEST)
 
 
 # -- codec -------------------------------------------------------------------------------
@@ -453,6 +479,41 @@ def test_echo_daemon_round_trips_and_survives_malformed_requests(echo):
     reply, _ = stage.request({"op": "shutdown"}, timeout=TIMEOUTS.stop, heartbeat=False)
     assert reply["ok"]
     assert daemon.process.wait(timeout=TIMEOUTS.stop) == 0
+
+
+@pytest.mark.parametrize("spin_us", [0, 200_000])
+def test_requests_and_replies_ring_the_doorbell(spin_us):
+    """With both sides spinning, single-frame messages go through the mailboxes both ways, and
+    payload frames still go over ZeroMQ in between; with no spin, everything goes over ZeroMQ."""
+    runtime_dir = make_runtime_dir()
+    context = zmq.Context()
+    daemon = DaemonProcess(label="echo", backend="cpu", python=None, child_env={"SHARDRT_SPIN_US": str(spin_us)},
+                           runtime_dir=runtime_dir, index=4, shared_bytes=1 << 16, model=None, identity=IDENTITY,
+                           shards=(), max_ctx=0)
+    stage = None
+    try:
+        stage = RemoteStage(daemon, context, Timeouts(ready=60, request=15, heartbeat=5, stop=5, spin=spin_us / 1e6),
+                            IDENTITY, span=None)
+        segment = daemon.segment
+        for pos in range(20):
+            x = torch.randn(4, 8)
+            assert torch.equal(stage.forward(x, pos * 4), x)
+            rid = segment.counter("request")
+            # both ways through the mailboxes when spinning (the hello, request 1, always goes over the socket)
+            assert segment.counter("taken") == rid == segment.counter("reply") == (pos + 2 if spin_us else 0)
+        big = torch.randn(64, 1024)  # too large for a slot: payload frames, so ZeroMQ both ways
+        assert torch.equal(stage.forward(big, 80), big)
+        assert segment.counter("taken") == rid
+        assert stage.ping()["pid"] == daemon.pid
+        assert segment.counter("reply") == segment.counter("request") == (rid + 2 if spin_us else 0)
+        assert not segment.waiting("coordinator")
+    finally:
+        if stage is not None:
+            stage.close()
+        daemon.stop(TIMEOUTS)
+        context.destroy(linger=0)
+        remove_runtime_dir(runtime_dir)
+    assert daemon.process.poll() is not None and not daemon.segment.path.exists()
 
 
 def test_daemon_exits_and_cleans_up_when_its_coordinator_goes():

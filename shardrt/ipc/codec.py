@@ -22,16 +22,20 @@ MAX_MESSAGE_BYTES = 1 << 20  # the msgpack part; payloads ride in their own fram
 MAX_FRAMES = 2 + MAX_CAPTURE_LAYERS  # the map, then a reply's output and one frame per capture slice
 
 
+_packer = msgpack.Packer(use_bin_type=True)  # reused: packb would build one per message
+DTYPE_NAME = {dtype: name for name, dtype in DTYPE_NAMES.items()}
+
+
 def encode(message: dict, payloads: list[torch.Tensor] = ()) -> list:
     """Frames for `message`; each tensor in `payloads` becomes one raw frame (no copy on CPU)."""
-    frames: list = [msgpack.packb(message, use_bin_type=True)]
+    frames: list = [_packer.pack(message)]
     for tensor in payloads:
         frames.append(memoryview(tensor.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy()))
     return frames
 
 
 def tensor_ref(tensor: torch.Tensor, **where: int) -> dict:
-    return {"dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape), **where}
+    return {"dtype": DTYPE_NAME[tensor.dtype], "shape": list(tensor.shape), **where}
 
 
 def decode(frames: list) -> dict:
@@ -64,13 +68,13 @@ def frame_tensor(ref: Any, frames: list, field: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape) if expected else torch.empty(shape, dtype=dtype)
 
 
-def ref_tensor(ref: Any, frames: list, field: str, segment, slot: int) -> torch.Tensor:
-    """The tensor a reference names: in `segment`'s `slot`, where the header must agree with
-    the reference, or among the payload frames."""
+def ref_tensor(ref: Any, frames: list, field: str, segment, slot: int, copy: bool = True) -> torch.Tensor:
+    """The tensor a reference names: in `segment`'s `slot` (a copy, or a view of the slot), where
+    the header must agree with the reference, or among the payload frames."""
     if not isinstance(ref, dict) or "shm" not in ref:
         return frame_tensor(ref, frames, field)
     dtype, shape = check_ref(ref, field)
-    x = segment.read(slot, ref["shm"], ref.get("offset", 0))
+    x = segment.read(slot, ref["shm"], ref.get("offset", 0), copy=copy)
     if x.dtype != dtype or list(x.shape) != shape:
         raise IpcError(f"{field}: shared memory holds {x.dtype} {list(x.shape)}, the message says {dtype} {shape}")
     return x
@@ -79,11 +83,11 @@ def ref_tensor(ref: Any, frames: list, field: str, segment, slot: int) -> torch.
 def check_ref(ref: Any, field: str) -> tuple[torch.dtype, list[int]]:
     if not isinstance(ref, dict):
         raise IpcError(f"{field}: {ref!r} is not a tensor reference")
-    dtype = DTYPE_NAMES.get(ref.get("dtype"))
+    name = ref.get("dtype")
+    dtype = DTYPE_NAMES.get(name) if type(name) is str else None
     if dtype is None:
         raise IpcError(f"{field}.dtype: {ref.get('dtype')!r}; accepted: {', '.join(DTYPE_NAMES)}")
     shape = ref.get("shape")
-    if (not isinstance(shape, list) or len(shape) > MAX_RANK
-            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 31 for d in shape)):
+    if type(shape) is not list or len(shape) > MAX_RANK or not all(type(d) is int and 0 <= d < 1 << 31 for d in shape):
         raise IpcError(f"{field}.shape: {shape!r} is not a list of at most {MAX_RANK} sizes")
     return dtype, shape

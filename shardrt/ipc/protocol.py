@@ -10,7 +10,7 @@ from typing import Any
 
 from ..errors import IpcError
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 MAX_TOKENS_PER_FORWARD = 1 << 16
 MAX_CAPTURE_LAYERS = 64
 MAX_KV_SLOTS = 1 << 12
@@ -29,6 +29,7 @@ OPS: dict[str, dict[str, tuple[type, bool]]] = {
     "stats": {},
     "ping": {},
     "shutdown": {},
+    "nudge": {},  # no reply: the request mailbox was rung while the daemon slept on ZeroMQ
 }
 WANTS = ("activation", "argmax", "logits")
 
@@ -41,43 +42,55 @@ class ProtocolError(IpcError):
         self.code = code
 
 
+# per op: the fields a request may carry (besides op and id); checked as a set, once
+ALLOWED = {op: frozenset(fields) | {"op", "id"} for op, fields in OPS.items()}
+
+
 def check_request(message: dict) -> str:
-    """The op of a well-formed request; ProtocolError naming the field otherwise."""
+    """The op of a well-formed request; ProtocolError naming the field otherwise. On the hop's
+    hot path: `type(x) is int` is the integer check (it refuses bools, which isinstance admits)."""
     op = message.get("op")
-    if op not in OPS:
+    fields = OPS.get(op) if type(op) is str else None
+    if fields is None:
         raise ProtocolError("unknown_op", f"op: {op!r} is not one of {', '.join(OPS)}")
     request_id = message.get("id")
-    if not isinstance(request_id, int) or isinstance(request_id, bool):
+    if type(request_id) is not int:
         raise ProtocolError("bad_request", f"id: {request_id!r} is not an integer")
     if not 0 <= request_id < 1 << 63:  # it doubles as the u64 sequence number of the reply's OUT slot
         raise ProtocolError("bad_request", f"id: {request_id} is outside 0..2^63-1")
-    for name, (kind, required) in OPS[op].items():
-        if name not in message:
+    for name, (kind, required) in fields.items():
+        value = message.get(name, _MISSING)
+        if value is _MISSING:
             if required:
                 raise ProtocolError("bad_request", f"{op}.{name}: missing")
             continue
-        value = message[name]
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        if kind is int:
+            if type(value) is not int:
+                raise ProtocolError("bad_request", f"{op}.{name}: {value!r} is not int")
+            if not 0 <= value < 1 << 40:
+                raise ProtocolError("bad_request", f"{op}.{name}: {value} is out of range")
+        elif not isinstance(value, kind):
             raise ProtocolError("bad_request", f"{op}.{name}: {value!r} is not {kind.__name__}")
-        if kind is int and not 0 <= value < 1 << 40:
-            raise ProtocolError("bad_request", f"{op}.{name}: {value} is out of range")
-    unknown = sorted(set(message) - set(OPS[op]) - {"op", "id"})
-    if unknown:
+    if not message.keys() <= ALLOWED[op]:
+        unknown = sorted(str(k) for k in message.keys() - ALLOWED[op])
         raise ProtocolError("bad_request", f"{op}: unknown field {unknown[0]!r}")
-    if op in ("forward", "project"):
+    if op == "forward" or op == "project":
         wants = WANTS if op == "forward" else WANTS[1:]
         if message["want"] not in wants:
             raise ProtocolError("bad_request", f"{op}.want: {message['want']!r} is not one of {', '.join(wants)}")
         if not 1 <= message["n"] <= MAX_TOKENS_PER_FORWARD:
             raise ProtocolError("bad_request", f"{op}.n: {message['n']} is outside 1..{MAX_TOKENS_PER_FORWARD}")
-    capture = message.get("capture", [])
-    if len(capture) > MAX_CAPTURE_LAYERS or not all(
-            isinstance(c, int) and not isinstance(c, bool) and 0 <= c < 1 << 20 for c in capture):
+    capture = message.get("capture")
+    if capture is not None and (len(capture) > MAX_CAPTURE_LAYERS or not all(
+            type(c) is int and 0 <= c < 1 << 20 for c in capture)):
         raise ProtocolError("bad_request", f"forward.capture: {capture!r} is not a list of at most "
                                            f"{MAX_CAPTURE_LAYERS} layer ids")
     if "slot" in message and not message["slot"] < MAX_KV_SLOTS:
         raise ProtocolError("bad_request", f"{op}.slot: {message['slot']} is outside 0..{MAX_KV_SLOTS - 1}")
     return op
+
+
+_MISSING = object()
 
 
 def error_reply(request_id: Any, code: str, message: str) -> dict:

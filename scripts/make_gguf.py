@@ -1,0 +1,135 @@
+"""Write a random-weight GGUF of a real model's shape, so anyone can benchmark a box without
+downloading weights: Llama 3 8B / 1B / 70B bodies (or a tiny one for CI), llama architecture,
+with the tokenizer (and vocabulary size) of another GGUF, the demo model by default.
+
+    python scripts/make_gguf.py OUT.gguf --shape llama3-8b [--layers N] [--type bf16] [--tokenizer-from GGUF]
+
+Tensors are streamed to the file one at a time (drawn on the GPU when there is one), so a 15 GiB
+file needs no more than one tensor's worth of memory. Weights are N(0, 0.02), norms near 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+from tqdm import tqdm
+
+
+@dataclass(frozen=True)
+class Shape:
+    layers: int
+    dim: int
+    heads: int
+    kv_heads: int
+    ffn: int
+    rope_base: float = 500000.0
+
+
+SHAPES = {
+    "tiny": Shape(layers=4, dim=128, heads=4, kv_heads=2, ffn=320, rope_base=10000.0),
+    "llama3-1b": Shape(layers=16, dim=2048, heads=32, kv_heads=8, ffn=8192),
+    "llama3-8b": Shape(layers=32, dim=4096, heads=32, kv_heads=8, ffn=14336),
+    "llama3-70b": Shape(layers=80, dim=8192, heads=64, kv_heads=8, ffn=28672),
+}
+TYPES = {"f32": (GGMLQuantizationType.F32, torch.float32), "f16": (GGMLQuantizationType.F16, torch.float16),
+         "bf16": (GGMLQuantizationType.BF16, torch.bfloat16)}
+NUMPY_BITS = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}
+
+
+def tensor_shapes(shape: Shape, vocab: int) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, torch-order shape) of every tensor, in file order."""
+    head_dim = shape.dim // shape.heads
+    q, kv = shape.heads * head_dim, shape.kv_heads * head_dim
+    out = [("token_embd.weight", (vocab, shape.dim))]
+    for i in range(shape.layers):
+        out += [(f"blk.{i}.attn_norm.weight", (shape.dim,)), (f"blk.{i}.attn_q.weight", (q, shape.dim)),
+                (f"blk.{i}.attn_k.weight", (kv, shape.dim)), (f"blk.{i}.attn_v.weight", (kv, shape.dim)),
+                (f"blk.{i}.attn_output.weight", (shape.dim, q)), (f"blk.{i}.ffn_norm.weight", (shape.dim,)),
+                (f"blk.{i}.ffn_gate.weight", (shape.ffn, shape.dim)), (f"blk.{i}.ffn_up.weight", (shape.ffn, shape.dim)),
+                (f"blk.{i}.ffn_down.weight", (shape.dim, shape.ffn))]
+    return out + [("output_norm.weight", (shape.dim,)), ("output.weight", (vocab, shape.dim))]
+
+
+def random_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator) -> np.ndarray:
+    device = generator.device
+    x = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+    x = 1.0 + 0.1 * x if name.endswith("norm.weight") else 0.02 * x
+    x = x.to(dtype).cpu()
+    return (x.view(torch.uint16) if dtype == torch.bfloat16 else x).numpy().view(NUMPY_BITS[dtype])
+
+
+def write(out: Path, shape: Shape, type_name: str, tokenizer_from: Path, seed: int, progress: bool = True) -> int:
+    qtype, dtype = TYPES[type_name]
+    source = GGUFReader(tokenizer_from)
+    tokens = source.fields["tokenizer.ggml.tokens"]
+    vocab = len(tokens.data)
+    head_dim = shape.dim // shape.heads
+    writer = GGUFWriter(out, "llama")
+    writer.add_name(f"random {shape.layers}-layer llama, dim {shape.dim} ({type_name})")
+    writer.add_block_count(shape.layers)
+    writer.add_context_length(8192)
+    writer.add_embedding_length(shape.dim)
+    writer.add_feed_forward_length(shape.ffn)
+    writer.add_head_count(shape.heads)
+    writer.add_head_count_kv(shape.kv_heads)
+    writer.add_rope_freq_base(shape.rope_base)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(vocab)
+    for key, field in source.fields.items():
+        if key.startswith("tokenizer."):
+            sub_type = field.types[1] if field.types[0] == GGUFValueType.ARRAY else None
+            writer.add_key_value(key, field.contents(), field.types[0], sub_type)
+    names = tensor_shapes(shape, vocab)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    for name, dims in names:
+        writer.add_tensor_info(name, dims, np.dtype(NUMPY_BITS[dtype]), int(np.prod(dims)) * itemsize, raw_dtype=qtype)
+    writer.write_header_to_file(out)
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    generator = torch.Generator("cuda" if torch.cuda.is_available() else "cpu").manual_seed(seed)
+    total = sum(int(np.prod(d)) * itemsize for _, d in names)
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {out.name}", disable=not progress) as bar:
+        for name, dims in names:
+            data = random_tensor(name, dims, dtype, generator)
+            writer.write_tensor_data(data)
+            bar.update(data.nbytes)
+    writer.close()
+    return total
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
+    parser.add_argument("--layers", type=int, help="how many layers (default: the shape's own)")
+    parser.add_argument("--type", choices=sorted(TYPES), default="bf16", help="tensor type of every weight")
+    parser.add_argument("--tokenizer-from", type=Path, help="GGUF whose tokenizer to copy (default: the demo model)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    shape = SHAPES[args.shape]
+    if args.layers is not None:
+        if args.layers <= 0:
+            parser.error(f"--layers: {args.layers} is not a positive number of layers")
+        shape = replace(shape, layers=args.layers)
+    if args.tokenizer_from is None:
+        from shardrt.demo_model import demo_model_path
+
+        args.tokenizer_from = demo_model_path()
+    if not args.tokenizer_from.is_file():
+        parser.error(f"--tokenizer-from: {str(args.tokenizer_from)!r} is not a file")
+    t0 = time.perf_counter()
+    total = write(args.out, shape, args.type, args.tokenizer_from, args.seed)
+    print(f"wrote {args.out} ({total / (1 << 30):.2f} GiB of weights) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""Whether a tensor goes to a Triton kernel: Triton must import, and the tensor must be on a GPU
+(or Triton's interpreter must be on, `TRITON_INTERPRET=1`, which runs kernels on the CPU for
+tests). `SHARDRT_KERNELS=torch` sends every op to its torch reference."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # a CPU-only torch build ships no Triton: the references run instead
+    triton, tl = None, None
+
+KERNELS_ENV = "SHARDRT_KERNELS"
+CHOICES = ("triton", "torch")
+
+
+def kernels_choice() -> str:
+    value = os.environ.get(KERNELS_ENV, "triton")
+    if value not in CHOICES:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"{KERNELS_ENV}: {value!r} is not one of {', '.join(CHOICES)}")
+    return value
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    if kernels_choice() == "torch" or triton is None:
+        return False
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """float32 dots in full precision (tf32 would part ways with the CPU path); others as they are."""
+    return "ieee" if dtype == torch.float32 else "tf32"

@@ -1,0 +1,144 @@
+"""Attention of a few new tokens (decode, speculative verify) over the KV cache, with the
+positions as a device tensor, so one captured graph serves every step.
+
+Split-KV ("flash decoding"): the cache is cut into chunks, one program per (kv head, chunk)
+computes a partial softmax for every query of that kv head's group, and a second kernel
+combines the partials. Only chunks up to the furthest query position are read, so a step costs
+the live context, not max_ctx.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ._triton import dot_precision, tl, triton, use_triton
+
+MAX_QUERY_TOKENS = 16  # decode and verify; prefill goes through scaled_dot_product_attention
+BLOCK_N = 64
+MAX_SPLITS = 256
+
+
+def attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        positions: torch.Tensor, scale: float) -> torch.Tensor:
+    n_heads, n_kv_heads, ctx = q.shape[1], k_cache.shape[0], k_cache.shape[1]
+    seen = torch.arange(ctx, device=q.device)[None, :] <= positions[:, None]
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k_cache[None], v_cache[None],
+                                         attn_mask=seen[None, None], scale=scale, enable_gqa=n_heads != n_kv_heads)
+    return out[0].transpose(0, 1)
+
+
+def kernel_takes(q: torch.Tensor) -> bool:
+    """Whether `cached_attention` runs the kernel for these queries (else the reference)."""
+    return use_triton(q) and q.shape[0] <= MAX_QUERY_TOKENS
+
+
+def split_size(ctx: int) -> tuple[int, int]:
+    """(keys per chunk, number of chunks) for a cache of `ctx` positions."""
+    chunk = max(BLOCK_N, _cdiv(_cdiv(ctx, MAX_SPLITS), BLOCK_N) * BLOCK_N)
+    return chunk, _cdiv(ctx, chunk)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
+              scale: float | None = None) -> torch.Tensor:
+    """q [n, heads, head_dim] at `positions` [n] (int64, on q's device); k/v_cache
+    [kv_heads, max_ctx, head_dim]. Query i sees keys 0..positions[i]. Returns [n, heads, head_dim]."""
+    n, n_heads, head_dim = q.shape
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    if not kernel_takes(q):
+        return attention_reference(q, k_cache, v_cache, positions, scale)
+    n_kv_heads, ctx = k_cache.shape[0], k_cache.shape[1]
+    group = n_heads // n_kv_heads
+    rows = n * group
+    chunk, splits = split_size(ctx)
+    partial = torch.empty((n_kv_heads, splits, rows, head_dim), dtype=torch.float32, device=q.device)
+    max_sum = torch.empty((n_kv_heads, splits, rows, 2), dtype=torch.float32, device=q.device)
+    out = torch.empty_like(q)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    _attention_split_kernel[(n_kv_heads, splits)](
+        q, k_cache, v_cache, positions, partial, max_sum,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        rows, splits, chunk, head_dim, scale,
+        GROUP=group, BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=BLOCK_N, BLOCK_D=block_d,
+        PRECISION=dot_precision(q.dtype), num_warps=4,
+    )
+    _attention_combine_kernel[(n_kv_heads, rows)](
+        partial, max_sum, positions, out, out.stride(0), out.stride(1), rows, splits, chunk, head_dim,
+        GROUP=group, BLOCK_D=block_d, num_warps=1,
+    )
+    return out
+
+
+if triton is not None:
+    @triton.jit
+    def _attention_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, ms_ptr,
+                                stride_qt, stride_qh, stride_kh, stride_kt, stride_vh, stride_vt,
+                                n_rows, n_splits, chunk, head_dim, scale,
+                                GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+        kv_head, split = tl.program_id(0), tl.program_id(1)
+        rows = tl.arange(0, BLOCK_M)  # row r: token r // GROUP, q head kv_head * GROUP + r % GROUP
+        row_ok = rows < n_rows
+        token = rows // GROUP
+        pos = tl.load(pos_ptr + token, mask=row_ok, other=-1)
+        start = split * chunk
+        end = tl.minimum(start + chunk, tl.max(pos, axis=0) + 1)
+        if start < end:  # chunks past every query's position are neither read nor combined
+            d = tl.arange(0, BLOCK_D)
+            d_ok = d < head_dim
+            q_rows = token * stride_qt + (kv_head * GROUP + rows % GROUP) * stride_qh
+            q = tl.load(q_ptr + q_rows[:, None] + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            total = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+            for first in range(start, end, BLOCK_N):
+                keys = first + tl.arange(0, BLOCK_N)
+                key_ok = keys < end
+                kv_mask = key_ok[:, None] & d_ok[None, :]
+                k = tl.load(k_ptr + kv_head * stride_kh + keys[:, None] * stride_kt + d[None, :], mask=kv_mask, other=0.0)
+                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+                s = tl.where((keys[None, :] <= pos[:, None]) & key_ok[None, :], s, float("-inf"))
+                m_new = tl.maximum(m, tl.max(s, axis=1))
+                m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet
+                p = tl.exp(s - m_ref[:, None])
+                alpha = tl.exp(m - m_ref)
+                total = total * alpha + tl.sum(p, axis=1)
+                v = tl.load(v_ptr + kv_head * stride_vh + keys[:, None] * stride_vt + d[None, :], mask=kv_mask, other=0.0)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+                m = m_new
+            base = (kv_head * n_splits + split) * n_rows + rows
+            tl.store(o_ptr + base[:, None] * head_dim + d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
+            tl.store(ms_ptr + base * 2, m, mask=row_ok)
+            tl.store(ms_ptr + base * 2 + 1, total, mask=row_ok)
+
+    @triton.jit
+    def _attention_combine_kernel(o_ptr, ms_ptr, pos_ptr, out_ptr, stride_ot, stride_oh,
+                                  n_rows, n_splits, chunk, head_dim,
+                                  GROUP: tl.constexpr, BLOCK_D: tl.constexpr):
+        kv_head, row = tl.program_id(0), tl.program_id(1)
+        token = row // GROUP
+        used = tl.load(pos_ptr + token) // chunk + 1  # the chunks holding keys 0..pos
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < head_dim
+        acc = tl.zeros([BLOCK_D], tl.float32)
+        total = 0.0
+        m = float("-inf")
+        for split in range(0, used):
+            base = (kv_head * n_splits + split) * n_rows + row
+            m_s = tl.load(ms_ptr + base * 2)
+            total_s = tl.load(ms_ptr + base * 2 + 1)
+            o_s = tl.load(o_ptr + base * head_dim + d, mask=d_ok, other=0.0)
+            m_new = tl.maximum(m, m_s)
+            a, b = tl.exp(m - m_new), tl.exp(m_s - m_new)
+            acc = acc * a + o_s * b
+            total = total * a + total_s * b
+            m = m_new
+        out = acc / total
+        dst = out_ptr + token * stride_ot + (kv_head * GROUP + row % GROUP) * stride_oh + d
+        tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=d_ok)

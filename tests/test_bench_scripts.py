@@ -1,0 +1,55 @@
+"""The benchmark scripts run end to end on the CPU, as anyone would first try them: the random
+GGUF writer against transformers, and the GPU benchmark's tiny CPU mode, whose one JSON line
+must hold every placement and measurement it promises."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from shardrt.stage import Stage
+
+from .oracle import hf_last_logits, load_hf_model
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+def run_script(*args: str, timeout: float = 300) -> str:
+    done = subprocess.run([sys.executable, str(SCRIPTS / args[0]), *args[1:]], capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_make_gguf_writes_a_model_transformers_reads_alike(tmp_path, demo_model):
+    out = tmp_path / "tiny.gguf"
+    run_script("make_gguf.py", str(out), "--shape", "tiny", "--layers", "3", "--tokenizer-from", str(demo_model))
+    stage = Stage(out, 0, 3, "cpu", max_ctx=64)
+    assert stage.cfg.n_layers == 3 and stage.cfg.dim == 128 and stage.cfg.vocab_size == 49152
+    ids = [1, 17, 400, 5000, 49151]
+    want = hf_last_logits(load_hf_model(out), ids)
+    got = stage.forward(torch.tensor(ids), 0)[0]
+    assert (got - want).abs().max().item() < 1e-4
+
+
+def test_bench_gpu_runs_on_the_cpu_with_a_tiny_shape(tmp_path):
+    line = run_script("bench_gpu.py", "--device", "cpu", "--shape", "tiny", "--prompt-tokens", "48",
+                      "--decode-tokens", "8", "--hop-iters", "50", "--workdir", str(tmp_path))
+    report = json.loads(line)
+    assert report["bench"] == "gpu" and report["device"] == "cpu" and report["prompt_tokens"] == 48
+    assert report["reference"]["decode_tok_s"] > 0
+    assert set(report["placements"]) == {"one", "split", "all_daemons", "one_eager"}
+    for name, placement in report["placements"].items():
+        assert placement["decode_tok_s"] > 0 and placement["ttft_first_s"] > 0, name
+        # float32 on one CPU: every placement computes the reference's greedy tokens
+        assert placement["same_tokens_as_reference"] == 8, name
+        for stage in placement["stages"]:
+            assert stage["steps"] == 7 and stage["ms_per_step"] > 0 and stage["graph_steps"] == 0
+    assert [s["in"] for s in report["placements"]["all_daemons"]["stages"]] == ["daemon", "daemon"]
+    assert report["hop_8KiB_us"]["p50"] > 0
+    assert report["ratios"]["split_over_one"] > 0
+    assert not list(tmp_path.iterdir())  # the random GGUF went with its temporary directory
