@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from . import kernels
 from .errors import ModelFormatError
@@ -143,10 +144,10 @@ class Block:
         if step.base_pos is None or kernels.attention.kernel_takes(q):
             return kernels.cached_attention(q, k_cache, v_cache, step.positions, self.scale)
         end = step.base_pos + n
-        mask = None
-        if n > 1:  # query i sees keys up to base_pos + i
-            key_pos = torch.arange(end, device=q.device)
-            mask = key_pos[None, :] <= step.positions[:, None]
+        # query i sees keys up to base_pos + i: causal, aligned to the last key. A bias object, not
+        # a mask tensor, so flash attention serves it (a mask tensor sends it to a backend that
+        # plans anew for every new key length, tens of ms each on a GPU)
+        mask = causal_lower_right(n, end) if n > 1 else None
         attn = F.scaled_dot_product_attention(
             q.transpose(0, 1)[None], k_cache[None, :, :end], v_cache[None, :, :end], attn_mask=mask,
             scale=self.scale, enable_gqa=cfg.n_heads != cfg.n_kv_heads,

@@ -9,6 +9,7 @@ within the heartbeat timeout, and each names the stage.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import time
 
@@ -25,6 +26,7 @@ from .lifecycle import DaemonProcess, Timeouts
 from .stage import Captured
 
 POLL_MS = 20
+RECENT = 4096  # forward timings kept for percentiles (the daemon keeps as many)
 
 
 class RemoteStage:
@@ -36,6 +38,7 @@ class RemoteStage:
         self.length = 0
         # forwards as this side sees them: from sending the request (its input written) to the reply
         self.forwards, self.forward_seconds = 0, 0.0
+        self.recent_forwards = collections.deque(maxlen=RECENT)  # seconds, the latest last
         self._ids = itertools.count(1)
         self.socket = context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
@@ -174,6 +177,7 @@ class RemoteStage:
         if message["op"] == "forward":
             self.forwards += 1
             self.forward_seconds += time.perf_counter() - t0
+            self.recent_forwards.append(time.perf_counter() - t0)
         if not reply.get("ok"):
             error = reply.get("error") or {}
             code, text = error.get("code", "?"), error.get("message", "no message")

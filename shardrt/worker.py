@@ -7,6 +7,7 @@ the protocol until told to shut down or until its coordinator dies (EOF on the d
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ from .placement import parse_device
 log = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 0.2
+RECENT_REQUESTS = 4096  # per-forward handling times kept for the `stats` reply
 EXIT_BACKEND_MISMATCH = 3
 PINNED_ENV_KEYS = ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES")
 
@@ -128,6 +130,7 @@ class ShardServer:
         self.spec, self.segment, self.stages = spec, segment, stages
         self.forwards, self.forward_seconds = 0, 0.0
         self.request_seconds = 0.0  # forwards from taking the request to sending the reply
+        self.recent_requests = collections.deque(maxlen=RECENT_REQUESTS)  # the same, per forward, in µs
         self.started = time.time()
 
     def hello_reply(self) -> dict:
@@ -175,7 +178,7 @@ class ShardServer:
             return {"id": rid, "ok": True}, [], False
         if op == "stats":
             return {"id": rid, "ok": True, "forwards": self.forwards, "forward_seconds": self.forward_seconds,
-                    "request_seconds": self.request_seconds,
+                    "request_seconds": self.request_seconds, "recent_request_us": list(self.recent_requests),
                     "length": self.stages[-1].length if self.stages else 0, "rss_bytes": _rss(),
                     "cover": [str(s.cover) for s in self.stages if hasattr(s, "cover")],
                     "stages": [s.stats() for s in self.stages if hasattr(s, "stats")]}, [], False
@@ -358,7 +361,9 @@ def serve(spec: DaemonSpec) -> int:
             reply = error_reply(rid, "internal", f"{type(exc).__name__}: {exc}")
         frames = encode(reply, payloads)
         if reply.get("ok") and message.get("op") == "forward":  # up to the send: the reader may run first
-            server.request_seconds += time.perf_counter() - taken
+            elapsed = time.perf_counter() - taken
+            server.request_seconds += elapsed
+            server.recent_requests.append(round(elapsed * 1e6, 1))
         doorbell.reply(peer, reply["id"], frames)
         if stop:
             break
