@@ -168,7 +168,8 @@ def stage_rows(cluster: Cluster, prompt: list[int], steps: int) -> list[dict]:
         row = {"stage": stage.description if remote else f"{stage.span} on {stage.device}",
                "in": "daemon" if remote else "coordinator", "steps": now["forwards"] - was["forwards"],
                "ms_per_step": round(per_step_us("compute_s") / 1e3, 3),
-               "graph_steps": now["graph_forwards"] - was["graph_forwards"]}
+               "graph_steps": now["graph_forwards"] - was["graph_forwards"],
+               "weight_gib": round(now["weight_bytes"] / 2**30, 3)}
         if remote:
             row["hop_us"] = hop_percentiles(stage, now["recent_request_us"], steps)
             row["daemon_overhead_us"] = round(per_step_us("request_s") - per_step_us("compute_s"), 1)
@@ -190,18 +191,21 @@ def stats_of(stage) -> dict:
         inner = reply["stages"]
         return {"forwards": stage.forwards, "wall_s": stage.forward_seconds, "compute_s": reply["forward_seconds"],
                 "request_s": reply["request_seconds"], "recent_request_us": reply["recent_request_us"],
+                "weight_bytes": sum(s["weight_bytes"] for s in inner),
+                "allocated_bytes": max((s.get("device_allocated_bytes", 0) for s in inner), default=0),
                 "graph_forwards": sum(s.get("graph_forwards", 0) for s in inner),
                 "profile": [s.get("graphs", {}).get("profile") for s in inner]}
     s = stage.stats()
     return {"forwards": s["forwards"], "wall_s": s["forward_seconds"], "compute_s": s["forward_seconds"],
-            "request_s": s["forward_seconds"],
+            "request_s": s["forward_seconds"], "weight_bytes": s["weight_bytes"],
+            "allocated_bytes": s.get("device_allocated_bytes", 0),
             "graph_forwards": s["graph_forwards"], "profile": [s.get("graphs", {}).get("profile")]}
 
 
 def run_placement(model: Path, tokenizer: Tokenizer, prompt: list[int], devices: str, *, all_daemons: bool,
-                  graphs: bool, decode_tokens: int, max_ctx: int, dtype: str) -> dict:
+                  graphs: bool, decode_tokens: int, max_ctx: int, dtype: str, weights: str = "quantized") -> dict:
     config = LaunchConfig(devices=parse_devices(devices), all_daemons=all_daemons, graphs=graphs, max_ctx=max_ctx,
-                          dtype=dtype, prefix_cache_slots=0).with_defaults()
+                          dtype=dtype, prefix_cache_slots=0, weights=weights).with_defaults()
     params = SamplingParams(max_tokens=decode_tokens, temperature=0.0, ignore_eos=True)
     t0 = time.perf_counter()
     with Cluster(config, model) as cluster:
@@ -215,6 +219,7 @@ def run_placement(model: Path, tokenizer: Tokenizer, prompt: list[int], devices:
             "decode_tok_s": round(warm.decode_tokens_per_s, 2),
             "ttft_first_s": round(first.prefill_seconds, 4), "ttft_warm_s": round(warm.prefill_seconds, 4),
             "first_over_warm_prefill": round(first.prefill_seconds / warm.prefill_seconds, 2),
+            "prefill_tok_s": round(len(prompt) / warm.prefill_seconds, 1),
             "stages": rows, "tokens": warm.tokens}
 
 

@@ -4,13 +4,17 @@ with the tokenizer (and vocabulary size) of another GGUF, the demo model by defa
 
     python scripts/make_gguf.py OUT.gguf --shape llama3-8b [--layers N] [--type bf16] [--tokenizer-from GGUF]
 
-Tensors are streamed to the file one at a time (drawn on the GPU when there is one), so a 15 GiB
-file needs no more than one tensor's worth of memory. Weights are N(0, 0.02), norms near 1.
+--type: f32, f16, bf16 (weights N(0, 0.02)), or quantized: q8_0, q4_0, q6_k, and q4_k_m (Q4_K, with
+attn_v, ffn_down and the output in Q6_K, as llama.cpp's Q4_K_M mostly is). Quantized tensors
+are random blocks whose scales are set to give weights of about that spread. Norms are near 1,
+in F32. Tensors are streamed to the file one at a time (drawn on the GPU when there is one), so
+a 40 GiB file needs no more than one tensor's worth of memory.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -18,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 from tqdm import tqdm
 
 
@@ -33,14 +37,30 @@ class Shape:
 
 
 SHAPES = {
-    "tiny": Shape(layers=4, dim=128, heads=4, kv_heads=2, ffn=320, rope_base=10000.0),
+    "tiny": Shape(layers=4, dim=256, heads=4, kv_heads=2, ffn=512, rope_base=10000.0),  # K-quant rows: 256s
     "llama3-1b": Shape(layers=16, dim=2048, heads=32, kv_heads=8, ffn=8192),
     "llama3-8b": Shape(layers=32, dim=4096, heads=32, kv_heads=8, ffn=14336),
     "llama3-70b": Shape(layers=80, dim=8192, heads=64, kv_heads=8, ffn=28672),
 }
-TYPES = {"f32": (GGMLQuantizationType.F32, torch.float32), "f16": (GGMLQuantizationType.F16, torch.float16),
-         "bf16": (GGMLQuantizationType.BF16, torch.bfloat16)}
+Q = GGMLQuantizationType
+FLOAT_TYPES = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
 NUMPY_BITS = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}
+SIX_BIT_TENSORS = ("attn_v.weight", "ffn_down.weight", "output.weight")  # Q6_K in q4_k_m
+
+
+def tensor_type(type_name: str, name: str) -> Q:
+    """The GGUF type a tensor is written in under --type `type_name`."""
+    if name.endswith("norm.weight"):
+        return Q.F32
+    if type_name == "q4_k_m":
+        return Q.Q6_K if name.endswith(SIX_BIT_TENSORS) else Q.Q4_K
+    return Q[type_name.upper()]
+
+
+TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q6_k", "q4_k_m")
+# where each type's f16 scales sit in its block (byte offsets), and a value giving weights of
+# roughly N(0, 0.02) spread with random quants (the rest of each block is random bytes)
+SCALE_FIELDS = {Q.Q8_0: ((0, 2.7e-4),), Q.Q4_0: ((0, 4.5e-3),), Q.Q4_K: ((0, 1e-4), (2, 4e-4)), Q.Q6_K: ((208, 2e-5),)}
 
 
 def tensor_shapes(shape: Shape, vocab: int) -> list[tuple[str, tuple[int, ...]]]:
@@ -57,8 +77,18 @@ def tensor_shapes(shape: Shape, vocab: int) -> list[tuple[str, tuple[int, ...]]]
     return out + [("output_norm.weight", (shape.dim,)), ("output.weight", (vocab, shape.dim))]
 
 
-def random_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator) -> np.ndarray:
+def random_tensor(name: str, shape: tuple[int, ...], qtype: Q, generator: torch.Generator) -> np.ndarray:
+    """The tensor's bytes as the writer takes them: floats, or uint8 blocks [rows, row_bytes]."""
     device = generator.device
+    if qtype not in FLOAT_TYPES:
+        block_elems, block_bytes = GGML_QUANT_SIZES[qtype]
+        blocks = torch.randint(0, 256, (math.prod(shape) // block_elems, block_bytes), generator=generator,
+                               device=device, dtype=torch.uint8)
+        for at, value in SCALE_FIELDS[qtype]:
+            scale = torch.full((blocks.shape[0],), value, dtype=torch.float16, device=device)
+            blocks[:, at : at + 2] = scale.view(torch.uint8).view(-1, 2)
+        return blocks.cpu().numpy().reshape(shape[0], -1)
+    dtype = FLOAT_TYPES[qtype]
     x = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
     x = 1.0 + 0.1 * x if name.endswith("norm.weight") else 0.02 * x
     x = x.to(dtype).cpu()
@@ -66,7 +96,8 @@ def random_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, generat
 
 
 def write(out: Path, shape: Shape, type_name: str, tokenizer_from: Path, seed: int, progress: bool = True) -> int:
-    qtype, dtype = TYPES[type_name]
+    if type_name not in TYPES:
+        raise ValueError(f"--type: {type_name!r} is not one of {', '.join(TYPES)}")
     source = GGUFReader(tokenizer_from)
     tokens = source.fields["tokenizer.ggml.tokens"]
     vocab = len(tokens.data)
@@ -88,17 +119,26 @@ def write(out: Path, shape: Shape, type_name: str, tokenizer_from: Path, seed: i
             sub_type = field.types[1] if field.types[0] == GGUFValueType.ARRAY else None
             writer.add_key_value(key, field.contents(), field.types[0], sub_type)
     names = tensor_shapes(shape, vocab)
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    sizes = []
     for name, dims in names:
-        writer.add_tensor_info(name, dims, np.dtype(NUMPY_BITS[dtype]), int(np.prod(dims)) * itemsize, raw_dtype=qtype)
+        qtype = tensor_type(type_name, name)
+        if qtype in FLOAT_TYPES:
+            dtype = FLOAT_TYPES[qtype]
+            nbytes = math.prod(dims) * torch.empty((), dtype=dtype).element_size()
+            writer.add_tensor_info(name, dims, np.dtype(NUMPY_BITS[dtype]), nbytes, raw_dtype=qtype)
+        else:
+            block_elems, block_bytes = GGML_QUANT_SIZES[qtype]
+            nbytes = math.prod(dims) // block_elems * block_bytes
+            writer.add_tensor_info(name, (dims[0], nbytes // dims[0]), np.dtype(np.uint8), nbytes, raw_dtype=qtype)
+        sizes.append(nbytes)
     writer.write_header_to_file(out)
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     generator = torch.Generator("cuda" if torch.cuda.is_available() else "cpu").manual_seed(seed)
-    total = sum(int(np.prod(d)) * itemsize for _, d in names)
+    total = sum(sizes)
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {out.name}", disable=not progress) as bar:
         for name, dims in names:
-            data = random_tensor(name, dims, dtype, generator)
+            data = random_tensor(name, dims, tensor_type(type_name, name), generator)
             writer.write_tensor_data(data)
             bar.update(data.nbytes)
     writer.close()
@@ -110,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
     parser.add_argument("--layers", type=int, help="how many layers (default: the shape's own)")
-    parser.add_argument("--type", choices=sorted(TYPES), default="bf16", help="tensor type of every weight")
+    parser.add_argument("--type", choices=TYPES, default="bf16", help="tensor types (see above)")
     parser.add_argument("--tokenizer-from", type=Path, help="GGUF whose tokenizer to copy (default: the demo model)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

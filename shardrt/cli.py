@@ -30,6 +30,9 @@ def _add_placement_args(p: argparse.ArgumentParser) -> None:
                    help="compute dtype: auto (default: float32 on CPU, bf16 on GPU), float32, bfloat16, float16")
     p.add_argument("--no-graphs", action="store_true",
                    help="run GPU stages eagerly, without captured graphs (for debugging and comparison)")
+    p.add_argument("--weights", default=None, metavar="HOW",
+                   help="dequantized (default: every weight in the compute dtype) or quantized (GPU stages keep "
+                        "GGUF blocks of Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K: about a quarter of the memory)")
 
 
 def _add_spec_args(p: argparse.ArgumentParser) -> None:
@@ -143,7 +146,8 @@ def cmd_plan(args) -> int:
     table = [{
         "backend": r.shard.device.backend, "device": str(r.shard.device), "process": r.process.label,
         "local_device": r.process.local_index(r.shard.device) if r.shard.device.is_gpu else None,
-        "pinned_env": r.process.child_env(), "layers": str(r.span), "weight_bytes": r.weight_bytes, "cover": r.cover,
+        "pinned_env": r.process.child_env(), "layers": str(r.span), "weight_bytes": r.weight_bytes,
+        "device_weight_bytes": r.device_bytes, "cover": r.cover,
         "python": config.pythons.get(r.process.backend, "this interpreter") if not r.process.in_process else "coordinator",
     } for r in rows]
     if args.json:
@@ -151,11 +155,11 @@ def cmd_plan(args) -> int:
                           "missing": [str(d) for d in absent]}))
         return 0
     print(f"model {model.name}: {cfg.arch}, {cfg.n_layers} layers, max_ctx {config.max_ctx}")
-    headers = ("backend", "device", "process", "pinned env", "layers", "weights", "span cover")
+    headers = ("backend", "device", "process", "pinned env", "layers", "weights on device", "span cover")
     cells = [(t["backend"], t["device"] + (f" (local {t['local_device']})" if t["local_device"] is not None
                                             and t["process"] != "coordinator" else ""),
               t["process"], " ".join(f"{k}={v}" for k, v in t["pinned_env"].items()) or "-", t["layers"],
-              f"{t['weight_bytes'] / (1 << 20):.1f} MiB", t["cover"]) for t in table]
+              f"{t['device_weight_bytes'] / (1 << 20):.1f} MiB", t["cover"]) for t in table]
     widths = [max(len(str(c)) for c in col) for col in zip(headers, *cells)]
     for line in (headers, *cells):
         print("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip())

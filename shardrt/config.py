@@ -18,7 +18,8 @@ from .placement import BACKENDS, DeviceSpec, parse_device, parse_devices, parse_
 
 MIN_SHARED_BYTES = 64 * 1024
 SHARED_BYTES_ENV = "SHARDRT_IPC_SHARED_BYTES"
-TOP_KEYS = {"model", "max_ctx", "dtype", "graphs", "backends", "target", "draft", "ipc"}
+TOP_KEYS = {"model", "max_ctx", "dtype", "graphs", "weights", "backends", "target", "draft", "ipc"}
+WEIGHTS = ("quantized", "dequantized")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 TARGET_KEYS = {"devices", "layer_split", "isolate_gpus", "all_daemons"}
 IPC_KEYS = {"shared_bytes"}
@@ -75,6 +76,7 @@ class LaunchConfig:
     shared_bytes: int | None = None  # None: auto
     dtype: str = "auto"  # compute dtype; auto: float32 on CPU, bf16 (else fp16) on GPUs
     graphs: bool = True  # GPU stages replay captured graphs for decode and verify steps
+    weights: str = "dequantized"  # or "quantized": GPU stages keep GGUF blocks of the types with a kernel
     draft: DraftConfig | None = None
     prefix_cache_slots: int = 16
 
@@ -125,6 +127,12 @@ def parse_shared_bytes(value: Any, where: str) -> int | None:
         raise ConfigError(f"{where}: {value!r} is not a byte count (e.g. 8M, 1048576) or 'auto'")
     if value < MIN_SHARED_BYTES:
         raise ConfigError(f"{where}: {value} bytes is too small; at least {MIN_SHARED_BYTES} (64K)")
+    return value
+
+
+def parse_weights(value: Any, where: str) -> str:
+    if value not in WEIGHTS:
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(WEIGHTS)}")
     return value
 
 
@@ -189,6 +197,7 @@ def load_yaml(path: str | Path) -> LaunchConfig:
         max_ctx=_positive_int(doc["max_ctx"], "max_ctx") if "max_ctx" in doc else LaunchConfig.max_ctx,
         dtype=parse_dtype(doc.get("dtype", "auto"), "dtype"),
         graphs=_bool(doc.get("graphs", True), "graphs"),
+        weights=parse_weights(doc.get("weights", "dequantized"), "weights"),
         devices=devices,
         layer_split=split,
         isolate_gpus=_bool(target.get("isolate_gpus", True), "target.isolate_gpus"),
@@ -224,6 +233,8 @@ def from_args(args) -> LaunchConfig:
         updates["isolate_gpus"] = args.isolate_gpus
     if getattr(args, "no_graphs", False):
         updates["graphs"] = False
+    if getattr(args, "weights", None) is not None:
+        updates["weights"] = parse_weights(args.weights, "--weights")
     if args.all_daemons:
         updates["all_daemons"] = True
     updates["draft"] = _draft_from_args(args, config.draft)

@@ -19,6 +19,7 @@ from gguf.quants import dequantize
 
 from .errors import ModelFormatError
 from .gguf_file import GGUFFile, TensorInfo
+from .kernels import quant
 from .model import ModelConfig, block_tensor_names, block_weights
 
 log = logging.getLogger(__name__)
@@ -157,11 +158,26 @@ def check_shape(gguf: GGUFFile, cfg: ModelConfig, name: str) -> None:
         )
 
 
-class StageWeights:
-    """Reads a stage's tensors into torch, counting the file bytes it touched."""
+def device_weight_bytes(gguf: GGUFFile, names: list[str], dtype_bytes: int, quantized: bool) -> int:
+    """Bytes the tensors `names` take on a device: as stored for a type the kernels read (with
+    `quantized`), else dequantized to a dtype of `dtype_bytes` per element."""
+    total = 0
+    for name in names:
+        info = require_tensor(gguf, name)
+        if quantized and len(info.shape) == 2 and quant.has_kernel(info.qtype):
+            total += quant.device_bytes(info.qtype, info.shape[1], info.shape[0])
+        else:
+            total += info.n_elements * dtype_bytes
+    return total
 
-    def __init__(self, gguf: GGUFFile, cfg: ModelConfig, span: LayerSpan, prefetch: bool = True):
-        self.gguf, self.cfg, self.span = gguf, cfg, span
+
+class StageWeights:
+    """Reads a stage's tensors into torch, counting the file bytes it touched. With `quantized`,
+    matrices of a type the kernels read stay in their GGUF blocks on a GPU (kernels.quant)."""
+
+    def __init__(self, gguf: GGUFFile, cfg: ModelConfig, span: LayerSpan, prefetch: bool = True,
+                 quantized: bool = False):
+        self.gguf, self.cfg, self.span, self.quantized = gguf, cfg, span, quantized
         self.names = stage_tensor_names(cfg, span)
         self.cover = span_cover(gguf, self.names)
         for name in self.names:
@@ -173,20 +189,39 @@ class StageWeights:
     def load(self, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         return self.load_stacked((name,), device, dtype)
 
-    def load_stacked(self, names: tuple[str, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    def load_stacked(self, names: tuple[str, ...], device: torch.device, dtype: torch.dtype):
         """The tensors `names` stacked along their first (torch) dimension, in one new tensor
-        on `device`: one allocation there, no intermediate copy of the whole."""
-        parts = []
-        for name in names:
-            info = require_tensor(self.gguf, name)
-            self.bytes_read += info.n_bytes
-            parts.append(host_tensor(self.gguf, info))
+        on `device`: one allocation there, no intermediate copy of the whole. Quantized matrices
+        stay quantized where `quantized` allows: one QuantizedWeight, or a tuple of parts when
+        their types differ."""
+        infos = [require_tensor(self.gguf, name) for name in names]
+        self.bytes_read += sum(info.n_bytes for info in infos)
+        if self.quantized and device.type != "cpu" and len(infos[0].shape) == 2 \
+                and any(quant.has_kernel(info.qtype) for info in infos):
+            return self._quantized(infos, device, dtype)
+        parts = [host_tensor(self.gguf, info) for info in infos]
         out = torch.empty((sum(p.shape[0] for p in parts), *parts[0].shape[1:]), dtype=dtype, device=device)
         row = 0
         for part in parts:
             out[row : row + part.shape[0]].copy_(part)
             row += part.shape[0]
         return out
+
+    def _quantized(self, infos: list[TensorInfo], device: torch.device, dtype: torch.dtype):
+        parts = []
+        for info in infos:
+            check_type(info)
+            if quant.has_kernel(info.qtype):
+                cols, rows = info.shape
+                raw = np.frombuffer(self.gguf.tensor_bytes(info), dtype=np.uint8).reshape(rows, -1)
+                parts.append(quant.quantized_weight(raw, info.qtype, cols, device))
+            else:
+                parts.append(host_tensor(self.gguf, info).to(device=device, dtype=dtype))
+        if len(parts) == 1:
+            return parts[0]
+        if all(isinstance(p, quant.QuantizedWeight) and p.qtype == parts[0].qtype for p in parts):
+            return quant.stack(parts)
+        return tuple(parts)
 
     def load_block(self, layer: int, device, dtype) -> dict[str, torch.Tensor]:
         """A Block's weights, q/k/v and gate/up stacked (see model.BLOCK_WEIGHTS)."""

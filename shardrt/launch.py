@@ -12,7 +12,7 @@ from pathlib import Path
 from .config import LaunchConfig
 from .errors import ConfigError, ShardrtError
 from .gguf_file import GGUFFile
-from .gguf_loader import LayerSpan, StageWeights
+from .gguf_loader import LayerSpan, StageWeights, device_weight_bytes
 from .lifecycle import DaemonProcess, Timeouts, make_runtime_dir, remove_runtime_dir
 from .model import ModelConfig
 from .pipeline import Pipeline
@@ -33,7 +33,8 @@ class ShardRow:
     shard: Shard
     process: ProcessPlan
     span: LayerSpan
-    weight_bytes: int
+    weight_bytes: int  # in the file
+    device_bytes: int  # on the device: quantized blocks as stored, or dequantized to the compute dtype
     cover: str
 
 
@@ -65,7 +66,11 @@ def plan_rows(config: LaunchConfig, gguf: GGUFFile, cfg: ModelConfig) -> list[Sh
     for shard in shards:
         span = LayerSpan.of(shard.start, shard.stop, cfg.n_layers)
         weights = StageWeights(gguf, cfg, span, prefetch=False)
-        rows.append(ShardRow(shard, by_index[shard.process], span, weights.cover.covered_bytes, str(weights.cover)))
+        gpu = shard.device.is_gpu
+        dtype_bytes = {"float32": 4, "auto": 2 if gpu else 4}.get(config.dtype, 2)
+        device_bytes = device_weight_bytes(gguf, weights.names, dtype_bytes, gpu and config.weights == "quantized")
+        rows.append(ShardRow(shard, by_index[shard.process], span, weights.cover.covered_bytes, device_bytes,
+                             str(weights.cover)))
     return rows
 
 
@@ -129,7 +134,7 @@ class Cluster:
                 device = row.shard.device.torch_device()
                 stages.append(Stage(self.model_path, row.shard.start, row.shard.stop, device,
                                     max_ctx=self.config.max_ctx, dtype=compute_dtype(self.config.dtype, device),
-                                    graphs=self.config.graphs))
+                                    graphs=self.config.graphs, quantized=self.config.weights == "quantized"))
         self.pipeline = Pipeline(stages)
         self._start_spec(shared)
 
@@ -188,7 +193,7 @@ class Cluster:
             python=self.config.pythons.get(process.backend), child_env=process.child_env(),
             runtime_dir=self.runtime_dir, index=process.index, shared_bytes=shared, model=str(model.resolve()),
             identity=identity, shards=shards, max_ctx=self.config.max_ctx, dtype=self.config.dtype,
-            graphs=self.config.graphs,
+            graphs=self.config.graphs, weights=self.config.weights,
         )
         self.daemons.append(daemon)
         log.info("started %s as pid %d with %s", daemon.label, daemon.pid, process.child_env() or "no pinning")

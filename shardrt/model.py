@@ -116,7 +116,8 @@ class Step:
 
 class Block:
     """One transformer layer. `weights` holds its tensors in device layout: q/k/v fused into
-    `attn_qkv` (rows q, then k, then v) and gate/up into `ffn_gate_up`, as the loader builds them."""
+    `attn_qkv` (rows q, then k, then v) and gate/up into `ffn_gate_up`, as the loader builds them;
+    a matrix is dense or quantized (kernels.QuantizedWeight), whichever the loader kept."""
 
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor]):
         self.cfg = cfg
@@ -130,12 +131,12 @@ class Block:
         """x: [n, dim] at `step`'s positions; rope: the cos/sin tables; k/v_cache: [kv_heads, max_ctx, head_dim]."""
         cfg, n = self.cfg, x.shape[0]
         h = kernels.rms_norm(x, self.attn_norm, cfg.norm_eps)
-        qkv = F.linear(h, self.attn_qkv, self.attn_qkv_bias)
+        qkv = kernels.linear(h, self.attn_qkv, self.attn_qkv_bias)
         q = kernels.rope_kv_write(qkv, *rope, step.positions, k_cache, v_cache, cfg.n_heads, cfg.rope_style,
                                   self.q_norm, self.k_norm, cfg.norm_eps)
         attn = self.attend(q, k_cache, v_cache, step).reshape(n, cfg.n_heads * cfg.head_dim)
-        x, h = kernels.add_rms_norm(x, F.linear(attn, self.attn_output), self.ffn_norm, cfg.norm_eps)
-        return x + F.linear(kernels.silu_mul(F.linear(h, self.ffn_gate_up)), self.ffn_down)
+        x, h = kernels.add_rms_norm(x, kernels.linear(attn, self.attn_output), self.ffn_norm, cfg.norm_eps)
+        return x + kernels.linear(kernels.silu_mul(kernels.linear(h, self.ffn_gate_up)), self.ffn_down)
 
     def attend(self, q, k_cache, v_cache, step: Step) -> torch.Tensor:
         """q [n, heads, head_dim] over the cache: the cached-attention kernel for a few tokens

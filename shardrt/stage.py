@@ -17,7 +17,8 @@ import torch
 
 from .errors import ConfigError
 from .gguf_file import GGUFFile
-from .gguf_loader import LayerSpan, StageWeights
+from .gguf_loader import MIB, LayerSpan, StageWeights
+from . import kernels
 from .kernels import rms_norm
 from .kernels.attention import MAX_QUERY_TOKENS
 from .model import Block, ModelConfig, Step, rope_tables
@@ -58,7 +59,8 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 class Stage:
     def __init__(self, model_path: str | Path, start: int, stop: int, device: str | torch.device = "cpu",
-                 max_ctx: int = 4096, dtype: torch.dtype | None = None, graphs: bool = True):
+                 max_ctx: int = 4096, dtype: torch.dtype | None = None, graphs: bool = True,
+                 quantized: bool = False):
         t0 = time.perf_counter()
         self.model_path = Path(model_path)
         self.device = torch.device(device)
@@ -69,7 +71,9 @@ class Stage:
             if max_ctx <= 0:
                 raise ConfigError(f"max_ctx: {max_ctx} is not a positive number of tokens")
             self.max_ctx = max_ctx
-            weights = StageWeights(gguf, self.cfg, self.span)
+            # a GPU keeps quantized matrices in their blocks; the CPU computes with dequantized ones
+            self.quantized = quantized and self.device.type != "cpu"
+            weights = StageWeights(gguf, self.cfg, self.span, quantized=self.quantized)
             self.cover = weights.cover
             self._load(weights)
             self.bytes_read = weights.bytes_read
@@ -89,7 +93,11 @@ class Stage:
 
     def _load(self, weights: StageWeights) -> None:
         cfg, dev, dt = self.cfg, self.device, self.dtype
-        self.blocks = [Block(cfg, weights.load_block(i, dev, dt)) for i in range(self.span.start, self.span.stop)]
+        self.blocks, self.weight_bytes = [], 0
+        for i in range(self.span.start, self.span.stop):
+            block = weights.load_block(i, dev, dt)
+            self.weight_bytes += sum(kernels.weight_bytes(w) for w in block.values())
+            self.blocks.append(Block(cfg, block))
         rope_freqs = weights.load("rope_freqs.weight", dev, torch.float32) if cfg.has_rope_freqs else None
         self.rope = rope_tables(cfg, self.max_ctx, dev, rope_freqs)
         self.embedding = weights.load("token_embd.weight", dev, dt) if self.span.embed else None
@@ -98,6 +106,9 @@ class Stage:
             head_name = "token_embd.weight" if cfg.tied_embeddings else "output.weight"
             self.output = self.embedding if head_name == "token_embd.weight" and self.embedding is not None \
                 else weights.load(head_name, dev, dt)
+        self.weight_bytes += sum(kernels.weight_bytes(w) for w in (
+            self.embedding, getattr(self, "output_norm", None),
+            self.output if self.span.head and self.output is not self.embedding else None))
         cache_shape = (len(self.blocks), cfg.n_kv_heads, self.max_ctx, cfg.head_dim)
         self.k_cache = torch.zeros(cache_shape, device=dev, dtype=dt)
         self.v_cache = torch.zeros(cache_shape, device=dev, dtype=dt)
@@ -187,7 +198,7 @@ class Stage:
 
     def _embed(self, inputs: torch.Tensor) -> torch.Tensor:
         if self.span.embed:
-            return torch.nn.functional.embedding(inputs.to(self.device), self.embedding)
+            return kernels.embedding(inputs.to(self.device), self.embedding, self.dtype)
         return inputs.to(device=self.device, dtype=self.dtype)
 
     def _prefill(self, inputs: torch.Tensor, base_pos: int, last: int, keep: set[int]) -> dict[int, torch.Tensor]:
@@ -241,7 +252,7 @@ class Stage:
         return self._project(hidden.to(device=self.device, dtype=self.dtype))
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(rms_norm(x, self.output_norm, self.cfg.norm_eps), self.output).float()
+        return kernels.linear(rms_norm(x, self.output_norm, self.cfg.norm_eps), self.output).float()
 
     def project_argmax(self, hidden: torch.Tensor) -> list[int]:
         return self.project(hidden).argmax(-1).tolist()
@@ -285,11 +296,15 @@ class Stage:
     def stats(self) -> dict:
         """The same numbers a daemon's `stats` reply carries for each of its stages."""
         out = {"forwards": self.forwards, "forward_seconds": self.forward_seconds, "length": self.length,
-               "cover": [str(self.cover)], "graph_forwards": self.graph_forwards}
+               "cover": [str(self.cover)], "graph_forwards": self.graph_forwards, "weight_bytes": self.weight_bytes,
+               "quantized": self.quantized}
         if self.runner is not None:
             out["graphs"] = self.runner.describe()
+        if self.device.type == "cuda":
+            out["device_allocated_bytes"] = torch.cuda.memory_allocated(self.device)
         return out
 
     def describe(self) -> str:
         graphs = f", graphs for {','.join(map(str, self.runner.buckets))} tokens" if self.runner else ""
-        return f"layers {self.span} on {self.device} ({self.dtype}), {self.cover}{graphs}"
+        weights = f"weights {self.weight_bytes / MIB:.1f} MiB" + (" (quantized blocks)" if self.quantized else "")
+        return f"layers {self.span} on {self.device} ({self.dtype}), {self.cover}, {weights}{graphs}"

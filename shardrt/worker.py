@@ -58,6 +58,7 @@ class DaemonSpec:
     death_fd: int
     dtype: str = "auto"
     graphs: bool = True
+    weights: str = "dequantized"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -382,7 +383,8 @@ def load_stages(spec: DaemonSpec) -> list:
     for shard in spec.shards:
         device = parse_device(shard.device).torch_device(shard.local_index)
         stages.append(Stage(Path(spec.model), shard.start, shard.stop, device, max_ctx=spec.max_ctx,
-                            dtype=compute_dtype(spec.dtype, device), graphs=spec.graphs))
+                            dtype=compute_dtype(spec.dtype, device), graphs=spec.graphs,
+                            quantized=spec.weights == "quantized"))
     return stages
 
 

@@ -29,7 +29,7 @@ def test_make_gguf_writes_a_model_transformers_reads_alike(tmp_path, demo_model)
     out = tmp_path / "tiny.gguf"
     run_script("make_gguf.py", str(out), "--shape", "tiny", "--layers", "3", "--tokenizer-from", str(demo_model))
     stage = Stage(out, 0, 3, "cpu", max_ctx=64)
-    assert stage.cfg.n_layers == 3 and stage.cfg.dim == 128 and stage.cfg.vocab_size == 49152
+    assert stage.cfg.n_layers == 3 and stage.cfg.dim == 256 and stage.cfg.vocab_size == 49152
     ids = [1, 17, 400, 5000, 49151]
     want = hf_last_logits(load_hf_model(out), ids)
     got = stage.forward(torch.tensor(ids), 0)[0]
@@ -55,3 +55,17 @@ def test_bench_gpu_runs_on_the_cpu_with_a_tiny_shape(tmp_path):
     assert report["hop_8KiB_us"]["p50"] > 0
     assert report["ratios"]["split_over_one"] > 0
     assert not list(tmp_path.iterdir())  # the random GGUF went with its temporary directory
+
+
+def test_bench_quant_runs_on_the_cpu_with_a_tiny_shape(tmp_path):
+    line = run_script("bench_quant.py", "--device", "cpu", "--shape", "tiny", "--types", "bf16,q4_k_m",
+                      "--placements", "one", "--prompt-tokens", "32", "--decode-tokens", "6", "--workdir", str(tmp_path))
+    report = json.loads(line)
+    assert set(report["types"]) == {"bf16", "q4_k_m"}
+    bf16, q4 = (report["types"][t] for t in ("bf16", "q4_k_m"))
+    assert q4["file_gib"] < bf16["file_gib"]  # the blocks are smaller than bf16 on disk
+    for entry in (bf16, q4):
+        one = entry["placements"]["one"]
+        assert one["decode_tok_s"] > 0 and one["prefill_tok_s"] > 0 and one["weight_gib"] > 0
+    assert report["ratios"]["q4_k_m_over_bf16_decode"] > 0
+    assert not list(tmp_path.iterdir())

@@ -117,3 +117,16 @@ def test_speculative_verify_through_graph_buckets(demo_model, demo_tokenizer):
                           draft_tokens=cluster.draft_tokens)
         assert result.tokens == plain
         assert result.spec["accepted"] > 0 and stage.graph_forwards == result.spec["target_forwards"]
+
+
+def test_quantized_blocks_stay_within_the_span_bytes(demo_model, cpu_run):
+    ids, logits, tokens = cpu_run
+    blocks = Stage(demo_model, 0, 30, "cuda:0", max_ctx=256, dtype=torch.float32, quantized=True)
+    dense = Stage(demo_model, 0, 30, "cuda:0", max_ctx=256, dtype=torch.float32, quantized=False, graphs=False)
+    assert blocks.quantized and not dense.quantized
+    # Q4_1 blocks and a Q8_0 embedding as stored; the norms, F32 in the file, are smaller in any case
+    assert blocks.weight_bytes <= 1.05 * blocks.cover.covered_bytes < dense.weight_bytes
+    got = blocks.forward(torch.tensor(ids), 0, all_logits=True).cpu()
+    want = dense.forward(torch.tensor(ids), 0, all_logits=True).cpu()
+    assert (got - want).abs().max().item() < 1e-2 and (got - logits).abs().max().item() < 1e-2
+    assert greedy(Pipeline([blocks]), ids) == tokens

@@ -4,12 +4,57 @@ beside the torch reference it is tested against.
 `model.py` calls the ops here and never knows which implementation ran: the Triton kernel on a
 GPU tensor when Triton is importable, the torch reference otherwise (CPU, or
 `SHARDRT_KERNELS=torch` to compare). Every op is graph-safe: no host sync, no shape that
-depends on tensor values, positions as device tensors.
+depends on tensor values, positions as device tensors. A weight is a dense tensor, a
+`QuantizedWeight` (GGUF blocks kept as they are), or a tuple of those stacked by rows.
 """
 
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import quant
 from .activation import silu_mul
 from .attention import cached_attention
 from .norm import add_rms_norm, rms_norm
+from .quant import QuantizedWeight
 from .rope import apply_rope, rope_kv_write, rope_tables
 
-__all__ = ["add_rms_norm", "apply_rope", "cached_attention", "rms_norm", "rope_kv_write", "rope_tables", "silu_mul"]
+__all__ = ["QuantizedWeight", "add_rms_norm", "apply_rope", "cached_attention", "embedding", "linear", "rms_norm",
+           "rope_kv_write", "rope_tables", "silu_mul", "weight_bytes"]
+
+Weight = torch.Tensor | QuantizedWeight | tuple
+
+
+def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [n, in] @ weight.T (+ bias) -> [n, out]."""
+    if isinstance(weight, torch.Tensor):
+        return F.linear(x, weight, bias)
+    if isinstance(weight, QuantizedWeight):
+        return quant.linear(x, weight, bias)
+    out = torch.empty((x.shape[0], sum(part.shape[0] for part in weight)), dtype=x.dtype, device=x.device)
+    row = 0
+    for part in weight:  # parts of different types (llama.cpp's Q4_K_M mixes Q4_K and Q6_K): each its columns
+        rows = part.shape[0]
+        if isinstance(part, QuantizedWeight):
+            quant.linear(x, part, out=out[:, row : row + rows])
+        else:
+            out[:, row : row + rows] = F.linear(x, part)
+        row += rows
+    return out if bias is None else out.add_(bias)
+
+
+def embedding(ids: torch.Tensor, weight: torch.Tensor | QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
+    if isinstance(weight, QuantizedWeight):
+        return quant.embedding(ids, weight, dtype)
+    return F.embedding(ids, weight)
+
+
+def weight_bytes(weight: Weight | None) -> int:
+    if weight is None:
+        return 0
+    if isinstance(weight, torch.Tensor):
+        return weight.numel() * weight.element_size()
+    if isinstance(weight, QuantizedWeight):
+        return weight.nbytes
+    return sum(weight_bytes(part) for part in weight)

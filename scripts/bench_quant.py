@@ -1,0 +1,101 @@
+"""Quantized weights on GPUs, in one run: the same random Llama-3-8B-shaped model written as
+bf16, Q8_0 and Q4_K_M (Q4_K with Q6_K for attn_v, ffn_down and the head), each decoded on one
+GPU and split over two, with the weight memory every stage holds beside the GGUF bytes of its
+span. One JSON line.
+
+    python scripts/bench_quant.py [--shape llama3-8b] [--types bf16,q8_0,q4_k_m] [--layers N]
+    python scripts/bench_quant.py --device cpu --shape tiny --types q8_0 --placements one   # runs anywhere
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_gpu  # noqa: E402
+import make_gguf  # noqa: E402
+
+from shardrt.demo_model import demo_model_path  # noqa: E402
+from shardrt.gguf_file import GGUFFile  # noqa: E402
+from shardrt.tokenizer import Tokenizer  # noqa: E402
+
+
+FLOAT_TYPES = ("f32", "f16", "bf16")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--shape", choices=sorted(make_gguf.SHAPES), default="llama3-8b")
+    parser.add_argument("--layers", type=int, help="layers of the shape to write (default: all)")
+    parser.add_argument("--types", default="bf16,q8_0,q4_k_m")
+    parser.add_argument("--placements", default="one,split")
+    parser.add_argument("--workdir", type=Path)
+    parser.add_argument("--tokenizer-from", type=Path)
+    parser.add_argument("--prompt-tokens", type=int, default=1250)
+    parser.add_argument("--decode-tokens", type=int, default=128)
+    parser.add_argument("--max-ctx", type=int, default=4096)
+    args = parser.parse_args(argv)
+    shape = make_gguf.SHAPES[args.shape]
+    if args.layers:
+        shape = replace(shape, layers=args.layers)
+    dtype = "bfloat16" if args.device == "cuda" else "float32"
+    gpus = torch.cuda.device_count() if args.device == "cuda" else 2
+    placements = {"one": f"{args.device}:0", "split": f"{args.device}:0,{args.device}:1" if gpus >= 2 else None}
+    report: dict = {"bench": "quant", "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
+                    "shape": args.shape, "layers": shape.layers, "prompt_tokens": args.prompt_tokens,
+                    "decode_tokens": args.decode_tokens, "types": {}}
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        for type_name in args.types.split(","):
+            model = Path(tmp) / f"random-{args.shape}-{type_name}.gguf"
+            make_gguf.write(model, shape, type_name, args.tokenizer_from or demo_model_path(progress=False), seed=0,
+                            progress=False)
+            with GGUFFile(model) as gguf:
+                file_bytes = gguf.file_size
+            tokenizer = Tokenizer(model)
+            prompt = tokenizer.encode(bench_gpu.TEXT * (args.prompt_tokens // 20 + 1))[: args.prompt_tokens]
+            entry: dict = {"file_gib": round(file_bytes / 2**30, 3), "placements": {}}
+            for name in args.placements.split(","):
+                if placements.get(name) is None:
+                    entry["placements"][name] = {"skipped": f"needs 2 GPUs, torch sees {gpus}"}
+                    continue
+                run = bench_gpu.run_placement(model, tokenizer, prompt, placements[name], all_daemons=False, graphs=True,
+                                              decode_tokens=args.decode_tokens, max_ctx=args.max_ctx, dtype=dtype,
+                                              weights="dequantized" if type_name in FLOAT_TYPES else "quantized")
+                run.pop("tokens", None)
+                run["weight_gib"] = round(sum(s["weight_gib"] for s in run["stages"]), 3)
+                entry["placements"][name] = run
+            report["types"][type_name] = entry
+            model.unlink()
+    report["ratios"] = ratios(report["types"])
+    print(json.dumps(report))
+    return 0
+
+
+def ratios(types: dict) -> dict:
+    def get(type_name, key, placement="one"):
+        return types.get(type_name, {}).get("placements", {}).get(placement, {}).get(key)
+
+    out = {}
+    for t in types:
+        if t == "bf16":
+            continue
+        for key, name in (("decode_tok_s", "decode"), ("prefill_tok_s", "prefill")):
+            a, b = get(t, key), get("bf16", key)
+            out[f"{t}_over_bf16_{name}"] = round(a / b, 3) if a and b else None
+        entry = types[t]
+        one = entry["placements"].get("one", {})
+        if "weight_gib" in one:
+            out[f"{t}_weight_over_file"] = round(one["weight_gib"] / entry["file_gib"], 3)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,343 @@
+"""Quantized GGUF weights kept quantized on the device, and the ops that read them.
+
+`QuantizedWeight` holds a matrix of GGUF blocks split into planes (the quants, the scales) so
+that each plane is one contiguous, aligned array the kernels can load in wide, coalesced reads;
+the bytes are the file's, except that Q4_K/Q5_K keep their 6-bit sub-block scales unpacked to a
+byte each (16 bytes for 12 per 256 weights, +2.8%). Three ops read it:
+
+- `linear(x, w)` for up to 16 rows of x (decode, speculative verify): one Triton kernel that
+  dequantizes a tile of weights in registers and multiplies it into x, reading only the blocks;
+- `linear(x, w)` for more rows (prefill): dequantize the whole matrix into a reused scratch
+  buffer, then a tensor-core matrix product;
+- `embedding(ids, w)`: dequantize just the rows asked for.
+
+Each has a torch reference over the same planes (the CPU path of the tests; the CPU itself runs
+dequantized weights). Types with a kernel: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from ._triton import dot_precision, tl, triton, use_triton
+
+Q = GGMLQuantizationType
+KERNEL_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+MAX_FUSED_ROWS = 16  # rows of x the fused kernel takes; more go through the scratch matrix
+
+
+@dataclass
+class QuantizedWeight:
+    """A [rows, cols] matrix of GGUF blocks of `qtype`, as planes (see `split_planes`)."""
+
+    qtype: Q
+    rows: int
+    cols: int
+    planes: tuple[torch.Tensor, ...]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.rows, self.cols)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.planes)
+
+    @property
+    def device(self) -> torch.device:
+        return self.planes[0].device
+
+
+def has_kernel(qtype: Q) -> bool:
+    return qtype in KERNEL_TYPES
+
+
+def device_bytes(qtype: Q, rows: int, cols: int) -> int:
+    """Bytes a QuantizedWeight of this type and shape holds on the device."""
+    block_elems, block_bytes = GGML_QUANT_SIZES[qtype]
+    blocks = rows * cols // block_elems
+    return blocks * (block_bytes + (4 if qtype in (Q.Q4_K, Q.Q5_K) else 0))
+
+
+# -- planes: the blocks' fields, each a contiguous array per row ---------------------------------
+
+def split_planes(raw: np.ndarray, qtype: Q, cols: int) -> tuple[np.ndarray, ...]:
+    """raw: uint8 [rows, row_bytes] as stored in the file -> the planes of `qtype`:
+
+    Q8_0: qs int8 [r, c], d f16 [r, c/32]
+    Q4_0: qs uint8 [r, c/2], d f16 [r, c/32]              Q4_1: qs, (d, m) f16 [r, c/32, 2]
+    Q5_0: qs, d, qh int32 [r, c/32] (bit e: element e)    Q5_1: qs, (d, m), qh
+    Q4_K: qs uint8 [r, c/2], (d, dmin) f16 [r, c/256, 2], (scale, min) uint8 [r, c/32, 2]
+    Q5_K: as Q4_K, then qh uint8 [r, c/8]
+    Q6_K: ql uint8 [r, c/2], d f16 [r, c/256], scales int8 [r, c/16], qh uint8 [r, c/4]
+    """
+    rows = raw.shape[0]
+    block_elems, block_bytes = GGML_QUANT_SIZES[qtype]
+    b = raw.reshape(rows, cols // block_elems, block_bytes)
+
+    def f16(lo: int, hi: int) -> np.ndarray:
+        return np.ascontiguousarray(b[..., lo:hi]).view(np.float16)
+
+    def flat(lo: int, hi: int, dtype=np.uint8) -> np.ndarray:
+        return np.ascontiguousarray(b[..., lo:hi]).view(dtype).reshape(rows, -1)
+
+    if qtype == Q.Q8_0:
+        return flat(2, 34, np.int8), f16(0, 2)[..., 0]
+    if qtype == Q.Q4_0:
+        return flat(2, 18), f16(0, 2)[..., 0]
+    if qtype == Q.Q4_1:
+        return flat(4, 20), f16(0, 4)
+    if qtype == Q.Q5_0:
+        return flat(6, 22), f16(0, 2)[..., 0], np.ascontiguousarray(b[..., 2:6]).view(np.int32)[..., 0]
+    if qtype == Q.Q5_1:
+        return flat(8, 24), f16(0, 4), np.ascontiguousarray(b[..., 4:8]).view(np.int32)[..., 0]
+    if qtype in (Q.Q4_K, Q.Q5_K):
+        packed = b[..., 4:16]  # 8 six-bit scales and 8 six-bit mins (llama.cpp's get_scale_min_k4)
+        scale_min = np.empty((rows, b.shape[1], 8, 2), dtype=np.uint8)
+        scale_min[..., :4, 0] = packed[..., 0:4] & 63
+        scale_min[..., :4, 1] = packed[..., 4:8] & 63
+        scale_min[..., 4:, 0] = (packed[..., 8:12] & 0xF) | ((packed[..., 0:4] >> 6) << 4)
+        scale_min[..., 4:, 1] = (packed[..., 8:12] >> 4) | ((packed[..., 4:8] >> 6) << 4)
+        planes = (flat(16, 144) if qtype == Q.Q4_K else flat(48, 176), f16(0, 4), scale_min.reshape(rows, -1, 2))
+        return planes if qtype == Q.Q4_K else planes + (flat(16, 48),)
+    if qtype == Q.Q6_K:
+        return flat(0, 128), f16(208, 210)[..., 0], flat(192, 208, np.int8), flat(128, 192)
+    raise ValueError(f"{qtype.name} has no kernel")
+
+
+def quantized_weight(raw: np.ndarray, qtype: Q, cols: int, device: torch.device) -> QuantizedWeight:
+    planes = tuple(torch.from_numpy(p).to(device) for p in split_planes(raw, qtype, cols))
+    return QuantizedWeight(qtype, raw.shape[0], cols, planes)
+
+
+def stack(weights: list[QuantizedWeight]) -> QuantizedWeight:
+    """Matrices of one type stacked by rows (q/k/v, gate/up), plane by plane."""
+    planes = tuple(torch.cat(parts) for parts in zip(*(w.planes for w in weights)))
+    return QuantizedWeight(weights[0].qtype, sum(w.rows for w in weights), weights[0].cols, planes)
+
+
+# -- the torch reference over the planes ----------------------------------------------------------
+
+def dequantize_reference(w: QuantizedWeight, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 [rows, cols] (all rows, or those indexed by `rows`)."""
+    planes = w.planes if rows is None else tuple(p[rows] for p in w.planes)
+    r, c, t = planes[0].shape[0], w.cols, w.qtype
+
+    def nibbles(qs: torch.Tensor, group: int) -> torch.Tensor:
+        """4-bit quants: each `group` bytes hold `group` elements in low nibbles, then `group` in high."""
+        g = qs.reshape(r, -1, group).int()
+        return torch.stack((g & 0xF, g >> 4), dim=2).reshape(r, c)
+
+    if t == Q.Q8_0:
+        qs, d = planes
+        return (qs.float().reshape(r, -1, 32) * d.float()[..., None]).reshape(r, c)
+    if t in (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1):
+        q = nibbles(planes[0], 16).reshape(r, -1, 32)
+        if t in (Q.Q5_0, Q.Q5_1):
+            q = q | (((planes[2][..., None] >> torch.arange(32)) & 1) << 4)
+        if t in (Q.Q4_0, Q.Q5_0):
+            out = planes[1].float()[..., None] * (q - (8 if t == Q.Q4_0 else 16)).float()
+        else:
+            dm = planes[1].float()
+            out = dm[..., 0:1] * q.float() + dm[..., 1:2]
+        return out.reshape(r, c)
+    if t in (Q.Q4_K, Q.Q5_K):
+        qs, dm, scale_min = planes[:3]
+        q = nibbles(qs, 32).reshape(r, -1, 8, 32)
+        if t == Q.Q5_K:  # bit 2j + nibble of qh[l]: the fifth bit of element l of sub-block 2j + nibble
+            qh = planes[3].int().reshape(r, -1, 1, 32)
+            q = q + ((qh >> torch.arange(8).reshape(1, 1, 8, 1)) & 1) * 16
+        dm = dm.float().reshape(r, -1, 1, 2)
+        sm = scale_min.float().reshape(r, -1, 8, 2)
+        out = dm[..., 0:1] * sm[..., 0:1] * q.float() - dm[..., 1:2] * sm[..., 1:2]
+        return out.reshape(r, c)
+    if t == Q.Q6_K:
+        ql, d, scales, qh = planes
+        ql = ql.int().reshape(r, -1, 2, 2, 32)  # [.., half n, (l | l + 32), l]
+        low = torch.stack((ql & 0xF, ql >> 4), dim=3).reshape(r, -1, 2, 4, 32)  # quarter = nibble * 2 + (l | l + 32)
+        high = (qh.int().reshape(r, -1, 2, 1, 32) >> (2 * torch.arange(4)).reshape(1, 1, 1, 4, 1)) & 3
+        q = (low | (high << 4)) - 32
+        sc = scales.float().reshape(r, -1, 2, 4, 2, 1)  # index n * 8 + 2 * quarter + l // 16
+        out = d.float().reshape(r, -1, 1, 1, 1, 1) * sc * q.float().reshape(r, -1, 2, 4, 2, 16)
+        return out.reshape(r, c)
+    raise ValueError(f"{t.name} has no kernel")
+
+
+# -- the ops -----------------------------------------------------------------------------------------
+
+def linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [n, cols] @ w.T (+ bias) -> [n, rows] in x's dtype; into `out` if given."""
+    n = x.shape[0]
+    if not use_triton(x):
+        y = torch.nn.functional.linear(x, dequantize_reference(w).to(x.dtype), bias)
+    elif n <= MAX_FUSED_ROWS:
+        y = _fused_linear(x, w, out)
+        if bias is not None:
+            y += bias
+        return y
+    else:
+        y = torch.nn.functional.linear(x, dequantize(w, x.dtype, scratch=True), bias)
+    if out is not None:
+        out.copy_(y)
+        return out
+    return y
+
+
+def embedding(ids: torch.Tensor, w: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """The rows `ids` of w, dequantized to `dtype`: [n, cols]."""
+    if not use_triton(w.planes[0]):
+        return dequantize_reference(w, ids.to(w.device)).to(dtype)
+    out = torch.empty((ids.shape[0], w.cols), dtype=dtype, device=w.device)
+    _launch_dequantize(w, out, ids.to(w.device))
+    return out
+
+
+_scratch: dict[tuple, torch.Tensor] = {}
+
+
+def dequantize(w: QuantizedWeight, dtype: torch.dtype, scratch: bool = False) -> torch.Tensor:
+    """The whole matrix in `dtype`. With scratch=True it lands in one buffer per device and dtype,
+    reused by every weight (prefill dequantizes one matrix at a time, then multiplies)."""
+    if scratch:
+        key = (w.device, dtype)
+        buffer = _scratch.get(key)
+        if buffer is None or buffer.numel() < w.rows * w.cols:
+            _scratch[key] = buffer = torch.empty(w.rows * w.cols, dtype=dtype, device=w.device)
+        out = buffer[: w.rows * w.cols].view(w.rows, w.cols)
+    else:
+        out = torch.empty((w.rows, w.cols), dtype=dtype, device=w.device)
+    if not use_triton(out):
+        return out.copy_(dequantize_reference(w))
+    _launch_dequantize(w, out, None)
+    return out
+
+
+def scratch_bytes(device: torch.device) -> int:
+    return sum(b.numel() * b.element_size() for (dev, _), b in _scratch.items() if dev == device)
+
+
+def _block_k(w: QuantizedWeight) -> int:
+    if w.qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K):
+        return 256
+    return next(b for b in (256, 128, 64, 32) if w.cols % b == 0)
+
+
+def _planes4(w: QuantizedWeight) -> tuple[torch.Tensor, ...]:
+    return w.planes + (w.planes[0],) * (4 - len(w.planes))  # unused pointers: any valid tensor
+
+
+def _fused_linear(x: torch.Tensor, w: QuantizedWeight, out: torch.Tensor | None) -> torch.Tensor:
+    n = x.shape[0]
+    if out is None:
+        out = torch.empty((n, w.rows), dtype=x.dtype, device=x.device)
+    block_n = 32 if w.rows >= 4096 else 16
+    _fused_linear_kernel[(triton.cdiv(w.rows, block_n),)](
+        x, out, *_planes4(w), n, w.rows, w.cols, x.stride(0), out.stride(0),
+        QTYPE=int(w.qtype), BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=_block_k(w), PRECISION=dot_precision(x.dtype),
+        num_warps=4,
+    )
+    return out
+
+
+def _launch_dequantize(w: QuantizedWeight, out: torch.Tensor, rows: torch.Tensor | None) -> None:
+    n = rows.shape[0] if rows is not None else w.rows
+    block_n = 16
+    _dequantize_kernel[(triton.cdiv(n, block_n), w.cols // _block_k(w))](
+        out, *_planes4(w), rows if rows is not None else out, n, w.cols, out.stride(0),
+        QTYPE=int(w.qtype), GATHER=rows is not None, BLOCK_N=block_n, BLOCK_K=_block_k(w), num_warps=4,
+    )
+
+
+if triton is not None:
+    @triton.jit
+    def _nibbles(b, R: tl.constexpr, G: tl.constexpr, N: tl.constexpr):
+        """bytes [R, N * G] -> 4-bit quants [R, N, 2 * G]: each group of G bytes holds G elements
+        in its low nibbles, then G in its high nibbles."""
+        b = tl.reshape(b.to(tl.int32), (R, N, G))
+        return tl.reshape(tl.permute(tl.join(b & 0xF, b >> 4), (0, 1, 3, 2)), (R, N, 2 * G))
+
+    @triton.jit
+    def _dequant_tile(p0, p1, p2, p3, rows, row_ok, k0, K, QTYPE: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+        """Weights [BLOCK_N, BLOCK_K] at rows `rows`, columns k0.., as float32."""
+        r = rows.to(tl.int64)[:, None]
+        mask = row_ok[:, None]
+        if QTYPE == 8:  # Q8_0
+            NB: tl.constexpr = BLOCK_K // 32
+            qs = tl.load(p0 + r * K + k0 + tl.arange(0, BLOCK_K)[None, :], mask=mask, other=0)
+            d = tl.load(p1 + r * (K // 32) + k0 // 32 + tl.arange(0, NB)[None, :], mask=mask, other=0.0)
+            w = tl.reshape(qs.to(tl.float32), (BLOCK_N, NB, 32)) * d.to(tl.float32)[:, :, None]
+        elif QTYPE == 2 or QTYPE == 3 or QTYPE == 6 or QTYPE == 7:  # Q4_0, Q4_1, Q5_0, Q5_1
+            NB: tl.constexpr = BLOCK_K // 32
+            blocks = k0 // 32 + tl.arange(0, NB)[None, :]
+            qs = tl.load(p0 + r * (K // 2) + k0 // 2 + tl.arange(0, BLOCK_K // 2)[None, :], mask=mask, other=0)
+            q = _nibbles(qs, BLOCK_N, 16, NB)
+            if QTYPE == 6 or QTYPE == 7:
+                qh = tl.load(p2 + r * (K // 32) + blocks, mask=mask, other=0)
+                q = q | (((qh[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1) << 4)
+            if QTYPE == 2 or QTYPE == 6:
+                d = tl.load(p1 + r * (K // 32) + blocks, mask=mask, other=0.0).to(tl.float32)
+                w = d[:, :, None] * (q - (8 if QTYPE == 2 else 16)).to(tl.float32)
+            else:
+                d = tl.load(p1 + (r * (K // 32) + blocks) * 2, mask=mask, other=0.0).to(tl.float32)
+                m = tl.load(p1 + (r * (K // 32) + blocks) * 2 + 1, mask=mask, other=0.0).to(tl.float32)
+                w = d[:, :, None] * q.to(tl.float32) + m[:, :, None]
+        elif QTYPE == 12 or QTYPE == 13:  # Q4_K, Q5_K: one super-block of 256 per tile
+            qs = tl.load(p0 + r * (K // 2) + k0 // 2 + tl.arange(0, 128)[None, :], mask=mask, other=0)
+            q = tl.reshape(_nibbles(qs, BLOCK_N, 32, 4), (BLOCK_N, 8, 32))  # sub-block 2j + nibble
+            if QTYPE == 13:
+                qh = tl.load(p3 + r * (K // 8) + k0 // 8 + tl.arange(0, 32)[None, :], mask=mask, other=0).to(tl.int32)
+                q = q + ((qh[:, None, :] >> tl.arange(0, 8)[None, :, None]) & 1) * 16
+            sb = r * (K // 256) + k0 // 256
+            d = tl.load(p1 + sb * 2, mask=mask, other=0.0).to(tl.float32)
+            dmin = tl.load(p1 + sb * 2 + 1, mask=mask, other=0.0).to(tl.float32)
+            at = (r * (K // 32) + k0 // 32 + tl.arange(0, 8)[None, :]) * 2
+            sc = tl.load(p2 + at, mask=mask, other=0).to(tl.float32)
+            mn = tl.load(p2 + at + 1, mask=mask, other=0).to(tl.float32)
+            w = (d * sc)[:, :, None] * q.to(tl.float32) - (dmin * mn)[:, :, None]
+        else:  # Q6_K (14): one super-block of 256 per tile
+            ql = tl.load(p0 + r * (K // 2) + k0 // 2 + tl.arange(0, 128)[None, :], mask=mask, other=0).to(tl.int32)
+            ql = tl.reshape(ql, (BLOCK_N, 4, 32))  # [half n, (l | l + 32)] flattened, l
+            low = tl.reshape(tl.permute(tl.join(ql & 0xF, ql >> 4), (0, 1, 3, 2)), (BLOCK_N, 2, 2, 2, 32))
+            low = tl.reshape(tl.permute(low, (0, 1, 3, 2, 4)), (BLOCK_N, 2, 4, 32))  # quarter = nibble * 2 + half
+            qh = tl.load(p3 + r * (K // 4) + k0 // 4 + tl.arange(0, 64)[None, :], mask=mask, other=0).to(tl.int32)
+            qh = tl.reshape(qh, (BLOCK_N, 2, 1, 32))
+            high = (qh >> (2 * tl.arange(0, 4))[None, None, :, None]) & 3
+            q = (low | (high << 4)) - 32
+            sc = tl.load(p2 + r * (K // 16) + k0 // 16 + tl.arange(0, 16)[None, :], mask=mask, other=0).to(tl.float32)
+            d = tl.load(p1 + r * (K // 256) + k0 // 256, mask=mask, other=0.0).to(tl.float32)
+            scale = tl.reshape(d * sc, (BLOCK_N, 2, 4, 2, 1))  # index n * 8 + 2 * quarter + l // 16
+            w = scale * tl.reshape(q.to(tl.float32), (BLOCK_N, 2, 4, 2, 16))
+        return tl.reshape(w, (BLOCK_N, BLOCK_K))
+
+    @triton.jit
+    def _fused_linear_kernel(x_ptr, out_ptr, p0, p1, p2, p3, M, N, K, stride_x, stride_out,
+                             QTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        m = tl.arange(0, BLOCK_M)
+        m_ok = m < M
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            w = _dequant_tile(p0, p1, p2, p3, rows, row_ok, k0, K, QTYPE, BLOCK_N, BLOCK_K)
+            x = tl.load(x_ptr + m[:, None] * stride_x + k0 + tl.arange(0, BLOCK_K)[None, :], mask=m_ok[:, None], other=0.0)
+            acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=PRECISION)
+        tl.store(out_ptr + m[:, None] * stride_out + rows[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & row_ok[None, :])
+
+    @triton.jit
+    def _dequantize_kernel(out_ptr, p0, p1, p2, p3, ids_ptr, N, K, stride_out, QTYPE: tl.constexpr,
+                           GATHER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        i = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ok = i < N
+        rows = tl.load(ids_ptr + i, mask=ok, other=0) if GATHER else i
+        k0 = tl.program_id(1) * BLOCK_K
+        w = _dequant_tile(p0, p1, p2, p3, rows, ok, k0, K, QTYPE, BLOCK_N, BLOCK_K)
+        tl.store(out_ptr + i.to(tl.int64)[:, None] * stride_out + k0 + tl.arange(0, BLOCK_K)[None, :],
+                 w.to(out_ptr.dtype.element_ty), mask=ok[:, None])

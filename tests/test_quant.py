@@ -1,0 +1,116 @@
+"""Quantized weights kept in their GGUF blocks (shardrt.kernels.quant), against the `gguf`
+package's own dequantization: the planes the loader splits a tensor into, and every op that
+reads them (the fused matrix product for up to 16 rows, the dequantize-then-multiply path for
+more, the embedding rows), over odd shapes and random blocks with extreme scales. On the CPU the
+ops run their torch reference; on a GPU the Triton kernels (run these through the device)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES
+from gguf.quants import dequantize
+
+from shardrt import kernels
+from shardrt.kernels import quant
+from shardrt.kernels.quant import KERNEL_TYPES, Q
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# where each type keeps its f16 scales (and mins) in a block
+F16_FIELDS = {Q.Q8_0: (0,), Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2), Q.Q4_K: (0, 2),
+              Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
+SCALES = {"small": 1e-3, "subnormal": 3e-7, "large": 6e4, "zero": 0.0}
+
+
+def random_blocks(qtype: Q, rows: int, cols: int, scale: float, rng: np.random.Generator) -> np.ndarray:
+    """Random bytes with every f16 field set to `scale` times a random sign and magnitude in [0.5, 1]."""
+    block_elems, block_bytes = GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, size=(rows, cols // block_elems * block_bytes), dtype=np.uint8)
+    blocks = raw.reshape(rows, -1, block_bytes)
+    for at in F16_FIELDS[qtype]:
+        values = scale * rng.uniform(0.5, 1.0, size=blocks.shape[:2]) * rng.choice((-1, 1), size=blocks.shape[:2])
+        blocks[..., at : at + 2] = np.ascontiguousarray(values.astype(np.float16)).view(np.uint8).reshape(*blocks.shape[:2], 2)
+    return raw
+
+
+def gguf_dequantized(raw: np.ndarray, qtype: Q, rows: int, cols: int) -> torch.Tensor:
+    return torch.from_numpy(dequantize(raw, qtype).reshape(rows, cols).astype(np.float64))
+
+
+def cols_for(qtype: Q) -> int:
+    return 768 if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K) else 96 * 3  # 3 super-blocks; 9 blocks of 32
+
+
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("scale", SCALES, ids=str)
+def test_planes_hold_what_gguf_dequantizes(qtype, scale):
+    rng = np.random.default_rng(7)
+    rows, cols = 17, cols_for(qtype)
+    raw = random_blocks(qtype, rows, cols, SCALES[scale], rng)
+    weight = quant.quantized_weight(raw, qtype, cols, torch.device("cpu"))
+    assert weight.shape == (rows, cols)
+    assert weight.nbytes == quant.device_bytes(qtype, rows, cols) <= 1.03 * raw.nbytes
+    want = gguf_dequantized(raw, qtype, rows, cols)
+    got = quant.dequantize_reference(weight).double()
+    assert torch.allclose(got, want, rtol=1e-6, atol=0), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("n", [1, 3, 16, 17, 512])
+def test_linear_equals_the_dequantized_matrix_product(device, qtype, n):
+    rng = np.random.default_rng(n)
+    rows, cols = 33, cols_for(qtype)  # rows: not a multiple of any tile
+    raw = random_blocks(qtype, rows, cols, 1e-2, rng)
+    want_w = gguf_dequantized(raw, qtype, rows, cols)
+    weight = quant.quantized_weight(raw, qtype, cols, torch.device(device))
+    x = torch.from_numpy(rng.standard_normal((n, cols)).astype(np.float32))
+    bias = torch.from_numpy(rng.standard_normal(rows).astype(np.float32))
+    want = x.double() @ want_w.T + bias.double()
+    for dtype, tolerance in [(torch.float32, 1e-5)] + ([(torch.bfloat16, 2e-2)] if device == "cuda" else []):
+        got = kernels.linear(x.to(device, dtype), weight, bias.to(device, dtype))
+        assert got.shape == (n, rows) and got.dtype == dtype
+        error = ((got.double().cpu() - want).norm() / want.norm()).item()
+        assert error < tolerance, (dtype, error)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda t: t.name)
+def test_embedding_and_dequantize_give_the_rows(device, qtype):
+    rng = np.random.default_rng(3)
+    rows, cols = 40, cols_for(qtype)
+    raw = random_blocks(qtype, rows, cols, 5.0, rng)
+    want = gguf_dequantized(raw, qtype, rows, cols)
+    weight = quant.quantized_weight(raw, qtype, cols, torch.device(device))
+    ids = torch.tensor([39, 0, 7, 7, 21])
+    got = kernels.embedding(ids.to(device), weight, torch.float32)
+    assert torch.allclose(got.double().cpu(), want[ids], rtol=1e-6, atol=0)
+    whole = quant.dequantize(weight, torch.float32, scratch=True)
+    assert torch.allclose(whole.double().cpu(), want, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_parts_of_different_types_fill_their_own_columns(device):
+    """q/k/v of a Q4_K_M file: Q4_K, Q4_K and Q6_K (and here a dense part too), one output."""
+    rng = np.random.default_rng(11)
+    cols, types, sizes = 512, (Q.Q4_K, Q.Q6_K), (24, 8)
+    raws = [random_blocks(t, r, cols, 1e-2, rng) for t, r in zip(types, sizes)]
+    dense = torch.from_numpy(rng.standard_normal((5, cols)).astype(np.float32))
+    parts = tuple(quant.quantized_weight(raw, t, cols, torch.device(device)) for raw, t in zip(raws, types))
+    weight = parts + (dense.to(device),)
+    whole = torch.cat([gguf_dequantized(raw, t, r, cols) for raw, t, r in zip(raws, types, sizes)] + [dense.double()])
+    x = torch.from_numpy(rng.standard_normal((3, cols)).astype(np.float32))
+    got = kernels.linear(x.to(device), weight, torch.ones(37, device=device))
+    want = x.double() @ whole.T + 1
+    assert got.shape == (3, 37) and torch.allclose(got.double().cpu(), want, rtol=1e-4, atol=1e-4)
+    assert kernels.weight_bytes(weight) == sum(p.nbytes for p in parts) + dense.numel() * 4
+
+
+def test_stacking_one_type_concatenates_rows():
+    rng = np.random.default_rng(5)
+    raws = [random_blocks(Q.Q4_K, r, 256, 1e-2, rng) for r in (4, 2, 2)]
+    stacked = quant.stack([quant.quantized_weight(raw, Q.Q4_K, 256, torch.device("cpu")) for raw in raws])
+    assert stacked.shape == (8, 256)
+    want = torch.cat([gguf_dequantized(raw, Q.Q4_K, raw.shape[0], 256) for raw in raws])
+    assert torch.allclose(quant.dequantize_reference(stacked).double(), want, rtol=1e-6, atol=0)
