@@ -70,7 +70,7 @@ def test_design_example_loads(tmp_path):
     ("backends:\n  rocm: {python: /opt/r/bin/python}\n", "pythons", {"hip": "/opt/r/bin/python"}),
     ("backends:\n  cuda:\n", "pythons", {}),
     ("target:\n  devices: 'cpu:0, cpu:1'\n", "devices", (DeviceSpec("cpu", 0), DeviceSpec("cpu", 1))),
-    ("target:\n  devices: [cpu:0, cpu:1]\n  layer_split: auto\n", "layer_split", None),
+    ("target:\n  devices: [cpu:0, cpu:1]\n  layer_split: auto\n", "layer_split", "auto"),  # by free memory, at launch
     ("target:\n  devices: [cpu:0, cpu:1]\n  layer_split: '1,3'\n", "layer_split", (0.25, 0.75)),
     ("target:\n  isolate_gpus: false\n  all_daemons: true\n", "all_daemons", True),
     ("ipc:\n  shared_bytes: 8M\n", "shared_bytes", 8 << 20),

@@ -22,6 +22,8 @@ import openai
 import psutil
 import pytest
 
+import shardrt
+
 READY_S = 120
 RECOVER_S = 90
 MAX_QUEUE = 3
@@ -126,7 +128,8 @@ def chat(server, content: str, max_tokens: int = 16, **kw):
 def test_ready_line_models_and_health(server):
     assert f"shardrt: serving {server.model} at http://127.0.0.1:{server.port}/v1" in server.stderr()
     assert [m.id for m in server.client.models.list()] == [server.model]
-    assert server.client.models.retrieve(server.model).id == server.model
+    card = server.client.models.retrieve(server.model)
+    assert card.id == server.model and card.model_extra["shardrt_version"] == shardrt.__version__
     status, body = server.health()
     assert status == 200 and body["status"] == "ok"
     assert [s["process"] for s in body["stages"]] == ["coordinator", "daemon 1 (cpu:1)"]

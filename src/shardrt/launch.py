@@ -6,14 +6,17 @@ exit (normal, error, Ctrl-C, SIGTERM) every daemon, socket and segment is gone.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .config import LaunchConfig
-from .errors import ConfigError, ShardrtError
+from .errors import ConfigError, PlacementError, ShardrtError
 from .gguf_file import GGUFFile
-from .gguf_loader import LayerSpan, StageWeights, device_weight_bytes
+from .gguf_loader import LayerSpan, StageWeights
 from .lifecycle import DaemonProcess, Timeouts, make_runtime_dir, remove_runtime_dir
+from .memory import (CTX_STEP, MIN_AUTO_CTX, DeviceMemory, Need, auto_split, budgets, capacities, refusal,
+                     shard_need)
+from .memory import pools as memory_pools
 from .model import ModelConfig
 from .pipeline import Pipeline
 from .placement import DeviceSpec, ProcessPlan, Shard, plan_shards
@@ -34,8 +37,25 @@ class ShardRow:
     process: ProcessPlan
     span: LayerSpan
     weight_bytes: int  # in the file
-    device_bytes: int  # on the device: quantized blocks as stored, or dequantized to the compute dtype
+    need: Need  # on the device: weights as they will sit there, KV cache, working memory, runtime
     cover: str
+
+    @property
+    def device_bytes(self) -> int:
+        return self.need.weights
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The shards of a launch with what each needs and what its device offers."""
+
+    config: LaunchConfig  # with --layer-split auto and --max-ctx auto resolved
+    rows: list[ShardRow]
+    memory: dict[str, DeviceMemory]  # by memory pool (a GPU's own, or "host")
+    pools: dict[DeviceSpec, str]
+
+    def refusal(self) -> str | None:
+        return refusal(self.rows, self.memory, self.pools)
 
 
 def check_same_vocabulary(target: Path, draft: Path) -> None:
@@ -66,12 +86,62 @@ def plan_rows(config: LaunchConfig, gguf: GGUFFile, cfg: ModelConfig) -> list[Sh
     for shard in shards:
         span = LayerSpan.of(shard.start, shard.stop, cfg.n_layers)
         weights = StageWeights(gguf, cfg, span, prefetch=False)
-        gpu = shard.device.is_gpu
-        dtype_bytes = {"float32": 4, "auto": 2 if gpu else 4}.get(config.dtype, 2)
-        device_bytes = device_weight_bytes(gguf, weights.names, dtype_bytes, gpu and config.weights == "quantized")
-        rows.append(ShardRow(shard, by_index[shard.process], span, weights.cover.covered_bytes, device_bytes,
+        need = shard_need(gguf, cfg, span, shard.device, config.dtype, config.weights, config.max_ctx)
+        rows.append(ShardRow(shard, by_index[shard.process], span, weights.cover.covered_bytes, need,
                              str(weights.cover)))
     return rows
+
+
+def plan_placement(config: LaunchConfig, gguf: GGUFFile, cfg: ModelConfig, found: list) -> Placement:
+    """Rows for `config`, with an auto split and an auto context chosen against the memory the
+    devices in `found` (devices.discover) offer; `refusal()` says whether it fits."""
+    cpu = DeviceSpec("cpu", 0)
+
+    def placed(c: LaunchConfig) -> Placement | None:
+        """c with an auto split resolved, or None when its devices cannot hold every layer."""
+        pools, budget = memory_pools(c.devices, found), budgets(c.devices, found, c.reserve)
+        if c.layer_split == "auto":
+            caps = capacities(gguf, cfg, c.devices, budget, pools, c.dtype, c.weights, c.max_ctx)
+            if sum(int(x) for x in caps) < cfg.n_layers:
+                return None
+            c = replace(c, layer_split=auto_split(cfg.n_layers, caps, [d.is_gpu for d in c.devices]))
+        return Placement(c, plan_rows(c, gguf, cfg), budget, pools)
+
+    def fits(c: LaunchConfig) -> Placement | None:
+        p = placed(c)
+        if p is None and c.layer_split == "auto" and c.allow_cpu_overflow and cpu not in c.devices:
+            p = placed(replace(c, devices=c.devices + (cpu,)))
+        return p if p is not None and p.refusal() is None else None
+
+    if config.max_ctx_auto:
+        steps = sorted({*range(MIN_AUTO_CTX, cfg.context_length, CTX_STEP), cfg.context_length})
+        low, high, best = 0, len(steps) - 1, None
+        while low <= high:  # the largest context that fits
+            mid = (low + high) // 2
+            found_fit = fits(replace(config, max_ctx=steps[mid]))
+            if found_fit is not None:
+                best, low = found_fit, mid + 1
+            else:
+                high = mid - 1
+        if best is None:
+            p = placed(replace(config, max_ctx=steps[0]))
+            reason = p.refusal() if p is not None else "the devices cannot hold every layer"
+            raise PlacementError(f"--max-ctx auto: not even {steps[0]} tokens fit: {reason}")
+        return best
+    fit = fits(config)
+    if fit is not None:
+        return fit
+    p = placed(config)
+    if p is None and config.allow_cpu_overflow and cpu not in config.devices:
+        p = placed(replace(config, devices=config.devices + (cpu,)))
+    if p is not None:
+        return p  # the caller refuses it with one line per device
+    pools, budget = memory_pools(config.devices, found), budgets(config.devices, found, config.reserve)
+    caps = capacities(gguf, cfg, config.devices, budget, pools, config.dtype, config.weights, config.max_ctx)
+    held = ", ".join(f"{d} {c:.1f}" for d, c in zip(config.devices, caps))
+    raise PlacementError(f"--layer-split auto: {','.join(map(str, config.devices))} hold {sum(int(c) for c in caps)} of "
+                         f"the model's {cfg.n_layers} layers at max_ctx {config.max_ctx} ({held}); lower --max-ctx, use "
+                         f"--weights quantized, add a device, or --allow-cpu-overflow")
 
 
 def _runs(rows: list[ShardRow]) -> list[list[ShardRow]]:
@@ -113,10 +183,15 @@ class Cluster:
     def _start(self) -> None:
         from .stage import Stage, compute_dtype
 
+        from .devices import discover
+
         with GGUFFile(self.model_path) as gguf:
             cfg = ModelConfig.from_gguf(gguf)
-            self.rows = plan_rows(self.config, gguf, cfg)
-        self.cfg = cfg
+            placement = plan_placement(self.config, gguf, cfg, discover(self.config.pythons))
+        refused = placement.refusal()
+        if refused:  # before any weight is read or any daemon started
+            raise PlacementError(refused)
+        self.config, self.rows, self.cfg = placement.config, placement.rows, cfg
         identity = model_identity(self.model_path, cfg)
         shared = self.config.shared_bytes or auto_shared_bytes(cfg)
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 
-from .errors import ConfigError, ShardrtError
+from . import __version__
+from .errors import ConfigError, PlacementError, ShardrtError
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -19,13 +21,19 @@ def _add_placement_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", dest="model_opt", metavar="PATH", help="GGUF file (same as MODEL)")
     p.add_argument("--config", "-c", metavar="FILE", help="YAML placement file; flags override it")
     p.add_argument("--target-gpus", metavar="LIST", help="devices, e.g. cuda:0,hip:0,hip:1 or cpu:0 (default: first GPU, else cpu:0)")
-    p.add_argument("--layer-split", metavar="W,W,...", help="positive weights, one per device (default: even by layers)")
+    p.add_argument("--layer-split", metavar="W,W,...",
+                   help="positive weights, one per device, or auto: by each device's free memory (default: even by layers)")
+    p.add_argument("--vram-reserve", metavar="BYTES", default=None,
+                   help="memory to leave free on each GPU, e.g. 2G (default 512M, 2.5G on a GPU driving a display)")
+    p.add_argument("--allow-cpu-overflow", action="store_true",
+                   help="with --layer-split auto: layers the GPUs cannot hold go to a cpu:0 stage at the end")
     p.add_argument("--isolate-gpus", dest="isolate_gpus", action="store_true", default=None,
                    help="one daemon per device beyond the first (default)")
     p.add_argument("--no-isolate-gpus", dest="isolate_gpus", action="store_false",
                    help="one daemon per backend group; the first device's group stays in-process")
     p.add_argument("--all-daemons", action="store_true", help="run every stage in a daemon; the coordinator holds no device")
-    p.add_argument("--max-ctx", type=int, default=None, metavar="N", help="KV cache length in tokens (default 4096)")
+    p.add_argument("--max-ctx", default=None, metavar="N",
+                   help="KV cache length in tokens (default 4096), or auto: the largest that fits every device")
     p.add_argument("--dtype", default=None, metavar="T",
                    help="compute dtype: auto (default: float32 on CPU, bf16 on GPU), float32, bfloat16, float16")
     p.add_argument("--no-graphs", action="store_true",
@@ -52,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     parser = argparse.ArgumentParser(prog="shardrt", description="Run one GGUF model across the devices of a mixed box.",
                                      parents=[common])
+    parser.add_argument("--version", action="version", version=f"shardrt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     launch = sub.add_parser("launch", help="generate text from a prompt", parents=[common])
@@ -83,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", metavar="NAME", help="the model name clients give (default: the GGUF file name)")
     _add_spec_args(serve)
 
-    sub.add_parser("devices", help="list the GPUs of every backend and the CPU", parents=[common])
+    devices = sub.add_parser("devices", help="list the GPUs of every backend and the CPU", parents=[common])
+    devices.add_argument("--json", action="store_true", help="one JSON list")
     return parser
 
 
@@ -135,37 +145,57 @@ def cmd_launch(args) -> int:
 def cmd_plan(args) -> int:
     from .devices import discover, missing
     from .gguf_file import GGUFFile
-    from .launch import plan_rows
+    from .launch import plan_placement
     from .model import ModelConfig
 
     config, model = _resolve(args)
+    found = discover(config.pythons)
     with GGUFFile(model) as gguf:
         cfg = ModelConfig.from_gguf(gguf)
-        rows = plan_rows(config, gguf, cfg)
-    absent = missing(config.devices, discover())
+        placement = plan_placement(config, gguf, cfg, found)
+    config, rows = placement.config, placement.rows
+    absent = missing(config.devices, found)
     table = [{
         "backend": r.shard.device.backend, "device": str(r.shard.device), "process": r.process.label,
         "local_device": r.process.local_index(r.shard.device) if r.shard.device.is_gpu else None,
         "pinned_env": r.process.child_env(), "layers": str(r.span), "weight_bytes": r.weight_bytes,
-        "device_weight_bytes": r.device_bytes, "cover": r.cover,
+        "device_weight_bytes": r.device_bytes, "kv_bytes": r.need.kv, "working_bytes": r.need.scratch + r.need.runtime,
+        "need_bytes": r.need.total, "memory_pool": placement.pools[r.shard.device], "cover": r.cover,
         "python": config.pythons.get(r.process.backend, "this interpreter") if not r.process.in_process else "coordinator",
     } for r in rows]
+    pools = {name: {"device": str(m.spec), "name": m.name, "free_bytes": m.free, "total_bytes": m.total,
+                    "reserve_bytes": m.reserve, "usable_bytes": m.usable} for name, m in placement.memory.items()}
+    refused = placement.refusal()
     if args.json:
-        print(json.dumps({"model": str(model), "layers": cfg.n_layers, "shards": table,
+        print(json.dumps({"model": str(model), "layers": cfg.n_layers, "max_ctx": config.max_ctx,
+                          "layer_split": list(config.layer_split) if config.layer_split else None,
+                          "shards": table, "memory": pools, "fits": refused is None,
                           "missing": [str(d) for d in absent]}))
-        return 0
+    else:
+        _print_plan(model, cfg, config, table, pools, absent)
+    if refused:
+        raise PlacementError(refused)
+    return 0
+
+
+def _print_plan(model, cfg, config, table: list[dict], pools: dict, absent: list) -> None:
+    gib = 1 << 30
     print(f"model {model.name}: {cfg.arch}, {cfg.n_layers} layers, max_ctx {config.max_ctx}")
-    headers = ("backend", "device", "process", "pinned env", "layers", "weights on device", "span cover")
+    headers = ("backend", "device", "process", "pinned env", "layers", "weights", "KV cache", "needs", "span cover")
     cells = [(t["backend"], t["device"] + (f" (local {t['local_device']})" if t["local_device"] is not None
                                             and t["process"] != "coordinator" else ""),
               t["process"], " ".join(f"{k}={v}" for k, v in t["pinned_env"].items()) or "-", t["layers"],
-              f"{t['device_weight_bytes'] / (1 << 20):.1f} MiB", t["cover"]) for t in table]
+              f"{t['device_weight_bytes'] / (1 << 20):.1f} MiB", f"{t['kv_bytes'] / (1 << 20):.1f} MiB",
+              f"{t['need_bytes'] / gib:.2f} GiB", t["cover"]) for t in table]
     widths = [max(len(str(c)) for c in col) for col in zip(headers, *cells)]
     for line in (headers, *cells):
         print("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip())
+    for name, m in pools.items():
+        need = sum(t["need_bytes"] for t in table if t["memory_pool"] == name)
+        print(f"memory {name} ({m['name']}): needs {need / gib:.2f} GiB of {m['usable_bytes'] / gib:.2f} GiB usable "
+              f"({m['free_bytes'] / gib:.2f} free of {m['total_bytes'] / gib:.2f}, {m['reserve_bytes'] / gib:.2f} reserved)")
     if absent:
         print(f"missing on this machine: {', '.join(str(d) for d in absent)} (the plan stands; launch needs them)")
-    return 0
 
 
 def cmd_serve(args) -> int:
@@ -181,10 +211,13 @@ def cmd_serve(args) -> int:
 def cmd_devices(args) -> int:
     from .devices import discover
 
+    if args.json:
+        print(json.dumps([info.to_json() for info in discover()]))
+        return 0
     for info in discover():
         kind = "host" if not info.spec.is_gpu else "integrated" if info.integrated else "discrete"
         print(f"{str(info.spec):8} {info.name:40} {info.free_bytes / (1 << 30):7.1f} GiB free of "
-              f"{info.total_bytes / (1 << 30):7.1f} GiB  {kind}")
+              f"{info.total_bytes / (1 << 30):7.1f} GiB  {kind}" + ("  (drives a display)" if info.display else ""))
     return 0
 
 
@@ -233,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("shardrt: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `shardrt plan | head`: the reader has gone, and so do we
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from . import __version__
 from .errors import ConfigError, ShardrtError
 from .gguf_loader import LayerSpan
 from .ipc.codec import decode, encode, ref_tensor, tensor_ref
@@ -146,6 +147,7 @@ class ShardServer:
             "visible_env": {k: os.environ[k] for k in PINNED_ENV_KEYS if k in os.environ},
             "pid": os.getpid(),
             "python": sys.executable,
+            "shardrt": __version__,
             "torch": torch.__version__,
             "cover": [str(s.cover) for s in self.stages if hasattr(s, "cover")],
             "rss_bytes": _rss(),
@@ -355,6 +357,8 @@ def serve(spec: DaemonSpec) -> int:
                 reply, payloads, stop = server.handle(message, body)
         except ProtocolError as exc:
             reply = error_reply(rid, exc.code, str(exc))
+            if message.get("op") == "hello":  # what it runs, so the coordinator can say why they disagree
+                reply.update({k: v for k, v in server.hello_reply().items() if k not in ("version", "model")})
         except ShardrtError as exc:
             reply = error_reply(rid, "stage_error", str(exc))
         except Exception as exc:  # a bug must not take the daemon down with the request

@@ -75,7 +75,11 @@ class Stage:
             self.quantized = quantized and self.device.type != "cpu"
             weights = StageWeights(gguf, self.cfg, self.span, quantized=self.quantized)
             self.cover = weights.cover
-            self._load(weights)
+            try:
+                self._load(weights)
+            except torch.OutOfMemoryError as exc:
+                raise ConfigError(f"{self.device}: out of memory loading layers {self.span} with max_ctx {max_ctx} "
+                                  f"({str(exc).splitlines()[0]}); see `shardrt plan` for what it needs") from None
             self.bytes_read = weights.bytes_read
         self.length = 0  # tokens held in the KV cache, valid in every layer
         self._partial_end = 0  # end of the last early-exit (stop_after) write
@@ -156,6 +160,9 @@ class Stage:
         t0 = time.perf_counter()
         try:
             return self._run(*args)
+        except torch.OutOfMemoryError as exc:
+            raise ConfigError(f"{self.device}: out of memory running {args[0].shape[0]} tokens through layers "
+                              f"{self.span} ({str(exc).splitlines()[0]})") from None
         finally:
             self.forwards += 1
             self.forward_seconds += time.perf_counter() - t0

@@ -16,6 +16,7 @@ import time
 import torch
 import zmq
 
+from . import __version__
 from .errors import ConfigError, IpcError, StageDied
 from .gguf_loader import LayerSpan
 from .ipc.codec import decode, encode, ref_tensor, tensor_ref
@@ -185,7 +186,9 @@ class RemoteStage:
                 refused = ConfigError(f"{self.description}: {text}")
                 refused.reply = reply  # what the daemon saw: its pinned environment and devices
                 raise refused
-            raise IpcError(f"{self.description}: {message['op']} refused ({code}): {text}")
+            refused = IpcError(f"{self.description}: {message['op']} refused ({code}): {text}")
+            refused.reply = reply
+            raise refused
         return reply, frames
 
     def _mailbox_reply(self) -> tuple[dict, list]:
@@ -233,13 +236,26 @@ class RemoteStage:
                 raise StageDied(f"{self.description}: no reply within {timeout:g}s (pid {self.daemon.pid})")
 
     def _handshake(self) -> dict:
-        reply, _ = self.request({"op": "hello", "version": PROTOCOL_VERSION, "model": self.identity},
-                                timeout=self.timeouts.ready, heartbeat=False)
+        try:
+            reply, _ = self.request({"op": "hello", "version": PROTOCOL_VERSION, "model": self.identity},
+                                    timeout=self.timeouts.ready, heartbeat=False)
+        except (ConfigError, IpcError) as exc:
+            self._check_version(getattr(exc, "reply", None) or {})  # a version mismatch explains the rest
+            raise
+        self._check_version(reply)
         if reply.get("version") != PROTOCOL_VERSION:
             raise IpcError(f"{self.description}: daemon speaks protocol {reply.get('version')!r}, not {PROTOCOL_VERSION}")
         if self.span is not None and reply.get("layers") != [self.span.start, self.span.stop]:
             raise IpcError(f"{self.description}: daemon holds layers {reply.get('layers')}, expected {self.span}")
         return reply
+
+    def _check_version(self, reply: dict) -> None:
+        theirs = reply.get("shardrt", "an unknown version (older than 0.1.0, or not shardrt)")
+        if theirs != __version__:
+            ran = reply.get("python")
+            where = self.daemon.python + (f" ({ran})" if ran and ran != self.daemon.python else "")
+            raise ConfigError(f"{self.description}: its interpreter {where} runs shardrt {theirs}, this coordinator "
+                              f"shardrt {__version__}; install shardrt {__version__} there")
 
     def close(self) -> None:
         self.socket.close(linger=0)

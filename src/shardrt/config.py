@@ -18,10 +18,10 @@ from .placement import BACKENDS, DeviceSpec, parse_device, parse_devices, parse_
 
 MIN_SHARED_BYTES = 64 * 1024
 SHARED_BYTES_ENV = "SHARDRT_IPC_SHARED_BYTES"
-TOP_KEYS = {"model", "max_ctx", "dtype", "graphs", "weights", "backends", "target", "draft", "ipc"}
+TOP_KEYS = {"model", "max_ctx", "dtype", "graphs", "weights", "reserve", "backends", "target", "draft", "ipc"}
 WEIGHTS = ("quantized", "dequantized")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-TARGET_KEYS = {"devices", "layer_split", "isolate_gpus", "all_daemons"}
+TARGET_KEYS = {"devices", "layer_split", "isolate_gpus", "all_daemons", "allow_cpu_overflow"}
 IPC_KEYS = {"shared_bytes"}
 DRAFT_KEYS = {"kind", "model", "device", "tokens", "capture_layers"}
 DRAFT_KINDS = ("ngram", "model", "capture")
@@ -68,8 +68,11 @@ def parse_capture_layers(value: Any, where: str) -> tuple[int, ...]:
 class LaunchConfig:
     model: Path | None = None  # None: the demo model
     max_ctx: int = 4096
+    max_ctx_auto: bool = False  # the largest context that fits every device (memory.py)
     devices: tuple[DeviceSpec, ...] = ()  # empty: the first GPU torch sees, else cpu:0
-    layer_split: tuple[float, ...] | None = None  # None: even by layer count
+    layer_split: tuple[float, ...] | str | None = None  # None: even by layer count; "auto": by free memory
+    allow_cpu_overflow: bool = False  # with "auto": layers no GPU holds go to a cpu:0 stage at the end
+    reserve: int | None = None  # bytes left free on each GPU (None: memory.py's defaults)
     isolate_gpus: bool = True
     all_daemons: bool = False
     pythons: dict[str, str] = field(default_factory=dict)  # backend -> interpreter for its daemons
@@ -84,7 +87,7 @@ class LaunchConfig:
         from .placement import default_device
 
         devices = self.devices or (default_device(),)
-        if self.layer_split is not None and len(self.layer_split) != len(devices):
+        if isinstance(self.layer_split, tuple) and len(self.layer_split) != len(devices):
             raise PlacementError(f"layer_split: {len(self.layer_split)} weights for {len(devices)} devices")
         return replace(self, devices=devices)
 
@@ -112,19 +115,25 @@ def _positive_int(value: Any, where: str) -> int:
     return value
 
 
-def parse_shared_bytes(value: Any, where: str) -> int | None:
-    """'auto' (None) or a byte count of at least MIN_SHARED_BYTES; accepts K/M/G suffixes."""
+def parse_bytes(value: Any, where: str, alternative: str = "") -> int:
+    """A byte count >= 0: an integer, or digits with a K/M/G suffix (binary)."""
     if isinstance(value, str):
         text = value.strip().lower()
-        if text == "auto":
-            return None
         scale = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(text[-1:], 1)
         digits = text[:-1] if scale > 1 else text
         if not (digits.isascii() and digits.isdigit()):  # '²'.isdigit() is True, but int() refuses it
-            raise ConfigError(f"{where}: {value!r} is not a byte count (e.g. 8M, 1048576) or 'auto'")
+            raise ConfigError(f"{where}: {value!r} is not a byte count (e.g. 8M, 1048576){alternative}")
         value = int(digits) * scale
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{where}: {value!r} is not a byte count (e.g. 8M, 1048576) or 'auto'")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{where}: {value!r} is not a byte count (e.g. 8M, 1048576){alternative}")
+    return value
+
+
+def parse_shared_bytes(value: Any, where: str) -> int | None:
+    """'auto' (None) or a byte count of at least MIN_SHARED_BYTES; accepts K/M/G suffixes."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return None
+    value = parse_bytes(value, where, " or 'auto'")
     if value < MIN_SHARED_BYTES:
         raise ConfigError(f"{where}: {value} bytes is too small; at least {MIN_SHARED_BYTES} (64K)")
     return value
@@ -183,8 +192,8 @@ def load_yaml(path: str | Path) -> LaunchConfig:
 
     devices = parse_devices(target["devices"], "target.devices") if "devices" in target else ()
     split = target.get("layer_split")
-    if split == "auto" or split is None:
-        split = None
+    if split is None or split == "auto":
+        pass
     else:
         if not devices:
             raise PlacementError("target.layer_split: given without target.devices")
@@ -194,7 +203,10 @@ def load_yaml(path: str | Path) -> LaunchConfig:
         raise PlacementError(f"model: {model!r} is not a path to a GGUF file")
     return LaunchConfig(
         model=(path.parent / Path(model).expanduser()) if model else None,
-        max_ctx=_positive_int(doc["max_ctx"], "max_ctx") if "max_ctx" in doc else LaunchConfig.max_ctx,
+        max_ctx=LaunchConfig.max_ctx if doc.get("max_ctx", "auto") == "auto" else _positive_int(doc["max_ctx"], "max_ctx"),
+        max_ctx_auto=doc.get("max_ctx") == "auto",
+        reserve=parse_bytes(doc["reserve"], "reserve") if "reserve" in doc else None,
+        allow_cpu_overflow=_bool(target.get("allow_cpu_overflow", False), "target.allow_cpu_overflow"),
         dtype=parse_dtype(doc.get("dtype", "auto"), "dtype"),
         graphs=_bool(doc.get("graphs", True), "graphs"),
         weights=parse_weights(doc.get("weights", "dequantized"), "weights"),
@@ -218,7 +230,14 @@ def from_args(args) -> LaunchConfig:
     if model:
         updates["model"] = Path(model).expanduser()
     if args.max_ctx is not None:
-        updates["max_ctx"] = _positive_int(args.max_ctx, "--max-ctx")
+        if args.max_ctx == "auto":
+            updates["max_ctx_auto"] = True
+        else:
+            try:
+                value = int(args.max_ctx)
+            except ValueError:
+                raise ConfigError(f"--max-ctx: {args.max_ctx!r} is not a number of tokens or 'auto'") from None
+            updates["max_ctx"], updates["max_ctx_auto"] = _positive_int(value, "--max-ctx"), False
     if args.target_gpus is not None:
         updates["devices"] = parse_devices(args.target_gpus, "--target-gpus")
         updates["layer_split"] = None  # a split for the file's devices does not carry over
@@ -226,13 +245,17 @@ def from_args(args) -> LaunchConfig:
     if args.layer_split is not None:
         if not devices:
             raise PlacementError("--layer-split: given without --target-gpus")
-        updates["layer_split"] = parse_layer_split(args.layer_split, len(devices))
+        updates["layer_split"] = "auto" if args.layer_split == "auto" else parse_layer_split(args.layer_split, len(devices))
     if args.dtype is not None:
         updates["dtype"] = parse_dtype(args.dtype, "--dtype")
     if args.isolate_gpus is not None:
         updates["isolate_gpus"] = args.isolate_gpus
     if getattr(args, "no_graphs", False):
         updates["graphs"] = False
+    if getattr(args, "vram_reserve", None) is not None:
+        updates["reserve"] = parse_bytes(args.vram_reserve, "--vram-reserve")
+    if getattr(args, "allow_cpu_overflow", False):
+        updates["allow_cpu_overflow"] = True
     if getattr(args, "weights", None) is not None:
         updates["weights"] = parse_weights(args.weights, "--weights")
     if args.all_daemons:

@@ -50,7 +50,8 @@ class App:
         self.engine, self.metrics, self.model_name, self.created = engine, metrics, model_name, created
 
     def model_card(self) -> dict:
-        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "shardrt"}
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "shardrt",
+                "shardrt_version": __version__}
 
 
 class Handler(BaseHTTPRequestHandler):

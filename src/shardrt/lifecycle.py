@@ -80,7 +80,7 @@ class DaemonProcess:
         spec = DaemonSpec(label=label, backend=backend, endpoint=self.endpoint, shm_name=self.segment.name,
                           model=model, identity=identity, shards=shards, max_ctx=max_ctx, death_fd=read_fd,
                           dtype=dtype, graphs=graphs, weights=weights)
-        python = python or sys.executable
+        python = self.python = python or sys.executable
         try:
             with open(self.log_path, "wb") as log:
                 # exec, never a bare fork: the coordinator may hold a GPU context

@@ -1,21 +1,28 @@
 """Device discovery across backends, without creating a GPU context in this process.
 
 NVIDIA GPUs come from NVML (`pynvml`), AMD GPUs from `amdsmi` when installed, else from the
-kernel's KFD topology in sysfs. CPU is always there.
+kernel's KFD topology in sysfs. CPU is always there. Where this interpreter finds none of a
+backend's GPUs but the placement names another interpreter for that backend (a ROCm venv with
+amdsmi, say), a short-lived probe asks that interpreter: `python -m shardrt.devices --json`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
-from .placement import DeviceSpec
+from .errors import ShardrtError
+from .placement import DeviceSpec, parse_device
 
 log = logging.getLogger(__name__)
 KFD_NODES = Path("/sys/class/kfd/kfd/topology/nodes")
+PROBE_TIMEOUT_S = 30
 
 
 @dataclass(frozen=True)
@@ -25,6 +32,17 @@ class DeviceInfo:
     total_bytes: int
     free_bytes: int
     integrated: bool
+    display: bool = False  # drives a monitor: leave room for the desktop
+
+    def to_json(self) -> dict:
+        kind = "host" if not self.spec.is_gpu else "integrated" if self.integrated else "discrete"
+        return {"device": str(self.spec), "name": self.name, "total_bytes": self.total_bytes,
+                "free_bytes": self.free_bytes, "kind": kind, "display": self.display}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "DeviceInfo":
+        return cls(parse_device(d["device"], "probe"), str(d["name"]), int(d["total_bytes"]), int(d["free_bytes"]),
+                   d["kind"] == "integrated", bool(d.get("display", False)))
 
 
 def nvidia_devices() -> list[DeviceInfo]:
@@ -40,8 +58,12 @@ def nvidia_devices() -> list[DeviceInfo]:
             handle = pynvml.nvmlDeviceGetHandleByIndex(i)
             name = pynvml.nvmlDeviceGetName(handle)
             mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            try:
+                display = bool(pynvml.nvmlDeviceGetDisplayActive(handle))
+            except Exception:  # not supported on this board: assume no desktop
+                display = False
             found.append(DeviceInfo(DeviceSpec("cuda", i), name if isinstance(name, str) else name.decode(),
-                                    int(mem.total), int(mem.free), integrated=False))
+                                    int(mem.total), int(mem.free), integrated=False, display=display))
         return found
     finally:
         pynvml.nvmlShutdown()
@@ -100,11 +122,39 @@ def cpu_device() -> DeviceInfo:
     return DeviceInfo(DeviceSpec("cpu", 0), f"CPU ({psutil.cpu_count()} threads)", mem.total, mem.available, True)
 
 
-def discover() -> list[DeviceInfo]:
-    return [*nvidia_devices(), *amd_devices(), cpu_device()]
+def discover(pythons: dict[str, str] | None = None) -> list[DeviceInfo]:
+    """Every device this machine has; a backend this interpreter sees no GPU of is asked of the
+    interpreter `pythons` names for it."""
+    found = [*nvidia_devices(), *amd_devices(), cpu_device()]
+    for backend, python in (pythons or {}).items():
+        if backend != "cpu" and python != sys.executable and not any(d.spec.backend == backend for d in found):
+            found[-1:-1] = [d for d in probe(python) if d.spec.backend == backend]
+    return found
+
+
+def probe(python: str) -> list[DeviceInfo]:
+    """The devices another interpreter finds; none when it cannot run shardrt (logged)."""
+    try:
+        done = subprocess.run([python, "-m", "shardrt.devices", "--json"], capture_output=True, text=True,
+                              timeout=PROBE_TIMEOUT_S, stdin=subprocess.DEVNULL)
+        if done.returncode != 0:
+            raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}")
+        return [DeviceInfo.from_json(d) for d in json.loads(done.stdout)]
+    except (OSError, subprocess.TimeoutExpired, RuntimeError, ValueError, KeyError, ShardrtError) as exc:
+        log.warning("device probe with %s failed: %s", python, exc)
+        return []
+
+
+def main() -> int:
+    print(json.dumps([d.to_json() for d in discover()]))
+    return 0
 
 
 def missing(devices: tuple[DeviceSpec, ...], present: list[DeviceInfo]) -> list[DeviceSpec]:
     """The GPUs named in a placement that this machine does not have (any cpu:N is present)."""
     have = {d.spec for d in present}
     return [d for d in devices if d.is_gpu and d not in have]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

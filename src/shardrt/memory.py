@@ -1,0 +1,232 @@
+"""The memory plan: what each shard needs on its device, what the device has, the split that
+fits (`--layer-split auto`, `--max-ctx auto`), and the refusal, before any weight is read.
+
+A shard needs its weights (as they will sit on the device: quantized blocks or dequantized to
+the compute dtype), its KV cache for `max_ctx` tokens, working memory for a prefill chunk
+(activations, the logits row, the scratch matrix of quantized weights) and, on a GPU, the
+runtime's own (context, libraries, graph pools). A device offers its free memory less a reserve
+(`--vram-reserve`, YAML `reserve`, `SHARDRT_VRAM_RESERVE`; by default 512 MiB per GPU, 2 GiB more
+on a GPU that drives a display, 2 GiB of host memory). An integrated GPU shares host memory, so
+it is planned against that.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from .config import parse_bytes
+from .errors import PlacementError
+from .gguf_file import GGUFFile
+from .gguf_loader import LayerSpan, device_weight_bytes, stage_tensor_names
+from .kernels import quant
+from .model import ModelConfig
+from .placement import DeviceSpec
+
+GIB, MIB = 1 << 30, 1 << 20
+RESERVE_ENV = "SHARDRT_VRAM_RESERVE"
+GPU_RESERVE = 512 * MIB
+DISPLAY_RESERVE = 2 * GIB  # a desktop's compositor and browser live there
+HOST_RESERVE = 2 * GIB
+GPU_RUNTIME = 768 * MIB  # the CUDA/HIP context, cuBLAS and Triton modules, graph pools (an H200 context is ~530 MiB)
+PREFILL_CHUNK = 1024  # tokens a GPU stage prefills at once (stage.PREFILL_BUCKETS); a CPU stage's whole prompt
+CPU_PROMPT = 2048  # the prompt a CPU stage is planned for (it prefills unchunked)
+MIN_AUTO_CTX, CTX_STEP = 256, 256
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    """What one device offers: free memory (host memory for an integrated GPU) and the reserve."""
+
+    spec: DeviceSpec
+    name: str
+    free: int
+    total: int
+    reserve: int
+    integrated: bool = False
+
+    @property
+    def usable(self) -> int:
+        return max(0, self.free - self.reserve)
+
+
+@dataclass(frozen=True)
+class Need:
+    """What one shard needs on its device, in bytes."""
+
+    weights: int
+    kv: int
+    scratch: int
+    runtime: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv + self.scratch + self.runtime
+
+
+def dtype_bytes(dtype: str, gpu: bool) -> int:
+    return {"float32": 4, "auto": 2 if gpu else 4}.get(dtype, 2)
+
+
+def kv_bytes(cfg: ModelConfig, layers: int, max_ctx: int, element: int) -> int:
+    return 2 * layers * cfg.n_kv_heads * cfg.head_dim * max_ctx * element
+
+
+def scratch_bytes(cfg: ModelConfig, gguf: GGUFFile, names: list[str], gpu: bool, element: int,
+                  quantized: bool) -> int:
+    """Working memory of a prefill: the widest activations of a chunk, a float32 logits row, and
+    the scratch matrix the biggest quantized weight is dequantized into."""
+    rows = PREFILL_CHUNK if gpu else CPU_PROMPT
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    activations = rows * (4 * cfg.dim + q + 2 * kv + 3 * cfg.ffn_dim) * element
+    logits = cfg.vocab_size * 4 * 16
+    widest = 0
+    if gpu and quantized:
+        for name in names:
+            info = gguf.tensors[name]
+            if len(info.shape) == 2 and quant.has_kernel(info.qtype):
+                widest = max(widest, info.n_elements)
+        # q/k/v and gate/up are stacked before they are multiplied
+        widest = max(widest, 2 * cfg.ffn_dim * cfg.dim if widest else 0)
+    return activations + logits + widest * element
+
+
+def shard_need(gguf: GGUFFile, cfg: ModelConfig, span: LayerSpan, device: DeviceSpec, dtype: str, weights: str,
+               max_ctx: int) -> Need:
+    gpu = device.is_gpu
+    element = dtype_bytes(dtype, gpu)
+    quantized = gpu and weights == "quantized"
+    names = stage_tensor_names(cfg, span)
+    return Need(weights=device_weight_bytes(gguf, names, element, quantized),
+                kv=kv_bytes(cfg, span.stop - span.start, max_ctx, element),
+                scratch=scratch_bytes(cfg, gguf, names, gpu, element, quantized),
+                runtime=GPU_RUNTIME if gpu else 0)
+
+
+def reserve_for(spec: DeviceSpec, display: bool, override: int | None) -> int:
+    env = os.environ.get(RESERVE_ENV)
+    if env is not None:
+        return parse_bytes(env, RESERVE_ENV) if spec.is_gpu else HOST_RESERVE
+    if override is not None and spec.is_gpu:
+        return override
+    if not spec.is_gpu:
+        return HOST_RESERVE
+    return GPU_RESERVE + (DISPLAY_RESERVE if display else 0)
+
+
+def pool_of(spec: DeviceSpec, integrated: bool) -> str:
+    """Which memory a device draws on: host memory for the CPU and integrated GPUs, its own otherwise."""
+    return "host" if not spec.is_gpu or integrated else str(spec)
+
+
+def budgets(devices: tuple[DeviceSpec, ...], found: list, reserve: int | None) -> dict[str, DeviceMemory]:
+    """What each memory pool the named devices draw on offers, from discovery (devices.discover).
+    Devices this machine does not have are left out: their shards are not checked."""
+    by_spec = {d.spec: d for d in found}
+    host = by_spec.get(DeviceSpec("cpu", 0))
+    out: dict[str, DeviceMemory] = {}
+    for spec in devices:
+        info = by_spec.get(DeviceSpec("cpu", 0) if not spec.is_gpu else spec)
+        if info is None:
+            continue
+        pool = pool_of(spec, info.integrated)
+        if pool == "host":
+            if host is not None and "host" not in out:
+                out["host"] = DeviceMemory(DeviceSpec("cpu", 0), "host memory", host.free_bytes, host.total_bytes,
+                                           reserve_for(DeviceSpec("cpu", 0), False, reserve), integrated=True)
+            continue
+        out[pool] = DeviceMemory(spec, info.name, info.free_bytes, info.total_bytes,
+                                 reserve_for(spec, info.display, reserve))
+    return out
+
+
+def pools(devices: tuple[DeviceSpec, ...], found: list) -> dict[DeviceSpec, str]:
+    integrated = {d.spec: d.integrated for d in found}
+    return {d: pool_of(d, integrated.get(d, False)) for d in devices}
+
+
+def auto_split(n_layers: int, capacity: list[float], gpu: list[bool]) -> tuple[float, ...]:
+    """Weights for `split_layers`: GPUs first, in proportion to how many layers each can hold,
+    none given more than it holds (largest remainders, capped); CPU stages take only what the
+    GPUs cannot (a CPU is the slow overflow, however much memory it has); each at least one."""
+    n_cpu = sum(1 for g in gpu if not g)
+    gpu_room = sum(int(c) for c, g in zip(capacity, gpu) if g)
+    if n_cpu and gpu_room < n_layers - n_cpu:  # the GPUs full, the CPUs share the rest
+        rest = [c if not g else 0.0 for c, g in zip(capacity, gpu)]
+        split = _proportional(n_layers - gpu_room, rest, [not g for g in gpu])
+        return tuple((int(c) if g else s * (n_layers - gpu_room)) / n_layers for c, g, s in zip(capacity, gpu, split))
+    if n_cpu:
+        split = _proportional(n_layers - n_cpu, capacity, gpu)
+        return tuple((s * (n_layers - n_cpu) if g else 1) / n_layers for s, g in zip(split, gpu))
+    return _proportional(n_layers, capacity, gpu)
+
+
+def _proportional(n_layers: int, capacity: list[float], take: list[bool]) -> tuple[float, ...]:
+    """Fractions of n_layers for the devices in `take` (0 for the rest), as auto_split says."""
+    total = sum(c for c, t in zip(capacity, take) if t)
+    share = [n_layers * c / total if t else 0.0 for c, t in zip(capacity, take)]
+    counts = [max(1, min(int(s), int(c))) if t else 0 for s, c, t in zip(share, capacity, take)]
+    order = [i for i in sorted(range(len(capacity)), key=lambda i: share[i] - int(share[i]), reverse=True) if take[i]]
+    order = sorted(range(len(capacity)), key=lambda i: share[i] - int(share[i]), reverse=True)
+    while sum(counts) < n_layers:
+        room = [i for i in order if counts[i] + 1 <= capacity[i]] or order
+        counts[room[0]] += 1
+        order = order[1:] + order[:1]
+    while sum(counts) > n_layers:  # the at-least-one rule overshot: take from the largest
+        counts[counts.index(max(counts))] -= 1
+    return tuple(c / n_layers for c in counts)
+
+
+def layer_bytes(gguf: GGUFFile, cfg: ModelConfig, device: DeviceSpec, dtype: str, weights: str, max_ctx: int) -> int:
+    """A middle layer's weights and KV cache on `device`."""
+    mid = cfg.n_layers // 2
+    need = shard_need(gguf, cfg, LayerSpan(mid, mid + 1, False, False), device, dtype, weights, max_ctx)
+    return need.weights + need.kv
+
+
+def fixed_bytes(gguf: GGUFFile, cfg: ModelConfig, device: DeviceSpec, dtype: str, weights: str, max_ctx: int,
+                first: bool, last: bool) -> int:
+    """What a shard on `device` needs besides its layers: runtime, working memory, and the
+    embedding if it comes first and the head if it comes last."""
+    mid = cfg.n_layers // 2
+    bare = shard_need(gguf, cfg, LayerSpan(mid, mid + 1, first, last), device, dtype, weights, max_ctx)
+    return bare.total - layer_bytes(gguf, cfg, device, dtype, weights, max_ctx)
+
+
+def capacities(gguf: GGUFFile, cfg: ModelConfig, devices: tuple[DeviceSpec, ...], memory: dict[str, DeviceMemory],
+               pool: dict[DeviceSpec, str], dtype: str, weights: str, max_ctx: int) -> list[float]:
+    """How many layers each device can hold; devices drawing on one pool share it evenly."""
+    sharing = {p: sum(1 for d in devices if pool[d] == p) for p in set(pool.values())}
+    out = []
+    for i, d in enumerate(devices):
+        mem = memory.get(pool[d])
+        if mem is None:
+            raise PlacementError(f"--layer-split auto: {d} is not on this machine, so its memory is unknown; "
+                                 f"give --layer-split weights instead")
+        fixed = fixed_bytes(gguf, cfg, d, dtype, weights, max_ctx, first=i == 0, last=i == len(devices) - 1)
+        out.append(max(0.0, (mem.usable / sharing[pool[d]] - fixed) / layer_bytes(gguf, cfg, d, dtype, weights, max_ctx)))
+    return out
+
+
+def refusal(rows: list, memory: dict[str, DeviceMemory], pool: dict[DeviceSpec, str]) -> str | None:
+    """One line per memory pool whose shards do not fit, with what they need and what is there;
+    None when everything fits."""
+    needs: dict[str, list] = {}
+    for row in rows:
+        needs.setdefault(pool[row.shard.device], []).append(row)
+    lines = []
+    for name, pool_rows in needs.items():
+        mem = memory.get(name)
+        if mem is None:
+            continue
+        need = sum(r.need.total for r in pool_rows)
+        if need > mem.usable:
+            w, kv = sum(r.need.weights for r in pool_rows), sum(r.need.kv for r in pool_rows)
+            where = ",".join(str(r.shard.device) for r in pool_rows)
+            lines.append(f"{where} ({mem.name}): needs {need / GIB:.2f} GiB (weights {w / GIB:.2f}, KV cache "
+                         f"{kv / GIB:.2f}, working memory {(need - w - kv) / GIB:.2f}) but has {mem.usable / GIB:.2f} GiB "
+                         f"({mem.free / GIB:.2f} free less a {mem.reserve / GIB:.2f} reserve)")
+    if not lines:
+        return None
+    return ("the placement does not fit; lower --max-ctx (or --max-ctx auto), use --layer-split auto, "
+            "--weights quantized, or more devices:\n  " + "\n  ".join(lines))
