@@ -1,11 +1,13 @@
-"""Load on `shardrt serve`: a bounded number of streamed chat requests from a few concurrent
-clients over loopback. Prints one JSON line: requests/s, time to first token p50/p99 (queue
-wait included, as a client sees it), decode tokens/s per request, total tokens/s, errors.
+"""Load on `shardrt serve`: streamed chat requests from concurrent clients over loopback, at
+one or more concurrency levels in one run. Prints one JSON line with, per level: aggregate
+tokens/s, requests/s, time to first token p50/p99 (queue wait included, as a client sees it),
+inter-token latency p50/p99, decode tokens/s per request, errors; and each level's aggregate
+tokens/s over the first level's.
 
 Starts its own server (demo model, `--target-gpus cpu:0,cpu:1` unless other serve flags follow
 `--`) and stops it with SIGTERM at the end, or measures a running one with `--url`.
 
-    python scripts/bench_serve.py [--requests 24] [--concurrency 4] [--max-tokens 32] [--url URL]
+    python scripts/bench_serve.py [--concurrency 1,4,16] [--requests N] [--max-tokens 32] [--url URL]
     python scripts/bench_serve.py -- --target-gpus cpu:0 --draft ngram
 """
 
@@ -70,6 +72,7 @@ def one_request(host: str, port: int, model: str, question: str, max_tokens: int
     t0 = time.perf_counter()
     first = None
     tokens = 0
+    arrivals = []  # when each content chunk came
     conn = http.client.HTTPConnection(host, port, timeout=REQUEST_S)
     try:
         conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
@@ -84,8 +87,9 @@ def one_request(host: str, port: int, model: str, question: str, max_tokens: int
                 return {"error": chunk["error"]["message"]}
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-            if first is None and any(c["delta"].get("content") for c in chunk.get("choices", [])):
-                first = time.perf_counter()
+            if any(c["delta"].get("content") for c in chunk.get("choices", [])):
+                arrivals.append(time.perf_counter())
+                first = first or arrivals[-1]
     except OSError as exc:
         return {"error": f"{type(exc).__name__}: {exc}"}
     finally:
@@ -93,7 +97,8 @@ def one_request(host: str, port: int, model: str, question: str, max_tokens: int
     end = time.perf_counter()
     if first is None:
         return {"error": "no content"}
-    return {"ttft": first - t0, "tokens": tokens, "decode_rate": (tokens - 1) / (end - first) if end > first else 0.0}
+    return {"ttft": first - t0, "tokens": tokens, "decode_rate": (tokens - 1) / (end - first) if end > first else 0.0,
+            "gaps": [b - a for a, b in zip(arrivals, arrivals[1:])]}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -101,16 +106,43 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered) + 0.5) - 1))] if ordered else 0.0
 
 
+def run_level(host: str, port: int, model: str, concurrency: int, requests: int, max_tokens: int) -> dict:
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(lambda i: one_request(host, port, model, QUESTIONS[i % len(QUESTIONS)], max_tokens),
+                                range(requests)))
+    wall = time.perf_counter() - t0
+    ok = [r for r in results if "error" not in r]
+    errors = [r["error"] for r in results if "error" in r]
+    ttft = [r["ttft"] for r in ok]
+    gaps = [g for r in ok for g in r["gaps"]]
+    return {
+        "concurrency": concurrency, "requests": requests, "errors": len(errors),
+        "first_error": errors[0] if errors else None, "wall_s": round(wall, 2),
+        "throughput_tokens_per_s": round(sum(r["tokens"] for r in ok) / wall, 2),
+        "requests_per_s": round(len(ok) / wall, 3),
+        "ttft_p50_s": round(percentile(ttft, 0.5), 3), "ttft_p99_s": round(percentile(ttft, 0.99), 3),
+        "itl_p50_ms": round(1e3 * percentile(gaps, 0.5), 1), "itl_p99_ms": round(1e3 * percentile(gaps, 0.99), 1),
+        "decode_tokens_per_s": round(percentile([r["decode_rate"] for r in ok], 0.5), 2),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=24)
-    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--concurrency", default="1,4,16", help="levels, comma-separated (default 1,4,16)")
+    parser.add_argument("--requests", type=int, help="requests per level (default: 2 x the level, at least 4)")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--url", help="measure a running server instead of starting one")
     parser.add_argument("serve_args", nargs="*", help="after --: flags for `shardrt serve`")
     args = parser.parse_args()
-    if not 1 <= args.concurrency <= args.requests <= 10_000:
-        parser.error("need 1 <= --concurrency <= --requests <= 10000")
+    try:
+        levels = [int(c) for c in args.concurrency.split(",")]
+    except ValueError:
+        parser.error(f"--concurrency: {args.concurrency!r} is not a comma-separated list of numbers")
+    if not levels or not all(1 <= c <= 1000 for c in levels):
+        parser.error("--concurrency: every level must be in 1..1000")
+    if args.requests is not None and not 1 <= args.requests <= 10_000:
+        parser.error("--requests: must be in 1..10000")
 
     proc = None
     if args.url:
@@ -120,16 +152,12 @@ def main() -> None:
         host, port = "127.0.0.1", free_port()
         flags = args.serve_args or DEFAULT_SERVE
         proc = subprocess.Popen([sys.executable, "-m", "shardrt.cli", "serve", "--port", str(port),
-                                 "--max-queue", str(args.concurrency), *flags], stdin=subprocess.DEVNULL)
+                                 "--max-queue", str(max(levels)), *flags], stdin=subprocess.DEVNULL)
     try:
         wait_ready(host, port, proc)
         model = json.loads(get(host, port, "/v1/models")[1])["data"][0]["id"]
         one_request(host, port, model, "Hello", 2)  # warm-up, not counted
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(args.concurrency) as pool:
-            results = list(pool.map(lambda i: one_request(host, port, model, QUESTIONS[i % len(QUESTIONS)],
-                                                          args.max_tokens), range(args.requests)))
-        wall = time.perf_counter() - t0
+        report = [run_level(host, port, model, c, args.requests or max(4, 2 * c), args.max_tokens) for c in levels]
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
@@ -139,16 +167,12 @@ def main() -> None:
                 proc.kill()
                 proc.wait(10)
 
-    ok = [r for r in results if "error" not in r]
-    errors = [r["error"] for r in results if "error" in r]
-    ttft = [r["ttft"] for r in ok]
+    base = report[0]["throughput_tokens_per_s"]
     print(json.dumps({
-        "requests": args.requests, "concurrency": args.concurrency, "max_tokens": args.max_tokens,
-        "errors": len(errors), "first_error": errors[0] if errors else None,
-        "wall_s": round(wall, 2), "requests_per_s": round(len(ok) / wall, 3),
-        "ttft_p50_s": round(percentile(ttft, 0.5), 3), "ttft_p99_s": round(percentile(ttft, 0.99), 3),
-        "decode_tokens_per_s": round(percentile([r["decode_rate"] for r in ok], 0.5), 2),
-        "throughput_tokens_per_s": round(sum(r["tokens"] for r in ok) / wall, 2),
+        "max_tokens": args.max_tokens, "levels": report,
+        "throughput_vs_first": {str(r["concurrency"]): round(r["throughput_tokens_per_s"] / base, 2) if base else None
+                                for r in report},
+        "errors": sum(r["errors"] for r in report),
         "server": args.url or " ".join(args.serve_args or DEFAULT_SERVE),
     }))
 

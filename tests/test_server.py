@@ -93,7 +93,10 @@ def server(demo_model, tmp_path_factory):
     port = free_port()
     err = tmp_path_factory.mktemp("serve") / "stderr.txt"
     with open(err, "wb") as sink:
-        proc = subprocess.Popen(serve_args(demo_model, port, "--max-queue", str(MAX_QUEUE)), stdin=subprocess.DEVNULL,
+        # one request at a time: the queue tests need requests that wait (tests/test_serve_batching.py
+        # serves several at once)
+        proc = subprocess.Popen(serve_args(demo_model, port, "--max-queue", str(MAX_QUEUE), "--max-seqs", "1"),
+                                stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=sink)
     served = Served(proc, port, err, demo_model.name.removesuffix(".gguf"))
 

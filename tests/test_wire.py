@@ -18,7 +18,8 @@ from shardrt.errors import IpcError
 from shardrt.gguf_file import GGUFFile
 from shardrt.gguf_loader import LayerSpan
 from shardrt.ipc.codec import MAX_FRAMES, decode, encode, frame_tensor, tensor_ref
-from shardrt.ipc.protocol import MAX_CAPTURE_LAYERS, MAX_KV_SLOTS, MAX_TOKENS_PER_FORWARD, PROTOCOL_VERSION
+from shardrt.ipc.protocol import (MAX_BATCH, MAX_CAPTURE_LAYERS, MAX_KV_SLOTS, MAX_SEQS, MAX_TOKENS_PER_FORWARD,
+                                  PROTOCOL_VERSION)
 from shardrt.ipc.shm import (ALIGN, HEADER, HEADER_SIZE, MAILBOX_BYTES, SHM_DIR, SLOTS_BASE, SharedSegment,
                              new_segment_name, packed_size)
 from shardrt.lifecycle import DaemonProcess, Timeouts, make_runtime_dir, remove_runtime_dir
@@ -298,6 +299,12 @@ def forward(rid, n=4, **fields):
             "input": ref((n, 8), shm=GOOD_SEQ), **fields}
 
 
+def batch(rid, **fields):
+    """A forward_batch of the same input: one row for each of four sequences."""
+    return {"op": "forward_batch", "id": rid, "n": 4, "seqs": [0, 1, 2, 3], "positions": [0, 0, 0, 0],
+            "want": "activation", "input": ref((4, 8), shm=GOOD_SEQ), **fields}
+
+
 GOOD_SEQ = 1001
 
 
@@ -378,6 +385,23 @@ MALFORMED = [
     ({"op": "kv_free", "id": 61, "slot": MAX_KV_SLOTS}, "bad_request", ["kv_free.slot:", str(MAX_KV_SLOTS)]),
     ({"op": "kv_snapshot", "id": 62, "slot": -1}, "bad_request", ["kv_snapshot.slot:", "-1"]),
     ({"op": "kv_snapshot", "id": 63, "slot": False}, "bad_request", ["kv_snapshot.slot:", "False"]),
+    # version 4: sequence slots and batched decode
+    (forward(70, seq=MAX_SEQS), "bad_request", ["forward.seq:", str(MAX_SEQS)]),
+    (forward(71, seq=-1), "bad_request", ["forward.seq:", "-1"]),
+    (forward(72, seq="1"), "bad_request", ["forward.seq:", "'1'"]),
+    ({"op": "reset", "id": 73, "seq": True}, "bad_request", ["reset.seq:", "True"]),
+    ({"op": "kv_truncate", "id": 74, "n": 0, "seq": MAX_SEQS}, "bad_request", ["kv_truncate.seq:", str(MAX_SEQS)]),
+    (batch(75, seqs=[0, 1, 2]), "bad_request", ["forward_batch.seqs:", "forward_batch.n=4"]),
+    (batch(76, seqs=[0, 1, 1, 2]), "bad_request", ["forward_batch.seqs:", "twice"]),
+    (batch(77, seqs=[0, 1, 2, MAX_SEQS]), "bad_request", ["forward_batch.seqs:", str(MAX_SEQS - 1)]),
+    (batch(78, seqs=[0, 1, 2, "3"]), "bad_request", ["forward_batch.seqs:", "'3'"]),
+    (batch(79, positions=[0, 0, -1, 0]), "bad_request", ["forward_batch.positions:", "-1"]),
+    (batch(80, positions=5), "bad_request", ["forward_batch.positions:", "5", "not list"]),
+    (batch(81, n=MAX_BATCH + 1, seqs=list(range(MAX_BATCH + 1)), positions=[0] * (MAX_BATCH + 1)), "bad_request",
+     ["forward_batch.n:", str(MAX_BATCH + 1)]),
+    (batch(82, want="argmax"), "bad_request", ["forward_batch.want:", "argmax"]),  # echo has no head
+    ({k: v for k, v in batch(83).items() if k != "seqs"}, "bad_request", ["forward_batch.seqs: missing"]),
+    (batch(84, base_pos=0), "bad_request", ["forward_batch: unknown field 'base_pos'"]),
     ({"op": "kv_snapshot", "id": 64}, "bad_request", ["kv_snapshot.slot: missing"]),
     ({"op": "kv_snapshot", "id": 65, "slot": 1, "n": 2}, "bad_request", ["kv_snapshot: unknown field 'n'"]),
     ({**forward(66), "input": ref((4, 8), shm=GOOD_SEQ, offset=32)}, "stage_error", ["offset 32"]),
@@ -460,6 +484,11 @@ def test_echo_daemon_round_trips_and_survives_malformed_requests(echo):
         daemon.segment.write(SharedSegment.IN, 1002, X48 * 3, daemon.segment.write(SharedSegment.IN, 1002, X48))
         reply = raw.request({**forward(1001), "input": ref((4, 8), shm=1002, offset=packed_size(X48))})
         assert torch.equal(daemon.segment.read(SharedSegment.OUT, 1001, reply["output"]["offset"]), X48 * 3)
+        # a batched forward of the echo round-trips too, one row per sequence
+        daemon.segment.write(SharedSegment.IN, GOOD_SEQ, X48)
+        reply = raw.request(batch(1010))
+        assert reply == {"id": 1010, "ok": True, "output": ref((4, 8), shm=1010, offset=0)}, reply
+        assert torch.equal(daemon.segment.read(SharedSegment.OUT, 1010), X48)
         # echo mode keeps KV snapshot slots of an empty cache, as a stage would
         assert raw.request({"op": "kv_snapshot", "id": 1003, "slot": MAX_KV_SLOTS - 1}) == \
             {"id": 1003, "ok": True, "length": 0}
@@ -472,7 +501,7 @@ def test_echo_daemon_round_trips_and_survives_malformed_requests(echo):
 
     # the daemon kept its state and still answers the coordinator
     assert torch.equal(stage.forward(x + 1, 260), x + 1)
-    assert stage.stats()["forwards"] == 5  # 2 + the two good raw forwards + this one
+    assert stage.stats()["forwards"] == 6  # 2 + the two good raw forwards + the batch + this one
     assert stage.ping()["pid"] == daemon.pid
 
     # its heartbeat moves

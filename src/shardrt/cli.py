@@ -8,12 +8,14 @@ import logging
 import os
 import signal
 import sys
+from dataclasses import replace
 
 from . import __version__
 from .errors import ConfigError, PlacementError, ShardrtError
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+SERVE_MAX_SEQS = 8  # sequences `serve` decodes together by default
 
 
 def _add_placement_args(p: argparse.ArgumentParser) -> None:
@@ -34,6 +36,9 @@ def _add_placement_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--all-daemons", action="store_true", help="run every stage in a daemon; the coordinator holds no device")
     p.add_argument("--max-ctx", default=None, metavar="N",
                    help="KV cache length in tokens (default 4096), or auto: the largest that fits every device")
+    p.add_argument("--max-seqs", type=int, default=None, metavar="N",
+                   help="sequences each stage's KV cache holds, decoded together under serve (default 1; "
+                        "serve: 8, or 1 with a drafter)")
     p.add_argument("--dtype", default=None, metavar="T",
                    help="compute dtype: auto (default: float32 on CPU, bf16 on GPU), float32, bfloat16, float16")
     p.add_argument("--no-graphs", action="store_true",
@@ -168,6 +173,7 @@ def cmd_plan(args) -> int:
     refused = placement.refusal()
     if args.json:
         print(json.dumps({"model": str(model), "layers": cfg.n_layers, "max_ctx": config.max_ctx,
+                          "max_seqs": config.seqs,
                           "layer_split": list(config.layer_split) if config.layer_split else None,
                           "shards": table, "memory": pools, "fits": refused is None,
                           "missing": [str(d) for d in absent]}))
@@ -180,7 +186,8 @@ def cmd_plan(args) -> int:
 
 def _print_plan(model, cfg, config, table: list[dict], pools: dict, absent: list) -> None:
     gib = 1 << 30
-    print(f"model {model.name}: {cfg.arch}, {cfg.n_layers} layers, max_ctx {config.max_ctx}")
+    seqs = f" x {config.seqs} sequences" if config.seqs > 1 else ""
+    print(f"model {model.name}: {cfg.arch}, {cfg.n_layers} layers, max_ctx {config.max_ctx}{seqs}")
     headers = ("backend", "device", "process", "pinned env", "layers", "weights", "KV cache", "needs", "span cover")
     cells = [(t["backend"], t["device"] + (f" (local {t['local_device']})" if t["local_device"] is not None
                                             and t["process"] != "coordinator" else ""),
@@ -205,6 +212,11 @@ def cmd_serve(args) -> int:
                            model_name=args.served_model_name)
     check_address(options)  # before the model is fetched or loaded
     config, model = _resolve(args)
+    if config.max_seqs is None:  # decode requests together, unless each one drafts
+        config = replace(config, max_seqs=1 if config.draft else SERVE_MAX_SEQS)
+    elif config.max_seqs > 1 and config.draft:
+        raise ConfigError(f"--max-seqs: {config.max_seqs} sequences decode together without a drafter; "
+                          "give --max-seqs 1 to serve with --draft")
     return serve(config, model, options)
 
 

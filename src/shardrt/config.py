@@ -18,7 +18,7 @@ from .placement import BACKENDS, DeviceSpec, parse_device, parse_devices, parse_
 
 MIN_SHARED_BYTES = 64 * 1024
 SHARED_BYTES_ENV = "SHARDRT_IPC_SHARED_BYTES"
-TOP_KEYS = {"model", "max_ctx", "dtype", "graphs", "weights", "reserve", "backends", "target", "draft", "ipc"}
+TOP_KEYS = {"model", "max_ctx", "max_seqs", "dtype", "graphs", "weights", "reserve", "backends", "target", "draft", "ipc"}
 WEIGHTS = ("quantized", "dequantized")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 TARGET_KEYS = {"devices", "layer_split", "isolate_gpus", "all_daemons", "allow_cpu_overflow"}
@@ -82,6 +82,16 @@ class LaunchConfig:
     weights: str = "dequantized"  # or "quantized": GPU stages keep GGUF blocks of the types with a kernel
     draft: DraftConfig | None = None
     prefix_cache_slots: int = 16
+    max_seqs: int | None = None  # sequence slots in every stage's KV cache; None: 1, or SERVE_MAX_SEQS under serve
+
+    @property
+    def seqs(self) -> int:
+        return self.max_seqs or 1
+
+    @property
+    def kv_tokens(self) -> int:
+        """Tokens every stage's KV cache holds: max_ctx for each of its sequences."""
+        return self.max_ctx * self.seqs
 
     def with_defaults(self) -> "LaunchConfig":
         from .placement import default_device
@@ -90,6 +100,15 @@ class LaunchConfig:
         if isinstance(self.layer_split, tuple) and len(self.layer_split) != len(devices):
             raise PlacementError(f"layer_split: {len(self.layer_split)} weights for {len(devices)} devices")
         return replace(self, devices=devices)
+
+
+MAX_SEQS = 1024  # the protocol's bound on one batch
+
+
+def _max_seqs(value: Any, where: str) -> int:
+    if type(value) is not int or not 1 <= value <= MAX_SEQS:
+        raise PlacementError(f"{where}: {value!r} is not a number of sequences in 1..{MAX_SEQS}")
+    return value
 
 
 def _check_keys(section: Any, allowed: set[str], where: str) -> dict:
@@ -205,6 +224,7 @@ def load_yaml(path: str | Path) -> LaunchConfig:
         model=(path.parent / Path(model).expanduser()) if model else None,
         max_ctx=LaunchConfig.max_ctx if doc.get("max_ctx", "auto") == "auto" else _positive_int(doc["max_ctx"], "max_ctx"),
         max_ctx_auto=doc.get("max_ctx") == "auto",
+        max_seqs=_max_seqs(doc["max_seqs"], "max_seqs") if "max_seqs" in doc else None,
         reserve=parse_bytes(doc["reserve"], "reserve") if "reserve" in doc else None,
         allow_cpu_overflow=_bool(target.get("allow_cpu_overflow", False), "target.allow_cpu_overflow"),
         dtype=parse_dtype(doc.get("dtype", "auto"), "dtype"),
@@ -261,6 +281,8 @@ def from_args(args) -> LaunchConfig:
     if args.all_daemons:
         updates["all_daemons"] = True
     updates["draft"] = _draft_from_args(args, config.draft)
+    if getattr(args, "max_seqs", None) is not None:
+        updates["max_seqs"] = _max_seqs(args.max_seqs, "--max-seqs")
     if getattr(args, "prefix_cache_slots", None) is not None:
         if args.prefix_cache_slots < 0:
             raise ConfigError(f"--prefix-cache-slots: {args.prefix_cache_slots} is not a whole number >= 0")

@@ -67,6 +67,42 @@ class _StopText:
         return piece
 
 
+class Decoding:
+    """The text side of one generation: takes tokens one at a time, ends at EOS, a stop string or
+    max_tokens, streams the text that can no longer change, and gives the final text."""
+
+    def __init__(self, tokenizer: Tokenizer, params: SamplingParams, on_text: Callable[[str], None] | None = None):
+        self.tokenizer, self.params, self.on_text = tokenizer, params, on_text
+        self.tokens: list[int] = []
+        self.text, self.finish = "", "length"
+        self._stream, self._stop_text, self._cut = TextStream(tokenizer), _StopText(params.stop), False
+
+    def commit(self, token: int) -> bool:
+        """Take one token; False when generation ends."""
+        if token in self.tokenizer.stop_ids and not self.params.ignore_eos:
+            self.finish = "stop"
+            return False
+        self.tokens.append(token)
+        self.text = self._stream.update(self.tokens)
+        cut = self._stop_text.cut(self.text)
+        if cut is not None:
+            self.text, self.finish, self._cut = self.text[:cut], "stop", True
+            return False
+        if self.on_text:
+            self.on_text(self._stop_text.ready(self.text, final=False))
+        return len(self.tokens) < self.params.max_tokens
+
+    def close(self) -> str:
+        """The final text (sent on as the last piece of the stream)."""
+        if not self._cut:
+            text = self.tokenizer.decode(self.tokens)  # whole, with a character the stream may still hold back
+            cut = self._stop_text.cut(text)
+            self.text = text[:cut] if cut is not None else text
+        if self.on_text:
+            self.on_text(self._stop_text.ready(self.text, final=True))
+        return self.text
+
+
 @dataclass
 class SpecStats:
     drafter: str
@@ -167,7 +203,7 @@ def generate(pipeline: Pipeline, tokenizer: Tokenizer, prompt_ids: list[int], pa
     if len(prompt_ids) + params.max_tokens > pipeline.max_ctx:
         raise ConfigError(f"prompt + max_tokens: {len(prompt_ids)} + {params.max_tokens} exceed max_ctx {pipeline.max_ctx}")
     sampler = Sampler(params)
-    stop_text = _StopText(params.stop)
+    out = Decoding(tokenizer, params, on_text)
     capture = tuple(sorted(set(ring.layers))) if ring is not None else ()
     verify = _Verifier(pipeline, sampler, capture, ring)
     spec = SpecStats(drafter.name) if drafter is not None else None
@@ -179,9 +215,7 @@ def generate(pipeline: Pipeline, tokenizer: Tokenizer, prompt_ids: list[int], pa
     else:
         pipeline.reset()
         reused = 0
-    tokens: list[int] = []
-    text, finish = "", "length"
-    stream, cut_by_stop_text = TextStream(tokenizer), False
+    tokens = out.tokens
     pending: list[int] = []
     if params.max_tokens:
         pending = [verify.prefill(prompt_ids[reused:], reused)]
@@ -189,29 +223,13 @@ def generate(pipeline: Pipeline, tokenizer: Tokenizer, prompt_ids: list[int], pa
         drafter.begin(prompt_ids)
     t1 = time.perf_counter()
 
-    def commit(token: int) -> bool:
-        """Take one token; False when generation ends."""
-        nonlocal text, finish, cut_by_stop_text
-        if token in tokenizer.stop_ids and not params.ignore_eos:
-            finish = "stop"
-            return False
-        tokens.append(token)
-        text = stream.update(tokens)
-        cut = stop_text.cut(text)
-        if cut is not None:
-            text, finish, cut_by_stop_text = text[:cut], "stop", True
-            return False
-        if on_text:
-            on_text(stop_text.ready(text, final=False))
-        return len(tokens) < params.max_tokens
-
     going = True
     while going and pending:
         if cancelled is not None and cancelled():
-            finish = "cancelled"
+            out.finish = "cancelled"
             break
         for token in pending:
-            going = commit(token)
+            going = out.commit(token)
             if not going:
                 break
         if not going:
@@ -230,18 +248,13 @@ def generate(pipeline: Pipeline, tokenizer: Tokenizer, prompt_ids: list[int], pa
             spec.accepted += accepted
             spec.target_forwards += 1
             spec.committed += len(pending)
-    if not cut_by_stop_text:
-        text = tokenizer.decode(tokens)  # whole, with a character the stream may still hold back
-        cut = stop_text.cut(text)
-        text = text[:cut] if cut is not None else text
-    if on_text:
-        on_text(stop_text.ready(text, final=True))
+    text = out.close()
     t2 = time.perf_counter()
 
     if prefix_cache is not None and params.max_tokens:
         held = min(pipeline.length, len(prompt_ids) + len(tokens))
         pipeline.truncate(held)
         prefix_cache.store((list(prompt_ids) + tokens)[:held])
-    return Generation(list(prompt_ids), tokens, text, finish, t1 - t0, t2 - t1,
+    return Generation(list(prompt_ids), tokens, text, out.finish, t1 - t0, t2 - t1,
                       prefilled_tokens=len(prompt_ids) - reused if params.max_tokens else 0, reused_tokens=reused,
                       spec=spec.to_json() if spec is not None else None)

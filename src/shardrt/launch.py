@@ -86,7 +86,7 @@ def plan_rows(config: LaunchConfig, gguf: GGUFFile, cfg: ModelConfig) -> list[Sh
     for shard in shards:
         span = LayerSpan.of(shard.start, shard.stop, cfg.n_layers)
         weights = StageWeights(gguf, cfg, span, prefetch=False)
-        need = shard_need(gguf, cfg, span, shard.device, config.dtype, config.weights, config.max_ctx)
+        need = shard_need(gguf, cfg, span, shard.device, config.dtype, config.weights, config.kv_tokens)
         rows.append(ShardRow(shard, by_index[shard.process], span, weights.cover.covered_bytes, need,
                              str(weights.cover)))
     return rows
@@ -101,7 +101,7 @@ def plan_placement(config: LaunchConfig, gguf: GGUFFile, cfg: ModelConfig, found
         """c with an auto split resolved, or None when its devices cannot hold every layer."""
         pools, budget = memory_pools(c.devices, found), budgets(c.devices, found, c.reserve)
         if c.layer_split == "auto":
-            caps = capacities(gguf, cfg, c.devices, budget, pools, c.dtype, c.weights, c.max_ctx)
+            caps = capacities(gguf, cfg, c.devices, budget, pools, c.dtype, c.weights, c.kv_tokens)
             if sum(int(x) for x in caps) < cfg.n_layers:
                 return None
             c = replace(c, layer_split=auto_split(cfg.n_layers, caps, [d.is_gpu for d in c.devices]))
@@ -137,7 +137,7 @@ def plan_placement(config: LaunchConfig, gguf: GGUFFile, cfg: ModelConfig, found
     if p is not None:
         return p  # the caller refuses it with one line per device
     pools, budget = memory_pools(config.devices, found), budgets(config.devices, found, config.reserve)
-    caps = capacities(gguf, cfg, config.devices, budget, pools, config.dtype, config.weights, config.max_ctx)
+    caps = capacities(gguf, cfg, config.devices, budget, pools, config.dtype, config.weights, config.kv_tokens)
     held = ", ".join(f"{d} {c:.1f}" for d, c in zip(config.devices, caps))
     raise PlacementError(f"--layer-split auto: {','.join(map(str, config.devices))} hold {sum(int(c) for c in caps)} of "
                          f"the model's {cfg.n_layers} layers at max_ctx {config.max_ctx} ({held}); lower --max-ctx, use "
@@ -209,7 +209,8 @@ class Cluster:
                 device = row.shard.device.torch_device()
                 stages.append(Stage(self.model_path, row.shard.start, row.shard.stop, device,
                                     max_ctx=self.config.max_ctx, dtype=compute_dtype(self.config.dtype, device),
-                                    graphs=self.config.graphs, quantized=self.config.weights == "quantized"))
+                                    graphs=self.config.graphs, quantized=self.config.weights == "quantized",
+                                    max_seqs=self.config.seqs))
         self.pipeline = Pipeline(stages)
         self._start_spec(shared)
 
@@ -253,12 +254,12 @@ class Cluster:
         identity = model_identity(draft.model, draft_cfg)
         daemon = self._start_daemon(process, [row], draft.model, identity,
                                     self.config.shared_bytes or auto_shared_bytes(draft_cfg),
-                                    label=f"draft daemon ({device})")
+                                    label=f"draft daemon ({device})", max_seqs=1)
         stage = self._connect(daemon, identity, row.span, draft_cfg, f"draft layers {row.span}")
         return Pipeline([stage])
 
     def _start_daemon(self, process: ProcessPlan, run: list[ShardRow], model: Path, identity: dict,
-                      shared: int, label: str | None = None) -> DaemonProcess:
+                      shared: int, label: str | None = None, max_seqs: int | None = None) -> DaemonProcess:
         if self.runtime_dir is None:
             self.runtime_dir = make_runtime_dir()
         shards = tuple(ShardSpec(str(r.shard.device), process.local_index(r.shard.device), r.shard.start, r.shard.stop)
@@ -268,7 +269,7 @@ class Cluster:
             python=self.config.pythons.get(process.backend), child_env=process.child_env(),
             runtime_dir=self.runtime_dir, index=process.index, shared_bytes=shared, model=str(model.resolve()),
             identity=identity, shards=shards, max_ctx=self.config.max_ctx, dtype=self.config.dtype,
-            graphs=self.config.graphs, weights=self.config.weights,
+            graphs=self.config.graphs, weights=self.config.weights, max_seqs=max_seqs or self.config.seqs,
         )
         self.daemons.append(daemon)
         log.info("started %s as pid %d with %s", daemon.label, daemon.pid, process.child_env() or "no pinning")
@@ -282,7 +283,7 @@ class Cluster:
         if self._context is None:
             self._context = zmq.Context()
         stage = RemoteStage(daemon, self._context, self.timeouts, identity, span, cfg, self.config.max_ctx,
-                            description=f"stage {daemon.label}, {layers}")
+                            description=f"stage {daemon.label}, {layers}", max_seqs=daemon.max_seqs)
         self.remote.append(stage)
         return stage
 

@@ -2,9 +2,9 @@
 fits (`--layer-split auto`, `--max-ctx auto`), and the refusal, before any weight is read.
 
 A shard needs its weights (as they will sit on the device: quantized blocks or dequantized to
-the compute dtype), its KV cache for `max_ctx` tokens, working memory for a prefill chunk
-(activations, the logits row, the scratch matrix of quantized weights) and, on a GPU, the
-runtime's own (context, libraries, graph pools). A device offers its free memory less a reserve
+the compute dtype), its KV cache (`max_ctx` tokens for each of `max_seqs` sequences), working
+memory for a prefill chunk (activations, the logits row, the scratch matrix of quantized
+weights) and, on a GPU, the runtime's own (context, libraries, graph pools). A device offers its free memory less a reserve
 (`--vram-reserve`, YAML `reserve`, `SHARDRT_VRAM_RESERVE`; by default 512 MiB per GPU, 2 GiB more
 on a GPU that drives a display, 2 GiB of host memory). An integrated GPU shares host memory, so
 it is planned against that.
@@ -68,8 +68,8 @@ def dtype_bytes(dtype: str, gpu: bool) -> int:
     return {"float32": 4, "auto": 2 if gpu else 4}.get(dtype, 2)
 
 
-def kv_bytes(cfg: ModelConfig, layers: int, max_ctx: int, element: int) -> int:
-    return 2 * layers * cfg.n_kv_heads * cfg.head_dim * max_ctx * element
+def kv_bytes(cfg: ModelConfig, layers: int, tokens: int, element: int) -> int:
+    return 2 * layers * cfg.n_kv_heads * cfg.head_dim * tokens * element
 
 
 def scratch_bytes(cfg: ModelConfig, gguf: GGUFFile, names: list[str], gpu: bool, element: int,
@@ -92,13 +92,14 @@ def scratch_bytes(cfg: ModelConfig, gguf: GGUFFile, names: list[str], gpu: bool,
 
 
 def shard_need(gguf: GGUFFile, cfg: ModelConfig, span: LayerSpan, device: DeviceSpec, dtype: str, weights: str,
-               max_ctx: int) -> Need:
+               kv_tokens: int) -> Need:
+    """kv_tokens: what the KV cache holds, max_ctx for each sequence slot (config.kv_tokens)."""
     gpu = device.is_gpu
     element = dtype_bytes(dtype, gpu)
     quantized = gpu and weights == "quantized"
     names = stage_tensor_names(cfg, span)
     return Need(weights=device_weight_bytes(gguf, names, element, quantized),
-                kv=kv_bytes(cfg, span.stop - span.start, max_ctx, element),
+                kv=kv_bytes(cfg, span.stop - span.start, kv_tokens, element),
                 scratch=scratch_bytes(cfg, gguf, names, gpu, element, quantized),
                 runtime=GPU_RUNTIME if gpu else 0)
 
@@ -177,24 +178,24 @@ def _proportional(n_layers: int, capacity: list[float], take: list[bool]) -> tup
     return tuple(c / n_layers for c in counts)
 
 
-def layer_bytes(gguf: GGUFFile, cfg: ModelConfig, device: DeviceSpec, dtype: str, weights: str, max_ctx: int) -> int:
+def layer_bytes(gguf: GGUFFile, cfg: ModelConfig, device: DeviceSpec, dtype: str, weights: str, kv_tokens: int) -> int:
     """A middle layer's weights and KV cache on `device`."""
     mid = cfg.n_layers // 2
-    need = shard_need(gguf, cfg, LayerSpan(mid, mid + 1, False, False), device, dtype, weights, max_ctx)
+    need = shard_need(gguf, cfg, LayerSpan(mid, mid + 1, False, False), device, dtype, weights, kv_tokens)
     return need.weights + need.kv
 
 
-def fixed_bytes(gguf: GGUFFile, cfg: ModelConfig, device: DeviceSpec, dtype: str, weights: str, max_ctx: int,
+def fixed_bytes(gguf: GGUFFile, cfg: ModelConfig, device: DeviceSpec, dtype: str, weights: str, kv_tokens: int,
                 first: bool, last: bool) -> int:
     """What a shard on `device` needs besides its layers: runtime, working memory, and the
     embedding if it comes first and the head if it comes last."""
     mid = cfg.n_layers // 2
-    bare = shard_need(gguf, cfg, LayerSpan(mid, mid + 1, first, last), device, dtype, weights, max_ctx)
-    return bare.total - layer_bytes(gguf, cfg, device, dtype, weights, max_ctx)
+    bare = shard_need(gguf, cfg, LayerSpan(mid, mid + 1, first, last), device, dtype, weights, kv_tokens)
+    return bare.total - layer_bytes(gguf, cfg, device, dtype, weights, kv_tokens)
 
 
 def capacities(gguf: GGUFFile, cfg: ModelConfig, devices: tuple[DeviceSpec, ...], memory: dict[str, DeviceMemory],
-               pool: dict[DeviceSpec, str], dtype: str, weights: str, max_ctx: int) -> list[float]:
+               pool: dict[DeviceSpec, str], dtype: str, weights: str, kv_tokens: int) -> list[float]:
     """How many layers each device can hold; devices drawing on one pool share it evenly."""
     sharing = {p: sum(1 for d in devices if pool[d] == p) for p in set(pool.values())}
     out = []
@@ -203,8 +204,8 @@ def capacities(gguf: GGUFFile, cfg: ModelConfig, devices: tuple[DeviceSpec, ...]
         if mem is None:
             raise PlacementError(f"--layer-split auto: {d} is not on this machine, so its memory is unknown; "
                                  f"give --layer-split weights instead")
-        fixed = fixed_bytes(gguf, cfg, d, dtype, weights, max_ctx, first=i == 0, last=i == len(devices) - 1)
-        out.append(max(0.0, (mem.usable / sharing[pool[d]] - fixed) / layer_bytes(gguf, cfg, d, dtype, weights, max_ctx)))
+        fixed = fixed_bytes(gguf, cfg, d, dtype, weights, kv_tokens, first=i == 0, last=i == len(devices) - 1)
+        out.append(max(0.0, (mem.usable / sharing[pool[d]] - fixed) / layer_bytes(gguf, cfg, d, dtype, weights, kv_tokens)))
     return out
 
 

@@ -129,13 +129,29 @@ class Block:
 
     def __call__(self, x, rope: tuple[torch.Tensor, torch.Tensor], k_cache, v_cache, step: Step) -> torch.Tensor:
         """x: [n, dim] at `step`'s positions; rope: the cos/sin tables; k/v_cache: [kv_heads, max_ctx, head_dim]."""
-        cfg, n = self.cfg, x.shape[0]
-        h = kernels.rms_norm(x, self.attn_norm, cfg.norm_eps)
-        qkv = kernels.linear(h, self.attn_qkv, self.attn_qkv_bias)
+        qkv = kernels.linear(kernels.rms_norm(x, self.attn_norm, self.cfg.norm_eps), self.attn_qkv, self.attn_qkv_bias)
+        return self._feed_forward(x, self._attention(qkv, rope, k_cache, v_cache, step))
+
+    def decode_batch(self, x, rope: tuple[torch.Tensor, torch.Tensor], k_caches, v_caches, seqs: list[int],
+                     steps: list[Step]) -> torch.Tensor:
+        """x: [b, dim], one token of each sequence seqs[i] at steps[i]; k/v_caches: [max_seqs, kv_heads,
+        max_ctx, head_dim]. The matrix products run once over all b rows (the weights are read once
+        per step, not once per sequence); rope, the KV write and attention go row by row, each over
+        its own sequence's cache and length."""
+        qkv = kernels.linear(kernels.rms_norm(x, self.attn_norm, self.cfg.norm_eps), self.attn_qkv, self.attn_qkv_bias)
+        attn = torch.cat([self._attention(qkv[i : i + 1], rope, k_caches[seq], v_caches[seq], step)
+                          for i, (seq, step) in enumerate(zip(seqs, steps))])
+        return self._feed_forward(x, attn)
+
+    def _attention(self, qkv, rope, k_cache, v_cache, step: Step) -> torch.Tensor:
+        """The fused q/k/v rows -> rope, k and v into the cache, attention: [n, heads * head_dim]."""
+        cfg, n = self.cfg, qkv.shape[0]
         q = kernels.rope_kv_write(qkv, *rope, step.positions, k_cache, v_cache, cfg.n_heads, cfg.rope_style,
                                   self.q_norm, self.k_norm, cfg.norm_eps)
-        attn = self.attend(q, k_cache, v_cache, step).reshape(n, cfg.n_heads * cfg.head_dim)
-        x, h = kernels.add_rms_norm(x, kernels.linear(attn, self.attn_output), self.ffn_norm, cfg.norm_eps)
+        return self.attend(q, k_cache, v_cache, step).reshape(n, cfg.n_heads * cfg.head_dim)
+
+    def _feed_forward(self, x, attn) -> torch.Tensor:
+        x, h = kernels.add_rms_norm(x, kernels.linear(attn, self.attn_output), self.ffn_norm, self.cfg.norm_eps)
         return x + kernels.linear(kernels.silu_mul(kernels.linear(h, self.ffn_gate_up)), self.ffn_down)
 
     def attend(self, q, k_cache, v_cache, step: Step) -> torch.Tensor:

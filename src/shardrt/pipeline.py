@@ -36,30 +36,48 @@ class Pipeline:
     def max_ctx(self) -> int:
         return min(s.max_ctx for s in self.stages)
 
-    def _to_last(self, ids: torch.Tensor, base_pos: int, capture: tuple[int, ...]) -> tuple[torch.Tensor, list[Captured]]:
+    @property
+    def max_seqs(self) -> int:
+        return min(s.max_seqs for s in self.stages)
+
+    def length_of(self, seq: int) -> int:
+        return self.stages[-1].lengths[seq]
+
+    def _to_last(self, ids: torch.Tensor, base_pos: int, capture: tuple[int, ...],
+                 seq: int = 0) -> tuple[torch.Tensor, list[Captured]]:
         x, captured = ids, []
         for stage in self.stages[:-1]:
-            x, caps = stage.run(x, base_pos, capture=capture)
+            x, caps = stage.run(x, base_pos, capture=capture, seq=seq)
             captured += caps
         return x, captured
 
     def run(self, ids: torch.Tensor, base_pos: int, *, all_logits: bool = False,
-            capture: tuple[int, ...] = ()) -> tuple[torch.Tensor, list[Captured]]:
+            capture: tuple[int, ...] = (), seq: int = 0) -> tuple[torch.Tensor, list[Captured]]:
         """float32 logits ([1, vocab] for the last position, [n, vocab] with all_logits) and the
-        hidden states of the `capture` layers, gathered from every stage that holds one."""
-        x, captured = self._to_last(ids, base_pos, capture)
-        logits, caps = self.stages[-1].run(x, base_pos, all_logits=all_logits, capture=capture)
+        hidden states of the `capture` layers, gathered from every stage that holds one; in
+        sequence `seq` of every stage's KV cache."""
+        x, captured = self._to_last(ids, base_pos, capture, seq)
+        logits, caps = self.stages[-1].run(x, base_pos, all_logits=all_logits, capture=capture, seq=seq)
         return logits, captured + caps
 
     def forward(self, ids: torch.Tensor, base_pos: int, all_logits: bool = False) -> torch.Tensor:
         return self.run(ids, base_pos, all_logits=all_logits)[0]
 
     def greedy_all(self, ids: torch.Tensor, base_pos: int, *, all_logits: bool = False,
-                   capture: tuple[int, ...] = ()) -> tuple[list[int], list[Captured]]:
+                   capture: tuple[int, ...] = (), seq: int = 0) -> tuple[list[int], list[Captured]]:
         """Argmax tokens; a remote head sends back token ids, not logits."""
-        x, captured = self._to_last(ids, base_pos, capture)
-        tokens, caps = self.stages[-1].run_argmax(x, base_pos, all_logits=all_logits, capture=capture)
+        x, captured = self._to_last(ids, base_pos, capture, seq)
+        tokens, caps = self.stages[-1].run_argmax(x, base_pos, all_logits=all_logits, capture=capture, seq=seq)
         return tokens, captured + caps
+
+    def decode_batch(self, tokens: list[int], seqs: list[int], positions: list[int], *,
+                     argmax: bool = False) -> torch.Tensor | list[int]:
+        """One step of several sequences at once: token i of sequence seqs[i] at positions[i].
+        float32 logits [b, vocab], or their argmax (token ids from a remote head) with argmax=True."""
+        x = torch.tensor(tokens, dtype=torch.long)
+        for stage in self.stages[:-1]:
+            x = stage.run_batch(x, seqs, positions)
+        return self.stages[-1].run_batch(x, seqs, positions, tokens=argmax)
 
     def greedy(self, ids: torch.Tensor, base_pos: int) -> int:
         return self.greedy_all(ids, base_pos)[0][-1]
@@ -82,19 +100,19 @@ class Pipeline:
     def project_argmax(self, hidden: torch.Tensor) -> list[int]:
         return self.stages[-1].project_argmax(hidden)
 
-    def truncate(self, n: int) -> None:
+    def truncate(self, n: int, seq: int = 0) -> None:
         for stage in self.stages:
-            stage.truncate(n)
+            stage.truncate(n, seq)
 
-    def reset(self) -> None:
+    def reset(self, seq: int | None = None) -> None:
         for stage in self.stages:
-            stage.reset()
+            stage.reset(seq)
 
-    def kv_snapshot(self, slot: int) -> int:
-        return [stage.kv_snapshot(slot) for stage in self.stages][-1]
+    def kv_snapshot(self, slot: int, seq: int = 0) -> int:
+        return [stage.kv_snapshot(slot, seq) for stage in self.stages][-1]
 
-    def kv_restore(self, slot: int) -> int:
-        return [stage.kv_restore(slot) for stage in self.stages][-1]
+    def kv_restore(self, slot: int, seq: int = 0) -> int:
+        return [stage.kv_restore(slot, seq) for stage in self.stages][-1]
 
     def kv_free(self, slot: int) -> None:
         for stage in self.stages:

@@ -32,11 +32,11 @@ RECENT = 4096  # forward timings kept for percentiles (the daemon keeps as many)
 
 class RemoteStage:
     def __init__(self, daemon: DaemonProcess, context: zmq.Context, timeouts: Timeouts, identity: dict,
-                 span: LayerSpan | None, cfg=None, max_ctx: int = 0, description: str = ""):
+                 span: LayerSpan | None, cfg=None, max_ctx: int = 0, description: str = "", max_seqs: int = 1):
         self.daemon, self.timeouts, self.identity = daemon, timeouts, identity
-        self.span, self.cfg, self.max_ctx = span, cfg, max_ctx
+        self.span, self.cfg, self.max_ctx, self.max_seqs = span, cfg, max_ctx, max_seqs
         self.description = description or daemon.label
-        self.length = 0
+        self.lengths = [0] * max_seqs  # as this side has asked for them
         # forwards as this side sees them: from sending the request (its input written) to the reply
         self.forwards, self.forward_seconds = 0, 0.0
         self.recent_forwards = collections.deque(maxlen=RECENT)  # seconds, the latest last
@@ -56,19 +56,33 @@ class RemoteStage:
     # -- the Stage interface ----------------------------------------------------------
 
     def run(self, x: torch.Tensor, base_pos: int, *, all_logits: bool = False, capture: tuple[int, ...] = (),
-            stop_after: int | None = None) -> tuple[torch.Tensor, list[Captured]]:
+            stop_after: int | None = None, seq: int = 0) -> tuple[torch.Tensor, list[Captured]]:
         want = "logits" if self.has_head and stop_after is None else "activation"
-        reply, frames = self._forward(x, base_pos, want, all_logits, capture, stop_after)
+        reply, frames = self._forward(x, base_pos, want, all_logits, capture, stop_after, seq)
         return self._tensor(reply.get("output"), reply, frames, "forward.output"), self._captures(reply, frames)
 
     def forward(self, x: torch.Tensor, base_pos: int, all_logits: bool = False) -> torch.Tensor:
         return self.run(x, base_pos, all_logits=all_logits)[0]
 
     def run_argmax(self, x: torch.Tensor, base_pos: int, *, all_logits: bool = False,
-                   capture: tuple[int, ...] = ()) -> tuple[list[int], list[Captured]]:
+                   capture: tuple[int, ...] = (), seq: int = 0) -> tuple[list[int], list[Captured]]:
         """Greedy tokens from the head (the last, or every position) instead of the logits."""
-        reply, frames = self._forward(x, base_pos, "argmax", all_logits, capture, None)
+        reply, frames = self._forward(x, base_pos, "argmax", all_logits, capture, None, seq)
         return self._tokens(reply), self._captures(reply, frames)
+
+    def run_batch(self, x: torch.Tensor, seqs: list[int], positions: list[int], *,
+                  tokens: bool = False) -> torch.Tensor | list[int]:
+        want = "argmax" if tokens else "logits" if self.has_head else "activation"
+        reply, frames = self._send_tensor({"op": "forward_batch", "seqs": list(seqs), "positions": list(positions),
+                                           "want": want}, x)
+        for seq, pos in zip(seqs, positions):
+            self.lengths[seq] = pos + 1
+        if tokens:
+            found = self._tokens(reply)
+            if len(found) != len(seqs):
+                raise IpcError(f"{self.description}: forward_batch replied {len(found)} tokens for {len(seqs)} sequences")
+            return found
+        return self._tensor(reply.get("output"), reply, frames, "forward_batch.output")
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         reply, frames = self._send_tensor({"op": "project", "want": "logits"}, hidden)
@@ -77,23 +91,30 @@ class RemoteStage:
     def project_argmax(self, hidden: torch.Tensor) -> list[int]:
         return self._tokens(self._send_tensor({"op": "project", "want": "argmax"}, hidden)[0])
 
-    def kv_snapshot(self, slot: int) -> int:
-        return self.request({"op": "kv_snapshot", "slot": slot})[0]["length"]
+    @property
+    def length(self) -> int:
+        return self.lengths[0]
 
-    def kv_restore(self, slot: int) -> int:
-        self.length = self.request({"op": "kv_restore", "slot": slot})[0]["length"]
-        return self.length
+    def kv_snapshot(self, slot: int, seq: int = 0) -> int:
+        return self.request(_in_seq({"op": "kv_snapshot", "slot": slot}, seq))[0]["length"]
+
+    def kv_restore(self, slot: int, seq: int = 0) -> int:
+        self.lengths[seq] = self.request(_in_seq({"op": "kv_restore", "slot": slot}, seq))[0]["length"]
+        return self.lengths[seq]
 
     def kv_free(self, slot: int) -> None:
         self.request({"op": "kv_free", "slot": slot})
 
-    def truncate(self, n: int) -> None:
-        self.request({"op": "kv_truncate", "n": n})
-        self.length = n
+    def truncate(self, n: int, seq: int = 0) -> None:
+        self.request(_in_seq({"op": "kv_truncate", "n": n}, seq))
+        self.lengths[seq] = n
 
-    def reset(self) -> None:
-        self.request({"op": "reset"})
-        self.length = 0
+    def reset(self, seq: int | None = None) -> None:
+        self.request({"op": "reset"} if seq is None else {"op": "reset", "seq": seq})
+        if seq is None:
+            self.lengths = [0] * self.max_seqs
+        else:
+            self.lengths[seq] = 0
 
     def stats(self) -> dict:
         return self.request({"op": "stats"})[0]
@@ -112,8 +133,8 @@ class RemoteStage:
 
     # -- requests ---------------------------------------------------------------------
 
-    def _forward(self, x, base_pos, want, all_logits, capture, stop_after):
-        message = {"op": "forward", "base_pos": base_pos, "want": want}
+    def _forward(self, x, base_pos, want, all_logits, capture, stop_after, seq):
+        message = _in_seq({"op": "forward", "base_pos": base_pos, "want": want}, seq)
         if all_logits:
             message["all_logits"] = True
         if capture:
@@ -122,7 +143,7 @@ class RemoteStage:
             message["stop_after"] = stop_after
         reply = self._send_tensor(message, x)
         if stop_after is None:
-            self.length = base_pos + int(x.shape[0])
+            self.lengths[seq] = base_pos + int(x.shape[0])
         return reply
 
     def _send_tensor(self, message: dict, x: torch.Tensor) -> tuple[dict, list]:
@@ -175,7 +196,7 @@ class RemoteStage:
         else:
             deliver(self.daemon.segment, SharedSegment.REQUEST, "daemon", rid, frames, send)
         reply, frames = self._wait(rid, self.timeouts.request if timeout is None else timeout, heartbeat)
-        if message["op"] == "forward":
+        if message["op"] in ("forward", "forward_batch"):
             self.forwards += 1
             self.forward_seconds += time.perf_counter() - t0
             self.recent_forwards.append(time.perf_counter() - t0)
@@ -259,3 +280,8 @@ class RemoteStage:
 
     def close(self) -> None:
         self.socket.close(linger=0)
+
+
+def _in_seq(message: dict, seq: int) -> dict:
+    """A request about sequence `seq`: sequence 0 goes without the field (as before slots)."""
+    return {**message, "seq": seq} if seq else message

@@ -60,7 +60,7 @@ def default_dtype(device: torch.device) -> torch.dtype:
 class Stage:
     def __init__(self, model_path: str | Path, start: int, stop: int, device: str | torch.device = "cpu",
                  max_ctx: int = 4096, dtype: torch.dtype | None = None, graphs: bool = True,
-                 quantized: bool = False):
+                 quantized: bool = False, max_seqs: int = 1):
         t0 = time.perf_counter()
         self.model_path = Path(model_path)
         self.device = torch.device(device)
@@ -71,6 +71,9 @@ class Stage:
             if max_ctx <= 0:
                 raise ConfigError(f"max_ctx: {max_ctx} is not a positive number of tokens")
             self.max_ctx = max_ctx
+            if max_seqs <= 0:
+                raise ConfigError(f"max_seqs: {max_seqs} is not a positive number of sequences")
+            self.max_seqs = max_seqs
             # a GPU keeps quantized matrices in their blocks; the CPU computes with dequantized ones
             self.quantized = quantized and self.device.type != "cpu"
             weights = StageWeights(gguf, self.cfg, self.span, quantized=self.quantized)
@@ -81,8 +84,8 @@ class Stage:
                 raise ConfigError(f"{self.device}: out of memory loading layers {self.span} with max_ctx {max_ctx} "
                                   f"({str(exc).splitlines()[0]}); see `shardrt plan` for what it needs") from None
             self.bytes_read = weights.bytes_read
-        self.length = 0  # tokens held in the KV cache, valid in every layer
-        self._partial_end = 0  # end of the last early-exit (stop_after) write
+        self.lengths = [0] * max_seqs  # tokens each sequence holds in the KV cache, valid in every layer
+        self._partial_end = 0  # end of the last early-exit (stop_after) write, in sequence 0
         self.snapshots: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
         self.forwards, self.forward_seconds, self.graph_forwards = 0, 0.0, 0
         self.runner = None
@@ -113,7 +116,7 @@ class Stage:
         self.weight_bytes += sum(kernels.weight_bytes(w) for w in (
             self.embedding, getattr(self, "output_norm", None),
             self.output if self.span.head and self.output is not self.embedding else None))
-        cache_shape = (len(self.blocks), cfg.n_kv_heads, self.max_ctx, cfg.head_dim)
+        cache_shape = (len(self.blocks), self.max_seqs, cfg.n_kv_heads, self.max_ctx, cfg.head_dim)
         self.k_cache = torch.zeros(cache_shape, device=dev, dtype=dt)
         self.v_cache = torch.zeros(cache_shape, device=dev, dtype=dt)
 
@@ -128,15 +131,15 @@ class Stage:
         for n in sizes:
             self.reset()
             x = torch.zeros(n, dtype=torch.long) if self.span.embed else torch.zeros(n, self.cfg.dim, dtype=self.dtype)
-            self._run(x, 0, False, (), None, False)
+            self._run(x, 0, False, (), None, False, 0)
         if n < self.max_ctx:
-            self._run(x[:1], n, False, (), None, False)
+            self._run(x[:1], n, False, (), None, False, 0)
         torch.cuda.synchronize(self.device)
         self.reset()
 
     @torch.inference_mode()
     def run(self, inputs: torch.Tensor, base_pos: int, *, all_logits: bool = False, capture: tuple[int, ...] = (),
-            stop_after: int | None = None) -> tuple[torch.Tensor, list[Captured]]:
+            stop_after: int | None = None, seq: int = 0) -> tuple[torch.Tensor, list[Captured]]:
         """Run `inputs` at positions base_pos.. through this stage.
 
         inputs: token ids [n] on the embedding stage, else a boundary activation [n, dim].
@@ -145,54 +148,102 @@ class Stage:
         layer in `capture` that this stage holds. With `stop_after`, only layers up to and
         including that one run (an early exit for drafting): it returns that layer's hidden state
         and leaves the cache length alone, its partial KV to be overwritten by the next full run.
+        `seq` picks the sequence slot of the KV cache (0..max_seqs-1).
         """
-        return self._timed(inputs, base_pos, all_logits, capture, stop_after, False)
+        return self._timed(self._run, inputs, base_pos, all_logits, capture, stop_after, False, seq)
 
     @torch.inference_mode()
     def run_argmax(self, inputs: torch.Tensor, base_pos: int, *, all_logits: bool = False,
-                   capture: tuple[int, ...] = ()) -> tuple[list[int], list[Captured]]:
+                   capture: tuple[int, ...] = (), seq: int = 0) -> tuple[list[int], list[Captured]]:
         """Greedy tokens (the last, or every position) from the stage with the head."""
         if not self.span.head:
             raise ConfigError(f"argmax: stage {self.span} does not hold the head")
-        return self._timed(inputs, base_pos, all_logits, capture, None, True)
+        return self._timed(self._run, inputs, base_pos, all_logits, capture, None, True, seq)
 
-    def _timed(self, *args):
+    @torch.inference_mode()
+    def run_batch(self, inputs: torch.Tensor, seqs: list[int], positions: list[int], *,
+                  tokens: bool = False) -> torch.Tensor | list[int]:
+        """One new token for each of several sequences (batched decode): inputs [b] token ids on the
+        embedding stage, else a boundary activation [b, dim]; row i is sequence seqs[i]'s token at
+        positions[i] (at most its cached length: a position before the end overwrites). Returns the
+        activation [b, dim], or on the stage with the head float32 logits [b, vocab] (their argmax
+        with tokens=True). Runs eagerly: graphs are captured for sequence 0's steps only."""
+        return self._timed(self._run_batch, inputs, seqs, positions, tokens)
+
+    def _timed(self, run, inputs, *args):
         t0 = time.perf_counter()
         try:
-            return self._run(*args)
+            return run(inputs, *args)
         except torch.OutOfMemoryError as exc:
-            raise ConfigError(f"{self.device}: out of memory running {args[0].shape[0]} tokens through layers "
+            raise ConfigError(f"{self.device}: out of memory running {inputs.shape[0]} tokens through layers "
                               f"{self.span} ({str(exc).splitlines()[0]})") from None
         finally:
             self.forwards += 1
             self.forward_seconds += time.perf_counter() - t0
 
-    def _run(self, inputs, base_pos, all_logits, capture, stop_after, tokens):
+    def _check_seq(self, seq: int, field: str = "seq") -> None:
+        if not 0 <= seq < self.max_seqs:
+            raise ConfigError(f"{field}: sequence {seq} is outside 0..{self.max_seqs - 1} (max_seqs {self.max_seqs})")
+
+    def _run_batch(self, inputs, seqs, positions, tokens):
+        b = inputs.shape[0]
+        if b == 0 or len(seqs) != b or len(positions) != b:
+            raise ConfigError(f"batch: {b} inputs for {len(seqs)} sequences and {len(positions)} positions")
+        if len(set(seqs)) != b:
+            raise ConfigError(f"seqs: {seqs} names a sequence twice")
+        if tokens and not self.span.head:
+            raise ConfigError(f"argmax: stage {self.span} does not hold the head")
+        for seq, pos in zip(seqs, positions):
+            self._check_seq(seq, "seqs")
+            if not 0 <= pos <= self.lengths[seq] or pos >= self.max_ctx:
+                raise ConfigError(f"positions: {pos} is outside the {self.lengths[seq]} tokens cached for sequence "
+                                  f"{seq} (max_ctx {self.max_ctx})")
+        steps = [Step.eager(pos, 1, self.device) for pos in positions]
+        x = self._embed(inputs)
+        for i, block in enumerate(self.blocks):
+            x = block.decode_batch(x, self.rope, self.k_cache[i], self.v_cache[i], seqs, steps)
+        for seq, pos in zip(seqs, positions):
+            self.lengths[seq] = pos + 1
+        if 0 in seqs:
+            self._partial_end = 0
+        if not self.span.head:
+            return x
+        logits = self._project(x)
+        return logits.argmax(-1).tolist() if tokens else logits
+
+    def _run(self, inputs, base_pos, all_logits, capture, stop_after, tokens, seq):
         n = inputs.shape[0]
-        limit = max(self.length, self._partial_end) if stop_after is not None else self.length
+        self._check_seq(seq)
+        if stop_after is not None and seq != 0:
+            raise ConfigError(f"stop_after: early exits run in sequence 0, not {seq}")
+        length = self.lengths[seq]
+        limit = max(length, self._partial_end) if stop_after is not None else length
         if not 0 <= base_pos <= limit:
-            raise ConfigError(f"base_pos: {base_pos} is outside the {self.length} cached tokens")
+            raise ConfigError(f"base_pos: {base_pos} is outside the {length} cached tokens")
         if n == 0 or base_pos + n > self.max_ctx:
             raise ConfigError(f"tokens: {n} at position {base_pos} do not fit max_ctx {self.max_ctx}")
         last = self.span.stop - 1 if stop_after is None else stop_after
         if not self.span.start <= last < self.span.stop:
             raise ConfigError(f"stop_after: layer {stop_after} is outside this stage's layers {self.span}")
         keep = {layer for layer in capture if self.span.start <= layer <= last}
-        bucket = self.runner.bucket(n, base_pos) if self.runner is not None and stop_after is None else None
+        graphable = self.runner is not None and stop_after is None and seq == 0
+        bucket = self.runner.bucket(n, base_pos) if graphable else None
         if bucket is not None:
             graphed = self.runner.replay(inputs, base_pos, bucket)
             self.graph_forwards += 1
             hidden = {layer: graphed.hidden[layer - self.span.start][:n] for layer in keep | {last}}
         elif self.device.type != "cpu" and n > MAX_QUERY_TOKENS:
-            graphed, hidden = None, self._prefill(inputs, base_pos, last, keep)
+            graphed, hidden = None, self._prefill(inputs, base_pos, last, keep, seq)
         else:
             graphed = None
-            hidden = self._layers(self._embed(inputs), Step.eager(base_pos, n, self.device), last, keep)
+            hidden = self._layers(self._embed(inputs), Step.eager(base_pos, n, self.device), last, keep, seq)
         captured = [Captured(layer, base_pos, hidden[layer].clone()) for layer in sorted(keep)]
         if stop_after is not None:
             self._partial_end = base_pos + n
             return hidden[last], captured
-        self.length, self._partial_end = base_pos + n, 0
+        self.lengths[seq] = base_pos + n
+        if seq == 0:
+            self._partial_end = 0
         if not self.span.head:
             return (hidden[last].clone() if graphed else hidden[last]), captured
         rows = slice(0, n) if all_logits else slice(n - 1, n)
@@ -208,7 +259,8 @@ class Stage:
             return kernels.embedding(inputs.to(self.device), self.embedding, self.dtype)
         return inputs.to(device=self.device, dtype=self.dtype)
 
-    def _prefill(self, inputs: torch.Tensor, base_pos: int, last: int, keep: set[int]) -> dict[int, torch.Tensor]:
+    def _prefill(self, inputs: torch.Tensor, base_pos: int, last: int, keep: set[int],
+                 seq: int) -> dict[int, torch.Tensor]:
         """Many tokens on a GPU: chunks of at most PREFILL_BUCKETS[-1] tokens, each padded up to a
         bucket size the warm-up ran (the padding rows sit after the real ones: no real query sees
         them, and the next real tokens overwrite their KV)."""
@@ -220,17 +272,17 @@ class Stage:
             chunk = inputs[start : start + count]
             if padded > count:
                 chunk = torch.cat((chunk, chunk.new_zeros((padded - count, *chunk.shape[1:]))))
-            hidden = self._layers(self._embed(chunk), Step.eager(pos, padded, self.device), last, keep)
+            hidden = self._layers(self._embed(chunk), Step.eager(pos, padded, self.device), last, keep, seq)
             pieces.append({layer: h[:count] for layer, h in hidden.items()})
         if len(pieces) == 1:
             return pieces[0]
         return {layer: torch.cat([p[layer] for p in pieces]) for layer in pieces[0]}
 
-    def _layers(self, x: torch.Tensor, step: Step, last: int, keep: set[int]) -> dict[int, torch.Tensor]:
+    def _layers(self, x: torch.Tensor, step: Step, last: int, keep: set[int], seq: int = 0) -> dict[int, torch.Tensor]:
         """The hidden states after layer `last` and after each layer in `keep`."""
         hidden = {}
         for i, block in enumerate(self.blocks[: last - self.span.start + 1]):
-            x = block(x, self.rope, self.k_cache[i], self.v_cache[i], step)
+            x = block(x, self.rope, self.k_cache[i, seq], self.v_cache[i, seq], step)
             if self.span.start + i in keep:
                 hidden[self.span.start + i] = x
         hidden[last] = x
@@ -243,13 +295,13 @@ class Stage:
 
         x, hidden = self._embed(inputs), []
         for i, block in enumerate(self.blocks):
-            x = block(x, self.rope, self.k_cache[i], self.v_cache[i], step)
+            x = block(x, self.rope, self.k_cache[i, 0], self.v_cache[i, 0], step)
             hidden.append(x)
         logits = self._project(x) if self.span.head else None
         return StepOutputs(hidden, logits, logits.argmax(-1) if logits is not None else None)
 
-    def forward(self, inputs: torch.Tensor, base_pos: int, all_logits: bool = False) -> torch.Tensor:
-        return self.run(inputs, base_pos, all_logits=all_logits)[0]
+    def forward(self, inputs: torch.Tensor, base_pos: int, all_logits: bool = False, seq: int = 0) -> torch.Tensor:
+        return self.run(inputs, base_pos, all_logits=all_logits, seq=seq)[0]
 
     @torch.inference_mode()
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -264,32 +316,49 @@ class Stage:
     def project_argmax(self, hidden: torch.Tensor) -> list[int]:
         return self.project(hidden).argmax(-1).tolist()
 
-    def truncate(self, n: int) -> None:
-        """Forget KV beyond the first n tokens (speculative rollback)."""
-        if not 0 <= n <= self.length:
-            raise ConfigError(f"kv_truncate: {n} is outside the {self.length} cached tokens")
-        self.length, self._partial_end = n, 0
+    @property
+    def length(self) -> int:
+        """Tokens sequence 0 holds (the one sequence of `launch`)."""
+        return self.lengths[0]
 
-    def reset(self) -> None:
-        self.length, self._partial_end = 0, 0
+    def truncate(self, n: int, seq: int = 0) -> None:
+        """Forget a sequence's KV beyond its first n tokens (speculative rollback)."""
+        self._check_seq(seq)
+        if not 0 <= n <= self.lengths[seq]:
+            raise ConfigError(f"kv_truncate: {n} is outside the {self.lengths[seq]} cached tokens")
+        self.lengths[seq] = n
+        if seq == 0:
+            self._partial_end = 0
+
+    def reset(self, seq: int | None = None) -> None:
+        """Empty one sequence, or every one."""
+        if seq is None:
+            self.lengths, self._partial_end = [0] * self.max_seqs, 0
+        else:
+            self.truncate(0, seq)
 
     # -- KV snapshots: numbered slots kept in this process, for prefix reuse and rollback --------
 
-    def kv_snapshot(self, slot: int) -> int:
-        """Copy the cached tokens into `slot` (replacing what it held); returns their count."""
-        n = self.length
-        self.snapshots[slot] = (n, self.k_cache[:, :, :n].clone(), self.v_cache[:, :, :n].clone())
+    def kv_snapshot(self, slot: int, seq: int = 0) -> int:
+        """Copy a sequence's cached tokens into `slot` (replacing what it held); returns their count."""
+        self._check_seq(seq)
+        n = self.lengths[seq]
+        self.snapshots[slot] = (n, self.k_cache[:, seq, :, :n].clone(), self.v_cache[:, seq, :, :n].clone())
         return n
 
-    def kv_restore(self, slot: int) -> int:
+    def kv_restore(self, slot: int, seq: int = 0) -> int:
+        """Put the tokens of `slot` into a sequence (any sequence: slots are shared)."""
+        self._check_seq(seq)
         if slot not in self.snapshots:
             raise ConfigError(f"kv_restore: slot {slot} holds no snapshot")
         n, k, v = self.snapshots[slot]
         if n > self.max_ctx:
             raise ConfigError(f"kv_restore: slot {slot} holds {n} tokens, more than max_ctx {self.max_ctx}")
-        self.k_cache[:, :, :n] = k
-        self.v_cache[:, :, :n] = v
-        self.length, self._partial_end = n, 0
+        self.k_cache[:, seq, :, :n] = k
+        self.v_cache[:, seq, :, :n] = v
+        self.lengths[seq] = n
+        if seq == 0:
+            self._partial_end = 0
         return n
 
     def kv_free(self, slot: int) -> None:
@@ -303,7 +372,7 @@ class Stage:
     def stats(self) -> dict:
         """The same numbers a daemon's `stats` reply carries for each of its stages."""
         out = {"forwards": self.forwards, "forward_seconds": self.forward_seconds, "length": self.length,
-               "cover": [str(self.cover)], "graph_forwards": self.graph_forwards, "weight_bytes": self.weight_bytes,
+               "lengths": list(self.lengths), "cover": [str(self.cover)], "graph_forwards": self.graph_forwards, "weight_bytes": self.weight_bytes,
                "quantized": self.quantized}
         if self.runner is not None:
             out["graphs"] = self.runner.describe()

@@ -60,6 +60,7 @@ class DaemonSpec:
     dtype: str = "auto"
     graphs: bool = True
     weights: str = "dequantized"
+    max_seqs: int = 1
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -103,18 +104,21 @@ class EchoStage:
     def run(self, x, base_pos, **_):
         return x, []
 
-    def truncate(self, n):
+    def run_batch(self, x, seqs, positions, **_):
+        return x
+
+    def truncate(self, n, seq=0):
         pass
 
-    def reset(self):
+    def reset(self, seq=None):
         pass
 
     # KV snapshots of an empty cache, so echo mode answers these ops as a stage would
-    def kv_snapshot(self, slot):
+    def kv_snapshot(self, slot, seq=0):
         self.snapshots.add(slot)
         return 0
 
-    def kv_restore(self, slot):
+    def kv_restore(self, slot, seq=0):
         if slot not in self.snapshots:
             raise ConfigError(f"kv_restore: slot {slot} holds no snapshot")
         return 0
@@ -166,18 +170,25 @@ class ShardServer:
             return {"id": rid, "ok": True, **self.hello_reply()}, [], False
         if op == "forward":
             return self._forward(message, frames)
+        if op == "forward_batch":
+            return self._forward_batch(message, frames)
         if op == "project":
             return self._project(message, frames)
+        seq = message.get("seq")
         if op == "kv_truncate":
             for stage in self.stages:
-                stage.truncate(message["n"])
+                stage.truncate(message["n"], seq or 0)
             return {"id": rid, "ok": True}, [], False
-        if op in ("kv_snapshot", "kv_restore", "kv_free"):
-            counts = [getattr(stage, op)(message["slot"]) for stage in self.stages]
-            return {"id": rid, "ok": True, "length": counts[-1] if op != "kv_free" else None}, [], False
+        if op in ("kv_snapshot", "kv_restore"):
+            counts = [getattr(stage, op)(message["slot"], seq or 0) for stage in self.stages]
+            return {"id": rid, "ok": True, "length": counts[-1]}, [], False
+        if op == "kv_free":
+            for stage in self.stages:
+                stage.kv_free(message["slot"])
+            return {"id": rid, "ok": True, "length": None}, [], False
         if op == "reset":
             for stage in self.stages:
-                stage.reset()
+                stage.reset(seq)
             return {"id": rid, "ok": True}, [], False
         if op == "stats":
             return {"id": rid, "ok": True, "forwards": self.forwards, "forward_seconds": self.forward_seconds,
@@ -230,20 +241,41 @@ class ShardServer:
         reply, payloads = self._reply_tensors(message["id"], logits, [])
         return reply, payloads, False
 
-    def _forward(self, message: dict, frames: list) -> tuple[dict, list, bool]:
-        rid, n, want = message["id"], message["n"], message["want"]
-        if want == "argmax" and not self.stages[-1].span.head:  # refuse before the forward writes the KV cache
-            raise ProtocolError("bad_request", "forward.want: argmax needs the stage with the head")
+    def _checked_input(self, message: dict, frames: list) -> torch.Tensor:
+        """The input of a forward or forward_batch, checked against n and what the first stage takes."""
+        op, n = message["op"], message["n"]
+        if message["want"] == "argmax" and not self.stages[-1].span.head:  # refuse before the KV cache is written
+            raise ProtocolError("bad_request", f"{op}.want: argmax needs the stage with the head")
         x = self._input(message, frames)
         shape = tuple(x.shape)
         if not shape or shape[0] != n:
-            raise ProtocolError("bad_request", f"forward.input: shape {list(shape)} does not have forward.n={n} rows")
+            raise ProtocolError("bad_request", f"{op}.input: shape {list(shape)} does not have {op}.n={n} rows")
         first = self.stages[0]
         if first.span.embed:
             if x.dtype != torch.int64 or len(shape) != 1:
-                raise ProtocolError("bad_request", f"forward.input: the first stage takes int64 token ids [n], got {x.dtype} {list(shape)}")
+                raise ProtocolError("bad_request", f"{op}.input: the first stage takes int64 token ids [n], got {x.dtype} {list(shape)}")
         elif first.cfg is not None and (len(shape) != 2 or shape[1] != first.cfg.dim):
-            raise ProtocolError("bad_request", f"forward.input: expected an activation [n, {first.cfg.dim}], got {list(shape)}")
+            raise ProtocolError("bad_request", f"{op}.input: expected an activation [n, {first.cfg.dim}], got {list(shape)}")
+        return x
+
+    def _forward_batch(self, message: dict, frames: list) -> tuple[dict, list, bool]:
+        """One token of each of several sequences through every stage of this daemon."""
+        x = self._checked_input(message, frames)
+        seqs, positions, want = message["seqs"], message["positions"], message["want"]
+        t0 = time.perf_counter()
+        for i, stage in enumerate(self.stages):
+            last = i == len(self.stages) - 1
+            x = stage.run_batch(x, seqs, positions, tokens=last and want == "argmax")
+        self.forwards += 1
+        self.forward_seconds += time.perf_counter() - t0
+        if want == "argmax":
+            return {"id": message["id"], "ok": True, "tokens": x}, [], False
+        reply, payloads = self._reply_tensors(message["id"], x, [])
+        return reply, payloads, False
+
+    def _forward(self, message: dict, frames: list) -> tuple[dict, list, bool]:
+        rid, want, seq = message["id"], message["want"], message.get("seq", 0)
+        x = self._checked_input(message, frames)
         capture, stop_after = tuple(message.get("capture", ())), message.get("stop_after")
         if stop_after is not None:
             if not any(stage.span.start <= stop_after < stage.span.stop for stage in self.stages):
@@ -257,10 +289,10 @@ class ShardServer:
             last = i == len(self.stages) - 1
             all_logits = last and message.get("all_logits", False)
             if last and want == "argmax":
-                tokens, caps = stage.run_argmax(x, message["base_pos"], all_logits=all_logits, capture=capture)
+                tokens, caps = stage.run_argmax(x, message["base_pos"], all_logits=all_logits, capture=capture, seq=seq)
             else:
                 x, caps = stage.run(x, message["base_pos"], all_logits=all_logits, capture=capture,
-                                    stop_after=stop_after if stops_here else None)
+                                    stop_after=stop_after if stops_here else None, seq=seq)
             captured += caps
             if stops_here:
                 break
@@ -365,7 +397,7 @@ def serve(spec: DaemonSpec) -> int:
             log.exception("request %s failed", rid)
             reply = error_reply(rid, "internal", f"{type(exc).__name__}: {exc}")
         frames = encode(reply, payloads)
-        if reply.get("ok") and message.get("op") == "forward":  # up to the send: the reader may run first
+        if reply.get("ok") and message.get("op") in ("forward", "forward_batch"):  # up to the send: the reader may run first
             elapsed = time.perf_counter() - taken
             server.request_seconds += elapsed
             server.recent_requests.append(round(elapsed * 1e6, 1))
@@ -388,7 +420,7 @@ def load_stages(spec: DaemonSpec) -> list:
         device = parse_device(shard.device).torch_device(shard.local_index)
         stages.append(Stage(Path(spec.model), shard.start, shard.stop, device, max_ctx=spec.max_ctx,
                             dtype=compute_dtype(spec.dtype, device), graphs=spec.graphs,
-                            quantized=spec.weights == "quantized"))
+                            quantized=spec.weights == "quantized", max_seqs=spec.max_seqs))
     return stages
 
 

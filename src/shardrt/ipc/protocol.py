@@ -10,22 +10,26 @@ from typing import Any
 
 from ..errors import IpcError
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 MAX_TOKENS_PER_FORWARD = 1 << 16
 MAX_CAPTURE_LAYERS = 64
 MAX_KV_SLOTS = 1 << 12
+MAX_SEQS = 1 << 12  # sequence slots of a stage's KV cache (`seq`)
+MAX_BATCH = 1 << 10  # sequences in one forward_batch
 
 # op -> {field: (type, required)}
 OPS: dict[str, dict[str, tuple[type, bool]]] = {
     "hello": {"version": (int, True), "model": (dict, True)},
     "forward": {"base_pos": (int, True), "n": (int, True), "input": (dict, True), "want": (str, True),
-                "all_logits": (bool, False), "capture": (list, False), "stop_after": (int, False)},
+                "all_logits": (bool, False), "capture": (list, False), "stop_after": (int, False), "seq": (int, False)},
+    "forward_batch": {"n": (int, True), "seqs": (list, True), "positions": (list, True), "input": (dict, True),
+                      "want": (str, True)},
     "project": {"n": (int, True), "input": (dict, True), "want": (str, True)},
-    "kv_truncate": {"n": (int, True)},
-    "kv_snapshot": {"slot": (int, True)},
-    "kv_restore": {"slot": (int, True)},
+    "kv_truncate": {"n": (int, True), "seq": (int, False)},
+    "kv_snapshot": {"slot": (int, True), "seq": (int, False)},
+    "kv_restore": {"slot": (int, True), "seq": (int, False)},
     "kv_free": {"slot": (int, True)},
-    "reset": {},
+    "reset": {"seq": (int, False)},
     "stats": {},
     "ping": {},
     "shutdown": {},
@@ -74,8 +78,8 @@ def check_request(message: dict) -> str:
     if not message.keys() <= ALLOWED[op]:
         unknown = sorted(str(k) for k in message.keys() - ALLOWED[op])
         raise ProtocolError("bad_request", f"{op}: unknown field {unknown[0]!r}")
-    if op == "forward" or op == "project":
-        wants = WANTS if op == "forward" else WANTS[1:]
+    if op == "forward" or op == "project" or op == "forward_batch":
+        wants = WANTS[1:] if op == "project" else WANTS
         if message["want"] not in wants:
             raise ProtocolError("bad_request", f"{op}.want: {message['want']!r} is not one of {', '.join(wants)}")
         if not 1 <= message["n"] <= MAX_TOKENS_PER_FORWARD:
@@ -87,7 +91,24 @@ def check_request(message: dict) -> str:
                                            f"{MAX_CAPTURE_LAYERS} layer ids")
     if "slot" in message and not message["slot"] < MAX_KV_SLOTS:
         raise ProtocolError("bad_request", f"{op}.slot: {message['slot']} is outside 0..{MAX_KV_SLOTS - 1}")
+    if "seq" in message and not message["seq"] < MAX_SEQS:
+        raise ProtocolError("bad_request", f"{op}.seq: {message['seq']} is outside 0..{MAX_SEQS - 1}")
+    if op == "forward_batch":
+        _check_batch(message)
     return op
+
+
+def _check_batch(message: dict) -> None:
+    n = message["n"]
+    if n > MAX_BATCH:
+        raise ProtocolError("bad_request", f"forward_batch.n: {n} is outside 1..{MAX_BATCH}")
+    for name, bound in (("seqs", MAX_SEQS), ("positions", 1 << 40)):
+        values = message[name]
+        if len(values) != n or not all(type(v) is int and 0 <= v < bound for v in values):
+            raise ProtocolError("bad_request", f"forward_batch.{name}: {values[:8]!r} is not a list of "
+                                               f"forward_batch.n={n} integers in 0..{bound - 1}")
+    if len(set(message["seqs"])) != n:
+        raise ProtocolError("bad_request", f"forward_batch.seqs: {message['seqs'][:8]!r} names a sequence twice")
 
 
 _MISSING = object()

@@ -1,5 +1,7 @@
-"""The engine: one thread owns the `Cluster` and runs one sequence at a time from a bounded
-FIFO queue. It cancels what clients abandon, notices stages that die (a failed request, or a
+"""The engine: one thread owns the `Cluster` and takes requests from a bounded FIFO queue:
+with `--max-seqs` above 1, up to that many decode together (server/batch.py: requests join and
+leave the running batch between steps); with 1 (and always with a drafter), one at a time, each
+speculative where a drafter is set. It cancels what clients abandon, notices stages that die (a failed request, or a
 daemon found dead while idle or by `/health`), restarts the whole Cluster with the same
 configuration, and reports its state for `/health` and its numbers for `/metrics`.
 """
@@ -108,7 +110,8 @@ class Engine:
         self.stages: list[StageInfo] = []
         self._cond = threading.Condition()
         self._queue: deque[Job] = deque()
-        self._running: Job | None = None
+        self._running: Job | None = None  # one at a time
+        self._scheduler = None  # batched: a BatchScheduler over the Cluster's pipeline
         self._stopping = False
         self._thread: threading.Thread | None = None
 
@@ -134,13 +137,15 @@ class Engine:
             self._stopping = True
             waiting = list(self._queue)
             self._queue.clear()
-            running = self._running
+            running = [self._running] if self._running is not None else []
+            if self._scheduler is not None:
+                running += [r.job for r in self._scheduler.running]
             self._cond.notify_all()
         self.metrics.queue_depth.set(0)
         for job in waiting:
             job.fail(ApiError("server: shutting down", status=503, code="shutting_down"))
-        if running is not None:
-            running.cancel()
+        for job in running:
+            job.cancel()
         if self._thread is not None:
             self._thread.join(STOP_JOIN_S)
             if self._thread.is_alive():
@@ -166,6 +171,10 @@ class Engine:
         in_pipeline = {id(s) for s in cluster.pipeline.stages}
         stages += [self._remote_info(r) for r in cluster.remote if id(r) not in in_pipeline]  # the draft daemon
         self.stages = stages
+        if self.config.seqs > 1 and cluster.drafter is None:
+            from .batch import BatchScheduler
+
+            self._scheduler = BatchScheduler(cluster.pipeline, self.tokenizer, cluster.prefix_cache)
         self._prefix_base = (0, 0, 0)
         self._stats_base: dict[str, tuple[int, float]] = {}
 
@@ -180,6 +189,10 @@ class Engine:
                          stage.daemon)
 
     def _close(self) -> None:
+        if self._scheduler is not None:
+            for run in self._scheduler.drop_all():
+                run.job.fail(ApiError("server: shutting down", status=503, code="shutting_down"))
+            self._scheduler = None
         cluster, self.cluster = self.cluster, None
         if cluster is not None:
             try:
@@ -252,6 +265,9 @@ class Engine:
             if self.state in ("stage_died", "failed"):
                 failures = 0 if self._restart(failures) else failures + 1
                 continue
+            if self._scheduler is not None:
+                self._batch_round()
+                continue
             job = self._take()
             if job is None:
                 dead = self._dead_stage()
@@ -265,6 +281,65 @@ class Engine:
                     self._running = None
         self._close()
 
+    def _batch_round(self) -> None:
+        """Let waiting requests into free slots, then one step of the running batch."""
+        scheduler = self._scheduler
+        with self._cond:
+            if not self._queue and not scheduler.running and not self._stopping and self.state == "ready":
+                self._cond.wait(IDLE_POLL_S)
+            if self._stopping or self.state != "ready":
+                return
+            joining = []
+            while self._queue and len(joining) < scheduler.free_slots:
+                joining.append(self._queue.popleft())
+            self.metrics.queue_depth.set(len(self._queue))
+        for job in joining:
+            if job.cancelled():
+                job.fail(ApiError("request: cancelled", status=499, code="cancelled"))
+                continue
+            try:
+                scheduler.admit(job)
+            except ConfigError as exc:
+                job.fail(ApiError(str(exc), str(exc).split(":")[0]))
+            except (StageDied, IpcError) as exc:
+                job.fail(self._stage_error(exc))
+                self._batch_failed(exc)
+                return
+        if not scheduler.running:
+            dead = self._dead_stage()
+            if dead is not None:
+                self._stage_died(dead.name, f"{dead.name}: daemon exited ({dead.daemon.exit_reason()})")
+            return
+        self.metrics.running.set(len(scheduler.running))
+        try:
+            finished = scheduler.step()
+        except (StageDied, IpcError) as exc:
+            self._batch_failed(exc)
+            return
+        except Exception as exc:  # a bug or a broken stage: fail the batch, restart to a clean state
+            log.error("batched step failed: %s: %s", type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+            for run in scheduler.drop_all():
+                run.job.fail(ApiError(f"server: generation failed ({type(exc).__name__}: {exc})", status=500,
+                                      code="internal_error"))
+                self.metrics.generations.inc(finish_reason="error")
+            self._stage_died("engine", f"{type(exc).__name__}: {exc}")
+            return
+        for run, result in finished:
+            self._deliver(run.job, result)
+        self.metrics.running.set(len(scheduler.running))
+
+    def _stage_error(self, exc: Exception) -> ApiError:
+        return ApiError(f"{exc}; the server is restarting its stages, retry shortly", status=503, code="stage_died",
+                        retry_after=5)
+
+    def _batch_failed(self, exc: Exception) -> None:
+        """A stage failed under the batch: every running request gets the error, then the restart."""
+        for run in self._scheduler.drop_all():
+            run.job.fail(self._stage_error(exc))
+            self.metrics.generations.inc(finish_reason="error")
+        dead = self._dead_stage()
+        self._stage_died(dead.name if dead is not None else str(exc).removeprefix("stage ").split(":")[0], str(exc))
+
     def _run(self, job: Job) -> None:
         if job.cancelled():
             job.fail(ApiError("request: cancelled", status=499, code="cancelled"))
@@ -276,8 +351,7 @@ class Engine:
         except (StageDied, IpcError) as exc:
             dead = self._dead_stage()
             name = dead.name if dead is not None else str(exc).removeprefix("stage ").split(":")[0]
-            job.fail(ApiError(f"{exc}; the server is restarting its stages, retry shortly", status=503,
-                              code="stage_died", retry_after=5))
+            job.fail(self._stage_error(exc))
             self.metrics.generations.inc(finish_reason="error")
             self._stage_died(name, str(exc))
             return
@@ -290,6 +364,9 @@ class Engine:
             return
         finally:
             self.metrics.running.set(0)
+        self._deliver(job, result)
+
+    def _deliver(self, job: Job, result) -> None:
         try:
             self._record(job, result)  # before the client hears: what it reads from /metrics next is current
         except Exception as exc:  # numbers must never cost an answer
@@ -380,6 +457,11 @@ class Engine:
         log.warning("restarted the cluster in %.2fs (%s)", took, self.failure["stage"] if self.failure else "?")
         return True
 
+    def _running_count(self) -> int:
+        if self._scheduler is not None:
+            return len(self._scheduler.running)
+        return int(self._running is not None)
+
     # -- /health --------------------------------------------------------------------------
 
     def health(self) -> tuple[int, dict]:
@@ -391,7 +473,7 @@ class Engine:
             body = {"status": "ok" if self.state == "ready" else self.state,
                     "model": self.model_path.name,
                     "stages": [s.to_json() for s in self.stages],
-                    "queue": len(self._queue), "running": int(self._running is not None),
+                    "queue": len(self._queue), "running": self._running_count(),
                     "restarts": self.restarts, "last_restart_seconds": self.last_restart_seconds}
             if self.failure:
                 key = "last_failure" if self.state == "ready" else "failure"

@@ -39,8 +39,9 @@ class PrefixCache:
         self.entries: OrderedDict[int, tuple[int, ...]] = OrderedDict()  # slot -> tokens, oldest first
         self.stats = PrefixStats()
 
-    def restore(self, prompt: list[int]) -> int:
-        """Set the pipeline up for `prompt`; returns how many of its tokens are already cached."""
+    def restore(self, prompt: list[int], seq: int = 0) -> int:
+        """Set sequence `seq` of the pipeline up for `prompt`; returns how many of its tokens are
+        already cached."""
         best_slot, best = None, 0
         for slot, tokens in self.entries.items():
             n = common_prefix(tokens, prompt)
@@ -49,21 +50,22 @@ class PrefixCache:
         usable = min(best, len(prompt) - 1)  # at least one token must run, for the next logits
         if best_slot is None or usable <= 0:
             self.stats.misses += 1
-            self.pipeline.reset()
+            self.pipeline.reset(seq)
             return 0
-        self.pipeline.kv_restore(best_slot)
-        self.pipeline.truncate(usable)
+        self.pipeline.kv_restore(best_slot, seq)
+        self.pipeline.truncate(usable, seq)
         self.entries.move_to_end(best_slot)
         self.stats.hits += 1
         self.stats.reused_tokens += usable
         return usable
 
-    def store(self, tokens: list[int]) -> None:
-        """Snapshot the pipeline's cache, which holds exactly `tokens`."""
+    def store(self, tokens: list[int], seq: int = 0) -> None:
+        """Snapshot sequence `seq` of the pipeline's cache, which holds exactly `tokens`."""
         if self.slots == 0 or not tokens:
             return
-        if self.pipeline.length != len(tokens):
-            raise ConfigError(f"prefix cache: pipeline holds {self.pipeline.length} tokens, not {len(tokens)}")
+        held = self.pipeline.length_of(seq)
+        if held != len(tokens):
+            raise ConfigError(f"prefix cache: sequence {seq} holds {held} tokens, not {len(tokens)}")
         # a slot whose tokens this extends (an earlier turn of the same chat) is replaced
         slot = next((s for s, t in self.entries.items() if common_prefix(t, tokens) == len(t)), None)
         if slot is None:
@@ -73,6 +75,6 @@ class PrefixCache:
                 slot = oldest
             else:
                 slot = next(s for s in range(self.slots) if s not in self.entries)
-        self.pipeline.kv_snapshot(slot)
+        self.pipeline.kv_snapshot(slot, seq)
         self.entries[slot] = tuple(tokens)
         self.entries.move_to_end(slot)

@@ -1,0 +1,131 @@
+"""Sequence slots and batched decode on the real demo model (float32 on the CPU): several
+sequences in one stage's KV cache, each decoded alone and all of them together in one forward,
+in this process and through daemons over the real protocol; and what bad batches get."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shardrt.config import LaunchConfig
+from shardrt.errors import ConfigError, IpcError
+from shardrt.launch import Cluster
+from shardrt.pipeline import Pipeline
+from shardrt.placement import parse_devices
+from shardrt.stage import Stage
+
+MAX_CTX = 128
+STEPS = 10
+PROMPTS = ["The capital of France is", "List three colours:", "def fibonacci(n):\n   ", "Once upon a time"]
+
+
+def solo_greedy(pipeline: Pipeline, ids: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy tokens and each step's logits, the sequence alone in sequence slot 0."""
+    pipeline.reset()
+    logits = pipeline.forward(torch.tensor(ids), 0)
+    tokens, rows = [int(logits[-1].argmax())], [logits[-1]]
+    for _ in range(steps):
+        logits = pipeline.forward(torch.tensor(tokens[-1:]), len(ids) + len(tokens) - 1)
+        tokens.append(int(logits[-1].argmax()))
+        rows.append(logits[-1])
+    return tokens, rows
+
+
+def batched_greedy(pipeline: Pipeline, prompts: list[list[int]], steps: int, seqs: list[int]):
+    """The same, every prompt prefilled into its own slot, then decoded together in one forward per step."""
+    tokens, rows = [], []
+    for ids, seq in zip(prompts, seqs):
+        logits = pipeline.run(torch.tensor(ids), 0, seq=seq)[0]
+        tokens.append([int(logits[-1].argmax())])
+        rows.append([logits[-1]])
+    for _ in range(steps):
+        positions = [len(ids) + len(t) - 1 for ids, t in zip(prompts, tokens)]
+        logits = pipeline.decode_batch([t[-1] for t in tokens], seqs, positions)
+        for i, t in enumerate(tokens):
+            t.append(int(logits[i].argmax()))
+            rows[i].append(logits[i])
+    return tokens, rows
+
+
+@pytest.fixture(scope="module")
+def solo(demo_model, demo_tokenizer):
+    one = Pipeline([Stage(demo_model, 0, 30, "cpu", max_ctx=MAX_CTX)])
+    prompts = [demo_tokenizer.encode(p) for p in PROMPTS]
+    return prompts, [solo_greedy(one, ids, STEPS) for ids in prompts]
+
+
+def assert_same(got, want):
+    for (tokens, rows), (want_tokens, want_rows) in zip(zip(*got), want):
+        assert tokens == want_tokens
+        assert max((a - b).abs().max().item() for a, b in zip(rows, want_rows)) < 1e-4
+
+
+def test_batched_decode_equals_each_sequence_alone(demo_model, solo):
+    prompts, want = solo
+    stage = Stage(demo_model, 0, 30, "cpu", max_ctx=MAX_CTX, max_seqs=6)
+    pipeline = Pipeline([stage])
+    seqs = [5, 0, 3, 1]  # any slots, in any order
+    assert_same(batched_greedy(pipeline, prompts, STEPS, seqs), want)
+    assert [stage.lengths[s] for s in seqs] == [len(p) + STEPS for p in prompts]
+    assert stage.lengths[2] == stage.lengths[4] == 0
+
+    # sequences leave and join between steps: slot 3 restarts with another prompt, the others go on
+    stage.reset(3)
+    assert stage.lengths[3] == 0 and stage.lengths[5] == len(prompts[0]) + STEPS
+    tokens = pipeline.greedy_all(torch.tensor(prompts[1]), 0, seq=3)[0]
+    assert tokens[-1] == want[1][0][0]
+
+
+def test_slots_keep_their_own_snapshots_and_truncation(demo_model, solo):
+    prompts, want = solo
+    stage = Stage(demo_model, 0, 30, "cpu", max_ctx=MAX_CTX, max_seqs=2)
+    stage.run(torch.tensor(prompts[0]), 0, seq=1)
+    assert stage.kv_snapshot(7, seq=1) == len(prompts[0]) and stage.lengths == [0, len(prompts[0])]
+    assert stage.kv_restore(7, seq=0) == len(prompts[0])  # a snapshot of slot 1 restored into slot 0
+    logits = stage.run(torch.tensor(want[0][0][:1]), len(prompts[0]), seq=0)[0]
+    assert int(logits[-1].argmax()) == want[0][0][1]
+    stage.truncate(2, seq=1)
+    assert stage.lengths == [len(prompts[0]) + 1, 2]
+
+
+@pytest.mark.parametrize("seqs, positions, needle", [
+    ([0, 0], [4, 4], "names a sequence twice"),
+    ([0, 3], [4, 4], "seqs: sequence 3 is outside 0..2"),
+    ([0, 1], [4, 9], "positions: 9 is outside the 4 tokens cached for sequence 1"),
+    ([0], [4, 4], "batch: 2 inputs for 1 sequences"),
+])
+def test_bad_batches_are_refused_and_change_nothing(demo_model, seqs, positions, needle):
+    stage = Stage(demo_model, 0, 30, "cpu", max_ctx=MAX_CTX, max_seqs=3)
+    for seq in (0, 1):
+        stage.run(torch.tensor([1, 2, 3, 4]), 0, seq=seq)
+    with pytest.raises(ConfigError, match=needle):
+        stage.run_batch(torch.tensor([5, 6]), seqs, positions)
+    assert stage.lengths == [4, 4, 0]
+    with pytest.raises(ConfigError, match="seq: sequence 3 is outside"):
+        stage.run(torch.tensor([1]), 0, seq=3)
+    with pytest.raises(ConfigError, match="max_seqs: 0"):
+        Stage(demo_model, 0, 2, "cpu", max_ctx=MAX_CTX, max_seqs=0)
+
+
+def test_batched_decode_through_daemons_equals_each_alone(demo_model, solo):
+    """Three stages (this process, two daemons) with four sequence slots each: the batch crosses
+    both hops as one forward_batch; bad batches are refused by the daemon, which keeps serving."""
+    prompts, want = solo
+    config = LaunchConfig(devices=parse_devices("cpu:0,cpu:1,cpu:2"), max_ctx=MAX_CTX, max_seqs=4,
+                          prefix_cache_slots=0)
+    with Cluster(config, demo_model) as cluster:
+        pipeline = cluster.pipeline
+        assert [s.max_seqs for s in pipeline.stages] == [4, 4, 4]
+        assert_same(batched_greedy(pipeline, prompts, STEPS, [2, 0, 3, 1]), want)
+        assert pipeline.stages[-1].stats()["stages"][0]["lengths"] == [len(p) + STEPS for p in
+                                                                         (prompts[1], prompts[3], prompts[0], prompts[2])]
+        # greedy token ids straight from the remote head
+        tokens = pipeline.decode_batch([7, 8], [0, 1], [3, 3], argmax=True)
+        assert isinstance(tokens, list) and len(tokens) == 2
+        remote = pipeline.stages[1]
+        with pytest.raises(IpcError, match="positions: 50 is outside"):
+            remote.run_batch(torch.zeros(1, pipeline.cfg.dim), [2], [50])
+        with pytest.raises(IpcError, match="sequence 4 is outside 0..3"):
+            remote.run_batch(torch.zeros(1, pipeline.cfg.dim), [4], [0])
+        assert remote.ping()["pid"] == remote.daemon.pid
+        assert pipeline.length_of(2) == len(prompts[0]) + STEPS

@@ -1,0 +1,124 @@
+"""`shardrt serve` decoding many requests at once (`--max-seqs`), through the official `openai`
+client against a real server over `cpu:0,cpu:1`: concurrent greedy requests each get what they
+get alone, a cancelled stream leaves the others running, and a daemon killed under load fails
+every request in flight, then the server serves again."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+
+from tests.test_server import READY_S, Served, daemon_pid, free_port, serve_args, wait_for, wait_recovered
+
+SEQS = 16
+TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def server(demo_model, tmp_path_factory):
+    port = free_port()
+    err = tmp_path_factory.mktemp("serve-batch") / "stderr.txt"
+    with open(err, "wb") as sink:
+        proc = subprocess.Popen(serve_args(demo_model, port, "--max-seqs", str(SEQS), "--max-queue", str(SEQS)),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=sink)
+    served = Served(proc, port, err, demo_model.name.removesuffix(".gguf"))
+
+    def ready():
+        if proc.poll() is not None:
+            raise AssertionError(f"shardrt serve exited with {proc.returncode}: {served.stderr()}")
+        try:
+            return served.health()[0] == 200
+        except OSError:
+            return False
+
+    try:
+        wait_for(ready, READY_S, "/health 200", step=0.2)
+        yield served
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+def complete(server, prompt: str, max_tokens: int = TOKENS, **kw) -> str:
+    out = server.client.completions.create(model=server.model, prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                           extra_body={"ignore_eos": True}, **kw)
+    assert out.usage.completion_tokens == max_tokens
+    return out.choices[0].text
+
+
+def test_concurrent_greedy_requests_equal_their_solo_output(server):
+    prompts = [f"Question {i}: what comes after {i * 7}? Answer:" for i in range(SEQS)]
+    alone = [complete(server, p) for p in prompts]
+    assert len(set(alone)) > SEQS // 2  # different prompts, mostly different answers
+    with ThreadPoolExecutor(SEQS) as pool:
+        together = list(pool.map(lambda p: complete(server, p), prompts))
+    assert together == alone
+    # the prefix cache serves a slot from what another slot left: the same again, reusing prompts
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(lambda p: complete(server, p), prompts[:4])) == alone[:4]
+    assert server.metric("shardrt_prefix_cache_hits_total") >= 4
+
+
+def test_a_cancelled_stream_leaves_the_others_running(server):
+    before = server.metric("shardrt_generations_total", finish_reason="cancelled")
+    streams = [server.client.completions.create(model=server.model, prompt=f"Story {i}: once upon a time",
+                                                max_tokens=40, temperature=0, stream=True,
+                                                extra_body={"ignore_eos": True}) for i in range(3)]
+    chunks = [iter(s) for s in streams]
+    for c in chunks:
+        next(c)  # every stream has started
+    wait_for(lambda: server.health()[1]["running"] == 3, 10, "three running sequences")
+    streams[1].close()
+    texts = {}
+
+    def drain(i):
+        texts[i] = "".join(chunk.choices[0].text for chunk in chunks[i] if chunk.choices)
+
+    readers = [threading.Thread(target=drain, args=(i,)) for i in (0, 2)]
+    for r in readers:
+        r.start()
+    for r in readers:
+        r.join(120)
+    assert all(texts.get(i) for i in (0, 2))
+    wait_for(lambda: server.metric("shardrt_generations_total", finish_reason="cancelled") == before + 1
+             and server.metric("shardrt_running") == 0, 10, "one cancelled generation")
+
+
+def test_killed_daemon_fails_every_request_in_flight_then_serves_again(server):
+    pid = daemon_pid(server)
+    outcomes = []
+
+    def ask(i):
+        try:
+            complete(server, f"Long story {i}:", max_tokens=200)
+            outcomes.append("finished")
+        except openai.APIStatusError as exc:
+            outcomes.append(exc)
+
+    askers = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    for a in askers:
+        a.start()
+    wait_for(lambda: server.health()[1]["running"] == 4, 30, "four running sequences")
+    os.kill(pid, signal.SIGKILL)
+    for a in askers:
+        a.join(60)
+    assert len(outcomes) == 4 and all(isinstance(o, openai.APIStatusError) for o in outcomes), outcomes
+    for failed in outcomes:
+        assert failed.status_code == 503 and failed.body["code"] == "stage_died"
+        assert "daemon 1 (cpu:1)" in failed.body["message"]
+    wait_recovered(server, pid)
+    prompts = [f"After the restart {i}:" for i in range(3)]
+    with ThreadPoolExecutor(3) as pool:
+        again = list(pool.map(lambda p: complete(server, p, max_tokens=6), prompts))
+    assert again == [complete(server, p, max_tokens=6) for p in prompts]
