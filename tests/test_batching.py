@@ -4,6 +4,8 @@ in this process and through daemons over the real protocol; and what bad batches
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -113,7 +115,11 @@ def test_batched_decode_through_daemons_equals_each_alone(demo_model, solo):
     prompts, want = solo
     config = LaunchConfig(devices=parse_devices("cpu:0,cpu:1,cpu:2"), max_ctx=MAX_CTX, max_seqs=4,
                           prefix_cache_slots=0)
+    threads = torch.get_num_threads()
     with Cluster(config, demo_model) as cluster:
+        # three processes compute at once under a pipelined batch: they share the cores out
+        if "OMP_NUM_THREADS" not in os.environ:
+            assert cluster.threads == torch.get_num_threads() == max(1, (os.cpu_count() or 1) // 3)
         pipeline = cluster.pipeline
         assert [s.max_seqs for s in pipeline.stages] == [4, 4, 4]
         assert_same(batched_greedy(pipeline, prompts, STEPS, [2, 0, 3, 1]), want)
@@ -129,3 +135,4 @@ def test_batched_decode_through_daemons_equals_each_alone(demo_model, solo):
             remote.run_batch(torch.zeros(1, pipeline.cfg.dim), [4], [0])
         assert remote.ping()["pid"] == remote.daemon.pid
         assert pipeline.length_of(2) == len(prompts[0]) + STEPS
+    assert torch.get_num_threads() == threads  # this process's own setting is given back

@@ -6,6 +6,7 @@ exit (normal, error, Ctrl-C, SIGTERM) every daemon, socket and segment is gone.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -144,6 +145,17 @@ def plan_placement(config: LaunchConfig, gguf: GGUFFile, cfg: ModelConfig, found
                          f"--weights quantized, add a device, or --allow-cpu-overflow")
 
 
+def cpu_threads(config: LaunchConfig, runs: list[list[ShardRow]]) -> int | None:
+    """Threads for each process that holds CPU stages when they compute at once (a batch pipelined
+    through them under serve): the host's cores shared out, rather than each taking them all and
+    every one of them waiting on the others. None: torch's default (one sequence at a time, one
+    such process, or OMP_NUM_THREADS set by the user)."""
+    holders = sum(1 for run in runs if any(not row.shard.device.is_gpu for row in run))
+    if config.seqs <= 1 or holders < 2 or "OMP_NUM_THREADS" in os.environ:
+        return None
+    return max(1, (os.cpu_count() or 1) // holders)
+
+
 def _runs(rows: list[ShardRow]) -> list[list[ShardRow]]:
     """Consecutive rows held by one process: one stage handle each."""
     runs: list[list[ShardRow]] = []
@@ -167,6 +179,8 @@ class Cluster:
         self._context = None
         self.pipeline: Pipeline | None = None
         self.drafter, self.ring, self.prefix_cache = None, None, None
+        self.threads: int | None = None  # torch CPU threads per process holding CPU stages (cpu_threads)
+        self._torch_threads: int | None = None  # this process's own before, while the Cluster changed it
         self.draft_tokens = config.draft.tokens if config.draft is not None else 4
 
     def __enter__(self) -> "Cluster":
@@ -196,9 +210,16 @@ class Cluster:
         shared = self.config.shared_bytes or auto_shared_bytes(cfg)
 
         runs = _runs(self.rows)
+        self.threads = cpu_threads(self.config, runs)
         # daemons first, so they load their weights while the coordinator loads its own
         daemons = {i: self._start_daemon(run[0].process, run, self.model_path, identity, shared)
                    for i, run in enumerate(runs) if not run[0].process.in_process}
+        if self.threads and any(not row.shard.device.is_gpu for run in runs if run[0].process.in_process
+                                for row in run):
+            import torch
+
+            self._torch_threads = torch.get_num_threads()  # given back on close
+            torch.set_num_threads(self.threads)
         stages = []
         for i, run in enumerate(runs):
             if i in daemons:
@@ -270,6 +291,7 @@ class Cluster:
             runtime_dir=self.runtime_dir, index=process.index, shared_bytes=shared, model=str(model.resolve()),
             identity=identity, shards=shards, max_ctx=self.config.max_ctx, dtype=self.config.dtype,
             graphs=self.config.graphs, weights=self.config.weights, max_seqs=max_seqs or self.config.seqs,
+            threads=self.threads if any(not r.shard.device.is_gpu for r in run) else None,
         )
         self.daemons.append(daemon)
         log.info("started %s as pid %d with %s", daemon.label, daemon.pid, process.child_env() or "no pinning")
@@ -304,3 +326,8 @@ class Cluster:
         if self.runtime_dir is not None:
             remove_runtime_dir(self.runtime_dir)
             self.runtime_dir = None
+        if self._torch_threads is not None:
+            import torch
+
+            torch.set_num_threads(self._torch_threads)
+            self._torch_threads = None

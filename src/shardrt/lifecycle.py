@@ -71,7 +71,7 @@ class DaemonProcess:
     def __init__(self, *, label: str, backend: str, python: str | None, child_env: dict[str, str],
                  runtime_dir: Path, index: int, shared_bytes: int, model: str | None, identity: dict,
                  shards: tuple, max_ctx: int, dtype: str = "auto", graphs: bool = True, weights: str = "dequantized",
-                 max_seqs: int = 1):
+                 max_seqs: int = 1, threads: int | None = None):
         self.label, self.max_seqs = label, max_seqs
         self.child_env = dict(child_env)
         self.endpoint = f"ipc://{runtime_dir / f'd{index}.sock'}"
@@ -80,7 +80,8 @@ class DaemonProcess:
         read_fd, self._death_fd = os.pipe()
         spec = DaemonSpec(label=label, backend=backend, endpoint=self.endpoint, shm_name=self.segment.name,
                           model=model, identity=identity, shards=shards, max_ctx=max_ctx, death_fd=read_fd,
-                          dtype=dtype, graphs=graphs, weights=weights, max_seqs=max_seqs)
+                          dtype=dtype, graphs=graphs, weights=weights, max_seqs=max_seqs,
+                          threads=threads)
         python = self.python = python or sys.executable
         try:
             with open(self.log_path, "wb") as log:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import collections
 import itertools
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import zmq
@@ -72,17 +74,40 @@ class RemoteStage:
 
     def run_batch(self, x: torch.Tensor, seqs: list[int], positions: list[int], *,
                   tokens: bool = False) -> torch.Tensor | list[int]:
+        return self.start_batch(x, seqs, positions, tokens=tokens)()
+
+    # -- started now, finished later: the daemon computes while this process does other work --
+
+    def start_batch(self, x: torch.Tensor, seqs: list[int], positions: list[int], *,
+                    tokens: bool = False) -> Callable[[], torch.Tensor | list[int]]:
+        """Send a `run_batch`; the returned function waits for its result. One request at a time:
+        finish it before anything else is asked of this stage."""
         want = "argmax" if tokens else "logits" if self.has_head else "activation"
-        reply, frames = self._send_tensor({"op": "forward_batch", "seqs": list(seqs), "positions": list(positions),
-                                           "want": want}, x)
-        for seq, pos in zip(seqs, positions):
-            self.lengths[seq] = pos + 1
-        if tokens:
+        sent = self._submit_tensor({"op": "forward_batch", "seqs": list(seqs), "positions": list(positions),
+                                    "want": want}, x)
+        def finish():
+            reply, frames = self.collect(sent)
+            for seq, pos in zip(seqs, positions):
+                self.lengths[seq] = pos + 1
+            if not tokens:
+                return self._tensor(reply.get("output"), reply, frames, "forward_batch.output")
             found = self._tokens(reply)
             if len(found) != len(seqs):
                 raise IpcError(f"{self.description}: forward_batch replied {len(found)} tokens for {len(seqs)} sequences")
             return found
-        return self._tensor(reply.get("output"), reply, frames, "forward_batch.output")
+        return finish
+
+    def start_run(self, x: torch.Tensor, base_pos: int, *, seq: int = 0,
+                  tokens: bool = False) -> Callable[[], torch.Tensor | list[int]]:
+        """Send a `run` (or `run_argmax` with tokens=True) of one sequence; the returned function
+        waits for its output."""
+        want = "argmax" if tokens else "logits" if self.has_head else "activation"
+        sent = self._submit_tensor(_in_seq({"op": "forward", "base_pos": base_pos, "want": want}, seq), x)
+        def finish():
+            reply, frames = self.collect(sent)
+            self.lengths[seq] = base_pos + int(x.shape[0])
+            return self._tokens(reply) if tokens else self._tensor(reply.get("output"), reply, frames, "forward.output")
+        return finish
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         reply, frames = self._send_tensor({"op": "project", "want": "logits"}, hidden)
@@ -147,6 +172,9 @@ class RemoteStage:
         return reply
 
     def _send_tensor(self, message: dict, x: torch.Tensor) -> tuple[dict, list]:
+        return self.collect(self._submit_tensor(message, x))
+
+    def _submit_tensor(self, message: dict, x: torch.Tensor) -> "Sent":
         """A request whose input tensor goes through the IN slot, or as a frame when it does not fit."""
         x = x.detach()
         rid = next(self._ids)
@@ -154,9 +182,9 @@ class RemoteStage:
         if self.daemon.segment.fits(x):
             self.daemon.segment.write(SharedSegment.IN, rid, x)
             message["input"] = tensor_ref(x, shm=rid)
-            return self.request(message, rid=rid)
+            return self.submit(message, rid=rid)
         message["input"] = tensor_ref(x, frame=1)
-        return self.request(message, [x.cpu()], rid=rid)
+        return self.submit(message, [x.cpu()], rid=rid)
 
     def _tensor(self, ref, reply: dict, frames: list, field: str) -> torch.Tensor:
         if not isinstance(ref, dict):
@@ -184,6 +212,10 @@ class RemoteStage:
 
     def request(self, message: dict, payloads: list = (), rid: int | None = None,
                 timeout: float | None = None, heartbeat: bool = True) -> tuple[dict, list]:
+        return self.collect(self.submit(message, payloads, rid), timeout, heartbeat)
+
+    def submit(self, message: dict, payloads: list = (), rid: int | None = None) -> "Sent":
+        """Send a request without waiting for its reply (see `collect`)."""
         rid = next(self._ids) if rid is None else rid
         message = {**message, "id": rid}
         if not self.daemon.alive():
@@ -195,11 +227,15 @@ class RemoteStage:
             send(frames)
         else:
             deliver(self.daemon.segment, SharedSegment.REQUEST, "daemon", rid, frames, send)
-        reply, frames = self._wait(rid, self.timeouts.request if timeout is None else timeout, heartbeat)
-        if message["op"] in ("forward", "forward_batch"):
+        return Sent(rid, message["op"], t0)
+
+    def collect(self, sent: "Sent", timeout: float | None = None, heartbeat: bool = True) -> tuple[dict, list]:
+        """The reply to a submitted request: an error reply raises, naming this stage."""
+        reply, frames = self._wait(sent.rid, self.timeouts.request if timeout is None else timeout, heartbeat)
+        if sent.op in ("forward", "forward_batch"):
             self.forwards += 1
-            self.forward_seconds += time.perf_counter() - t0
-            self.recent_forwards.append(time.perf_counter() - t0)
+            self.forward_seconds += time.perf_counter() - sent.at
+            self.recent_forwards.append(time.perf_counter() - sent.at)
         if not reply.get("ok"):
             error = reply.get("error") or {}
             code, text = error.get("code", "?"), error.get("message", "no message")
@@ -207,7 +243,7 @@ class RemoteStage:
                 refused = ConfigError(f"{self.description}: {text}")
                 refused.reply = reply  # what the daemon saw: its pinned environment and devices
                 raise refused
-            refused = IpcError(f"{self.description}: {message['op']} refused ({code}): {text}")
+            refused = IpcError(f"{self.description}: {sent.op} refused ({code}): {text}")
             refused.reply = reply
             raise refused
         return reply, frames
@@ -280,6 +316,15 @@ class RemoteStage:
 
     def close(self) -> None:
         self.socket.close(linger=0)
+
+
+@dataclass(frozen=True)
+class Sent:
+    """A request on its way: its id, its op, and when it left."""
+
+    rid: int
+    op: str
+    at: float
 
 
 def _in_seq(message: dict, seq: int) -> dict:

@@ -170,6 +170,16 @@ class Stage:
         with tokens=True). Runs eagerly: graphs are captured for sequence 0's steps only."""
         return self._timed(self._run_batch, inputs, seqs, positions, tokens)
 
+    # the interface of a RemoteStage, whose daemon computes while its caller goes on: here the
+    # work is done at once and the returned function gives its result
+    def start_batch(self, inputs: torch.Tensor, seqs: list[int], positions: list[int], *, tokens: bool = False):
+        out = self.run_batch(inputs, seqs, positions, tokens=tokens)
+        return lambda: out
+
+    def start_run(self, inputs: torch.Tensor, base_pos: int, *, seq: int = 0, tokens: bool = False):
+        out = (self.run_argmax if tokens else self.run)(inputs, base_pos, seq=seq)[0]
+        return lambda: out
+
     def _timed(self, run, inputs, *args):
         t0 = time.perf_counter()
         try:

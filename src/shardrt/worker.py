@@ -61,6 +61,7 @@ class DaemonSpec:
     graphs: bool = True
     weights: str = "dequantized"
     max_seqs: int = 1
+    threads: int | None = None  # torch's CPU threads (launch.cpu_threads); None: its default
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -415,6 +416,8 @@ def load_stages(spec: DaemonSpec) -> list:
         return [EchoStage()]
     from .stage import Stage, compute_dtype
 
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
     stages = []
     for shard in spec.shards:
         device = parse_device(shard.device).torch_device(shard.local_index)

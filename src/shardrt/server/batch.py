@@ -2,11 +2,13 @@
 
 `BatchScheduler` owns the sequence slots of every stage's KV cache (`--max-seqs` of them).
 Requests join between steps, each in a free slot. A new request's prompt is prefilled in chunks
-of `prefill_chunk` tokens, one chunk per step, so the streams already running keep flowing; then
-every sequence with a token to feed takes part in one batched decode step (one forward over all
-of them, each at its own position and over its own cache). A sequence leaves when it ends, is
-cancelled, or its client goes away, and its slot takes the next request at once. Prefix-cache
-snapshots are shared by every slot: a request may reuse what another one left.
+of `prefill_chunk` tokens, one chunk in flight at a time, so the streams already running keep
+flowing. Decoding sequences sit in as many groups as the pipeline has stages; each group's step
+is one batched forward (one token of each of its sequences, each at its own position and over
+its own cache), and the groups move through the stages as a wavefront (wavefront.py), so that
+with the model split over S processes all S work at once. A sequence leaves when it ends, is
+cancelled, or its client goes away, and its slot takes the next request. Prefix-cache snapshots
+are shared by every slot: a request may reuse what another one left.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from ..errors import ConfigError
 from ..generate import Decoding, Generation
 from ..sampling import Sampler
+from ..wavefront import Wavefront, Work
 
 PREFILL_CHUNK = 256  # prompt tokens run per step while other sequences decode
 
@@ -32,8 +35,9 @@ class Running:
     out: Decoding
     sampler: Sampler
     reused: int  # prompt tokens restored from the prefix cache
-    prefilled: int  # prompt tokens in the cache so far
+    prefilled: int  # prompt tokens sent into the cache (the last chunk may still be in flight)
     next_token: int | None = None  # sampled and committed, to be fed at the next decode step
+    in_flight: bool = False  # a forward of this sequence is in the wavefront
     started: float = field(default_factory=time.perf_counter)
     prefill_done: float | None = None
 
@@ -51,7 +55,11 @@ class BatchScheduler:
     def __init__(self, pipeline, tokenizer, prefix_cache=None, prefill_chunk: int = PREFILL_CHUNK):
         self.pipeline, self.tokenizer, self.prefix_cache = pipeline, tokenizer, prefix_cache
         self.prefill_chunk = prefill_chunk
-        self.running: list[Running] = []
+        self.wave = Wavefront(pipeline.stages)
+        self.running: list[Running] = []  # every sequence with a slot
+        self.groups: list[list[Running]] = [[] for _ in pipeline.stages]  # decoding, by wavefront group
+        self._joining: list[Running] = []  # admitted, their slot not set up yet
+        self._leaving: list[Running] = []  # ended, their slot not yet given back
         self._free = list(range(pipeline.max_seqs))
 
     @property
@@ -66,85 +74,137 @@ class BatchScheduler:
         if len(prompt) + params.max_tokens > self.pipeline.max_ctx:
             raise ConfigError(f"prompt + max_tokens: {len(prompt)} + {params.max_tokens} exceed max_ctx "
                               f"{self.pipeline.max_ctx}")
-        seq = self._free.pop(0)
-        try:
-            if self.prefix_cache is not None:
-                reused = self.prefix_cache.restore(prompt, seq)
-            else:
-                self.pipeline.reset(seq)
-                reused = 0
-        except BaseException:
-            self._free.insert(0, seq)
-            raise
-        run = Running(job, seq, Decoding(self.tokenizer, params, job.on_text), Sampler(params), reused, reused)
+        run = Running(job, self._free.pop(0), Decoding(self.tokenizer, params, job.on_text), Sampler(params), 0, 0)
         self.running.append(run)
-        if params.max_tokens == 0:
-            run.prefilled = len(prompt)  # nothing to run: it ends with the next step
+        self._joining.append(run)
 
     def drop_all(self) -> list[Running]:
-        """Every running sequence, taken out (their stages failed or are closing)."""
-        running, self.running = self.running, []
+        """Every sequence, taken out (their stages failed or are closing)."""
+        running = self.running
+        self.running, self._joining, self._leaving = [], [], []
+        self.groups = [[] for _ in self.pipeline.stages]
+        self.wave.clear()
         self._free = list(range(self.pipeline.max_seqs))
         return running
 
     def step(self) -> list[tuple[Running, Generation]]:
-        """Cancellations, one prefill chunk, one batched decode step; returns what finished."""
-        finished = []
-        for run in list(self.running):
-            if run.job.cancelled():
-                run.out.finish = "cancelled"
-                finished.append(self._finish(run))
-        prefilling = next((r for r in self.running if r.prefilled < len(r.prompt)), None)
-        if prefilling is not None:
-            if not self._prefill_chunk(prefilling):
-                finished.append(self._finish(prefilling))
-        decoding = [r for r in self.running if r.next_token is not None]
-        if decoding:
-            for run, token in zip(decoding, self._decode(decoding)):
-                run.next_token = token if run.out.commit(token) else None
-                if run.next_token is None:
-                    finished.append(self._finish(run))
-        finished += [self._finish(r) for r in list(self.running)
-                     if r.prefilled == len(r.prompt) and r.next_token is None and r.prefill_done is None]
+        """Slots set up and given back, then the next forwards in flight; returns what finished."""
+        finished = [self._end(r, "cancelled") for r in self.running
+                    if r.job.cancelled() and not r.in_flight and r not in self._leaving and r not in self._joining]
+        if self._joining or self._leaving:
+            finished += self._settle()
+        self._put_work()
+        for work in self.wave.advance():
+            finished += self._returned(work)
         return finished
 
-    def _prefill_chunk(self, run: Running) -> bool:
-        """Run the next chunk of the prompt; after the last, the first token. False when it ends there."""
-        start = run.prefilled
-        chunk = run.prompt[start : start + self.prefill_chunk]
-        x = torch.tensor(chunk, dtype=torch.long)
-        run.prefilled += len(chunk)
-        last = run.prefilled == len(run.prompt)
-        if not last or run.sampler.params.greedy:
-            token = self.pipeline.greedy_all(x, start, seq=run.seq)[0][-1]
-        else:
-            token = run.sampler(self.pipeline.run(x, start, seq=run.seq)[0][-1])
-        if not last:
-            return True
+    # -- slots: set up and given back while nothing is in flight (they ask every stage) --------
+
+    def _settle(self) -> list[tuple[Running, Generation]]:
+        finished = []
+        for work in self.wave.drain():
+            finished += self._returned(work)
+        leaving, self._leaving = self._leaving, []
+        for run in leaving:
+            self._store_prefix(run)
+            self._free.append(run.seq)
+        joining, self._joining = self._joining, []
+        for run in joining:
+            if self.prefix_cache is not None:
+                run.reused = run.prefilled = self.prefix_cache.restore(run.prompt, run.seq)
+            else:
+                self.pipeline.reset(run.seq)
+            if run.job.cancelled():
+                finished.append(self._end(run, "cancelled"))
+            elif run.sampler.params.max_tokens == 0:
+                finished.append(self._end(run, "length"))
+        return finished
+
+    def _store_prefix(self, run: Running) -> None:
+        if self.prefix_cache is None or run.prefill_done is None:
+            return
+        tokens = run.out.tokens
+        held = min(self.pipeline.length_of(run.seq), len(run.prompt) + len(tokens))
+        self.pipeline.truncate(held, run.seq)
+        self.prefix_cache.store((list(run.prompt) + tokens)[:held], run.seq)
+
+    # -- forwards into the wavefront, and what comes back ----------------------------------------
+
+    def _put_work(self) -> None:
+        if not any(r.in_flight and r.prefill_done is None for r in self.running):
+            run = next((r for r in self.running if r.prefilled < len(r.prompt) and r not in self._leaving
+                        and not r.job.cancelled()), None)
+            if run is not None:
+                start = run.prefilled
+                chunk = run.prompt[start : start + self.prefill_chunk]
+                run.prefilled = start + len(chunk)  # in flight: the next chunk waits for this one
+                last = run.prefilled == len(run.prompt)
+                self._send([run], torch.tensor(chunk, dtype=torch.long), base_pos=start,
+                           argmax=not last or run.sampler.params.greedy)
+        for group in self.groups:
+            rows = [r for r in group if r.next_token is not None]
+            if rows and not any(r.in_flight for r in group):
+                self._send(rows, torch.tensor([r.next_token for r in rows], dtype=torch.long),
+                           positions=[r.position for r in rows], argmax=all(r.sampler.params.greedy for r in rows))
+
+    def _send(self, rows: list[Running], x: torch.Tensor, **where) -> None:
+        for run in rows:
+            run.in_flight = True
+        self.wave.put(Work(rows, [r.seq for r in rows], x, **where))
+
+    def _returned(self, work: Work) -> list[tuple[Running, Generation]]:
+        for run in work.rows:
+            run.in_flight = False
+        if work.positions is None:
+            return self._prefilled(work)
+        finished = []
+        for i, run in enumerate(work.rows):
+            if run.job.cancelled():
+                finished.append(self._end(run, "cancelled"))
+                continue
+            token = self._token(run, work.output, i, work.argmax)
+            if run.out.commit(token):
+                run.next_token = token
+            else:
+                finished.append(self._end(run, run.out.finish))
+        return finished
+
+    def _prefilled(self, work: Work) -> list[tuple[Running, Generation]]:
+        (run,) = work.rows
+        if run.job.cancelled():
+            return [self._end(run, "cancelled")]
+        if run.prefilled < len(run.prompt):
+            return []
         run.prefill_done = time.perf_counter()
-        going = run.out.commit(token)
-        run.next_token = token if going else None
-        return going
+        token = self._token(run, work.output, -1, work.argmax)
+        if not run.out.commit(token):
+            return [self._end(run, run.out.finish)]
+        run.next_token = token
+        min(self.groups, key=len).append(run)
+        return []
 
-    def _decode(self, rows: list[Running]) -> list[int]:
-        tokens, seqs, positions = [r.next_token for r in rows], [r.seq for r in rows], [r.position for r in rows]
-        if all(r.sampler.params.greedy for r in rows):
-            return self.pipeline.decode_batch(tokens, seqs, positions, argmax=True)
-        logits = self.pipeline.decode_batch(tokens, seqs, positions)
-        return [int(logits[i].argmax()) if r.sampler.params.greedy else r.sampler(logits[i])
-                for i, r in enumerate(rows)]
+    @staticmethod
+    def _token(run: Running, output, row: int, argmax: bool) -> int:
+        if argmax:
+            return output[row]
+        logits = output[row]
+        return int(logits.argmax()) if run.sampler.params.greedy else run.sampler(logits)
 
-    def _finish(self, run: Running) -> tuple[Running, Generation]:
+    def _end(self, run: Running, reason: str) -> tuple[Running, Generation]:
+        """Finish a sequence now; its slot is given back (after its prefix is kept) at the next settle."""
+        run.out.finish = reason
+        for group in self.groups:
+            if run in group:
+                group.remove(run)
         self.running.remove(run)
-        self._free.append(run.seq)
+        if run in self._joining:
+            self._joining.remove(run)
+            self._free.append(run.seq)
+        else:
+            self._leaving.append(run)
         text = run.out.close()
         now = time.perf_counter()
         prefill_end = run.prefill_done or now
-        tokens = run.out.tokens
-        if self.prefix_cache is not None and run.prefill_done is not None:
-            held = min(self.pipeline.length_of(run.seq), len(run.prompt) + len(tokens))
-            self.pipeline.truncate(held, run.seq)
-            self.prefix_cache.store((list(run.prompt) + tokens)[:held], run.seq)
-        return run, Generation(list(run.prompt), list(tokens), text, run.out.finish, prefill_end - run.started,
+        return run, Generation(list(run.prompt), list(run.out.tokens), text, reason, prefill_end - run.started,
                                now - prefill_end, prefilled_tokens=len(run.prompt) - run.reused,
                                reused_tokens=run.reused)

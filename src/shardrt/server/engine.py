@@ -301,10 +301,6 @@ class Engine:
                 scheduler.admit(job)
             except ConfigError as exc:
                 job.fail(ApiError(str(exc), str(exc).split(":")[0]))
-            except (StageDied, IpcError) as exc:
-                job.fail(self._stage_error(exc))
-                self._batch_failed(exc)
-                return
         if not scheduler.running:
             dead = self._dead_stage()
             if dead is not None:
