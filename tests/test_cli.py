@@ -62,6 +62,7 @@ def test_sampling_with_a_seed_repeats(demo_model):
     (("--top-p", "0"), "top_p"),
     (("--model", "/nonexistent/x.gguf"), "/nonexistent/x.gguf"),
     (("--max-ctx", "0"), "--max-ctx: 0"),
+    (("--max-seqs", "2000"), "--max-seqs: 2000 is not a number of sequences in 1..1024"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, needle, demo_model):
     base = ("launch", "-p", "hi", "-n", "2")

@@ -66,6 +66,8 @@ def test_design_example_loads(tmp_path):
 @pytest.mark.parametrize("text,field,value", [
     ("", "max_ctx", 4096),  # an empty file is all defaults
     ("max_ctx: 16\n", "max_ctx", 16),
+    ("max_seqs: 4\n", "max_seqs", 4),
+    ("", "max_seqs", None),  # the command's default: 1, or 8 under serve
     ("model: m.gguf\n", "model", "RELATIVE"),  # relative to the file, not the working directory
     ("backends:\n  rocm: {python: /opt/r/bin/python}\n", "pythons", {"hip": "/opt/r/bin/python"}),
     ("backends:\n  cuda:\n", "pythons", {}),
@@ -113,6 +115,9 @@ def test_good_yaml_values(tmp_path, text, field, value):
     ("max_ctx: 0\n", ["max_ctx:", "0"]),
     ("max_ctx: 4096.5\n", ["max_ctx:", "4096.5"]),
     ("max_ctx: true\n", ["max_ctx:", "True"]),
+    ("max_seqs: 0\n", ["max_seqs:", "0", "1..1024"]),
+    ("max_seqs: 1025\n", ["max_seqs:", "1025"]),
+    ("max_seqs: true\n", ["max_seqs:", "True"]),
     ("model: 12\n", ["model:", "12"]),
     ("ipc:\n  shared_bytes: -1\n", ["ipc.shared_bytes:", "-1"]),
     ("ipc:\n  shared_bytes: ''\n", ["ipc.shared_bytes:", "''"]),

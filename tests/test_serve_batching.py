@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
 
-from tests.test_server import READY_S, Served, daemon_pid, free_port, serve_args, wait_for, wait_recovered
+from tests.test_server import daemon_pid, serving, wait_for, wait_recovered
 
 SEQS = 16
 TOKENS = 12
@@ -22,32 +21,9 @@ TOKENS = 12
 
 @pytest.fixture(scope="module")
 def server(demo_model, tmp_path_factory):
-    port = free_port()
-    err = tmp_path_factory.mktemp("serve-batch") / "stderr.txt"
-    with open(err, "wb") as sink:
-        proc = subprocess.Popen(serve_args(demo_model, port, "--max-seqs", str(SEQS), "--max-queue", str(SEQS)),
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=sink)
-    served = Served(proc, port, err, demo_model.name.removesuffix(".gguf"))
-
-    def ready():
-        if proc.poll() is not None:
-            raise AssertionError(f"shardrt serve exited with {proc.returncode}: {served.stderr()}")
-        try:
-            return served.health()[0] == 200
-        except OSError:
-            return False
-
-    try:
-        wait_for(ready, READY_S, "/health 200", step=0.2)
+    with serving(demo_model, tmp_path_factory.mktemp("serve-batch") / "stderr.txt", "--max-seqs", str(SEQS),
+                 "--max-queue", str(SEQS)) as served:
         yield served
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
 
 
 def complete(server, prompt: str, max_tokens: int = TOKENS, **kw) -> str:

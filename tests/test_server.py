@@ -6,6 +6,7 @@ daemon killed mid-request, the loopback guard, and a clean SIGTERM.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -88,17 +89,14 @@ def serve_args(model, port: int, *extra: str) -> list[str]:
             "--max-ctx", "512", "--port", str(port), *extra]
 
 
-@pytest.fixture(scope="module")
-def server(demo_model, tmp_path_factory):
+@contextlib.contextmanager
+def serving(model, err: Path, *flags: str):
+    """A `shardrt serve` of `model` on cpu:0,cpu:1 with `flags`, ready (/health 200); SIGTERM at the end."""
     port = free_port()
-    err = tmp_path_factory.mktemp("serve") / "stderr.txt"
     with open(err, "wb") as sink:
-        # one request at a time: the queue tests need requests that wait (tests/test_serve_batching.py
-        # serves several at once)
-        proc = subprocess.Popen(serve_args(demo_model, port, "--max-queue", str(MAX_QUEUE), "--max-seqs", "1"),
-                                stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=sink)
-    served = Served(proc, port, err, demo_model.name.removesuffix(".gguf"))
+        proc = subprocess.Popen(serve_args(model, port, *flags), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=sink)
+    served = Served(proc, port, err, model.name.removesuffix(".gguf"))
 
     def ready():
         if proc.poll() is not None:
@@ -119,6 +117,15 @@ def server(demo_model, tmp_path_factory):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def server(demo_model, tmp_path_factory):
+    # one request at a time: the queue tests need requests that wait (tests/test_serve_batching.py
+    # serves several at once)
+    with serving(demo_model, tmp_path_factory.mktemp("serve") / "stderr.txt", "--max-queue", str(MAX_QUEUE),
+                 "--max-seqs", "1") as served:
+        yield served
 
 
 def chat(server, content: str, max_tokens: int = 16, **kw):
@@ -492,6 +499,8 @@ def test_speculative_decoding_and_all_daemons_behind_the_server(server, demo_mod
     (("--port", "0"), "--port: 0"),
     (("--max-queue", "0"), "--max-queue: 0"),
     (("--host", "no-such-host.invalid"), "--host: cannot resolve"),
+    (("--max-seqs", "0"), "--max-seqs: 0"),
+    (("--max-seqs", "4", "--draft", "ngram"), "--max-seqs: 4 sequences decode together without a drafter"),
 ])
 def test_bad_serve_flags_exit_2(demo_model, args, needle):
     run = subprocess.run([sys.executable, "-m", "shardrt.cli", "serve", "--model", str(demo_model), "--port",
