@@ -136,3 +136,54 @@ def test_batched_decode_through_daemons_equals_each_alone(demo_model, solo):
         assert remote.ping()["pid"] == remote.daemon.pid
         assert pipeline.length_of(2) == len(prompts[0]) + STEPS
     assert torch.get_num_threads() == threads  # this process's own setting is given back
+
+
+def test_scheduler_lets_requests_join_leave_and_be_cancelled(demo_model, demo_tokenizer):
+    """The serve scheduler on one in-process stage: what each request gets equals generate() alone
+    (seeded sampling included), two cancelled at once both leave in the same step, and their
+    slots take the next requests."""
+    from shardrt.generate import generate
+    from shardrt.sampling import SamplingParams
+    from shardrt.server.batch import BatchScheduler
+    from shardrt.server.engine import Job
+
+    def params(**kw):
+        return SamplingParams(max_tokens=8, ignore_eos=True, **kw)
+
+    prompts = [demo_tokenizer.encode(p) for p in PROMPTS]
+    kinds = [params(), params(temperature=0.8, top_k=40, seed=3), params(), params(stop=("\n",))]
+    alone = Pipeline([Stage(demo_model, 0, 30, "cpu", max_ctx=MAX_CTX)])
+    want = [generate(alone, demo_tokenizer, ids, p).tokens for ids, p in zip(prompts, kinds)]
+
+    scheduler = BatchScheduler(Pipeline([Stage(demo_model, 0, 30, "cpu", max_ctx=MAX_CTX, max_seqs=3)]),
+                               demo_tokenizer, prefill_chunk=3)
+    jobs = [Job(None, ids, p) for ids, p in zip(prompts[:3], kinds[:3])]
+    for job in jobs:
+        scheduler.admit(job)
+    assert scheduler.free_slots == 0
+    done = {}
+
+    def step():
+        for run, result in scheduler.step():
+            done[id(run.job)] = result
+
+    for _ in range(200):
+        step()
+        if all(scheduler.running and len(r.out.tokens) >= 2 for r in scheduler.running):
+            break
+    assert len(scheduler.running) == 3 and not done
+    jobs[0].cancel()
+    jobs[2].cancel()
+    step()
+    assert {done[id(jobs[0])].finish_reason, done[id(jobs[2])].finish_reason} == {"cancelled"}
+    assert scheduler.free_slots == 2  # given back within the same step (nothing was in flight)
+    late = Job(None, prompts[3], kinds[3])
+    scheduler.admit(late)  # a slot given back: the next step sets it up
+    for _ in range(200):
+        if not scheduler.running:
+            break
+        step()
+    assert done[id(jobs[1])].tokens == want[1] and done[id(jobs[1])].finish_reason == "length"
+    assert done[id(late)].tokens == want[3]
+    step()
+    assert scheduler.free_slots == 3

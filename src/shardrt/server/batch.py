@@ -89,8 +89,8 @@ class BatchScheduler:
 
     def step(self) -> list[tuple[Running, Generation]]:
         """Slots set up and given back, then the next forwards in flight; returns what finished."""
-        finished = [self._end(r, "cancelled") for r in self.running
-                    if r.job.cancelled() and not r.in_flight and r not in self._leaving and r not in self._joining]
+        gone = [r for r in self.running if r.job.cancelled() and not r.in_flight and r not in self._joining]
+        finished = [self._end(r, "cancelled") for r in gone]
         if self._joining or self._leaving:
             finished += self._settle()
         self._put_work()
@@ -197,11 +197,7 @@ class BatchScheduler:
             if run in group:
                 group.remove(run)
         self.running.remove(run)
-        if run in self._joining:
-            self._joining.remove(run)
-            self._free.append(run.seq)
-        else:
-            self._leaving.append(run)
+        self._leaving.append(run)
         text = run.out.close()
         now = time.perf_counter()
         prefill_end = run.prefill_done or now
