@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError, PlacementError
+from .ipc.protocol import MAX_BATCH
 from .placement import BACKENDS, DeviceSpec, parse_device, parse_devices, parse_layer_split
 
 MIN_SHARED_BYTES = 64 * 1024
@@ -82,7 +83,7 @@ class LaunchConfig:
     weights: str = "dequantized"  # or "quantized": GPU stages keep GGUF blocks of the types with a kernel
     draft: DraftConfig | None = None
     prefix_cache_slots: int = 16
-    max_seqs: int | None = None  # sequence slots in every stage's KV cache; None: 1, or SERVE_MAX_SEQS under serve
+    max_seqs: int | None = None  # sequence slots in each stage's KV cache; None: 1 (serve: cli.SERVE_MAX_SEQS)
 
     @property
     def seqs(self) -> int:
@@ -102,12 +103,10 @@ class LaunchConfig:
         return replace(self, devices=devices)
 
 
-MAX_SEQS = 1024  # the protocol's bound on one batch
-
-
 def _max_seqs(value: Any, where: str) -> int:
-    if type(value) is not int or not 1 <= value <= MAX_SEQS:
-        raise PlacementError(f"{where}: {value!r} is not a number of sequences in 1..{MAX_SEQS}")
+    """1..MAX_BATCH: every running sequence may go in one forward_batch."""
+    if type(value) is not int or not 1 <= value <= MAX_BATCH:
+        raise PlacementError(f"{where}: {value!r} is not a number of sequences in 1..{MAX_BATCH}")
     return value
 
 

@@ -150,10 +150,14 @@ def cpu_threads(config: LaunchConfig, runs: list[list[ShardRow]]) -> int | None:
     through them under serve): the host's cores shared out, rather than each taking them all and
     every one of them waiting on the others. None: torch's default (one sequence at a time, one
     such process, or OMP_NUM_THREADS set by the user)."""
-    holders = sum(1 for run in runs if any(not row.shard.device.is_gpu for row in run))
+    holders = sum(1 for run in runs if _holds_cpu(run))
     if config.seqs <= 1 or holders < 2 or "OMP_NUM_THREADS" in os.environ:
         return None
     return max(1, (os.cpu_count() or 1) // holders)
+
+
+def _holds_cpu(run: list[ShardRow]) -> bool:
+    return any(not row.shard.device.is_gpu for row in run)
 
 
 def _runs(rows: list[ShardRow]) -> list[list[ShardRow]]:
@@ -214,8 +218,7 @@ class Cluster:
         # daemons first, so they load their weights while the coordinator loads its own
         daemons = {i: self._start_daemon(run[0].process, run, self.model_path, identity, shared)
                    for i, run in enumerate(runs) if not run[0].process.in_process}
-        if self.threads and any(not row.shard.device.is_gpu for run in runs if run[0].process.in_process
-                                for row in run):
+        if self.threads and any(_holds_cpu(run) for run in runs if run[0].process.in_process):
             import torch
 
             self._torch_threads = torch.get_num_threads()  # given back on close
@@ -291,7 +294,7 @@ class Cluster:
             runtime_dir=self.runtime_dir, index=process.index, shared_bytes=shared, model=str(model.resolve()),
             identity=identity, shards=shards, max_ctx=self.config.max_ctx, dtype=self.config.dtype,
             graphs=self.config.graphs, weights=self.config.weights, max_seqs=max_seqs or self.config.seqs,
-            threads=self.threads if any(not r.shard.device.is_gpu for r in run) else None,
+            threads=self.threads if _holds_cpu(run) else None,
         )
         self.daemons.append(daemon)
         log.info("started %s as pid %d with %s", daemon.label, daemon.pid, process.child_env() or "no pinning")

@@ -60,7 +60,7 @@ class RemoteStage:
     def run(self, x: torch.Tensor, base_pos: int, *, all_logits: bool = False, capture: tuple[int, ...] = (),
             stop_after: int | None = None, seq: int = 0) -> tuple[torch.Tensor, list[Captured]]:
         want = "logits" if self.has_head and stop_after is None else "activation"
-        reply, frames = self._forward(x, base_pos, want, all_logits, capture, stop_after, seq)
+        reply, frames = self._start_forward(x, base_pos, want, all_logits, capture, stop_after, seq)()
         return self._tensor(reply.get("output"), reply, frames, "forward.output"), self._captures(reply, frames)
 
     def forward(self, x: torch.Tensor, base_pos: int, all_logits: bool = False) -> torch.Tensor:
@@ -69,7 +69,7 @@ class RemoteStage:
     def run_argmax(self, x: torch.Tensor, base_pos: int, *, all_logits: bool = False,
                    capture: tuple[int, ...] = (), seq: int = 0) -> tuple[list[int], list[Captured]]:
         """Greedy tokens from the head (the last, or every position) instead of the logits."""
-        reply, frames = self._forward(x, base_pos, "argmax", all_logits, capture, None, seq)
+        reply, frames = self._start_forward(x, base_pos, "argmax", all_logits, capture, None, seq)()
         return self._tokens(reply), self._captures(reply, frames)
 
     def run_batch(self, x: torch.Tensor, seqs: list[int], positions: list[int], *,
@@ -82,9 +82,9 @@ class RemoteStage:
                     tokens: bool = False) -> Callable[[], torch.Tensor | list[int]]:
         """Send a `run_batch`; the returned function waits for its result. One request at a time:
         finish it before anything else is asked of this stage."""
-        want = "argmax" if tokens else "logits" if self.has_head else "activation"
         sent = self._submit_tensor({"op": "forward_batch", "seqs": list(seqs), "positions": list(positions),
-                                    "want": want}, x)
+                                    "want": self._want(tokens)}, x)
+
         def finish():
             reply, frames = self.collect(sent)
             for seq, pos in zip(seqs, positions):
@@ -101,13 +101,15 @@ class RemoteStage:
                   tokens: bool = False) -> Callable[[], torch.Tensor | list[int]]:
         """Send a `run` (or `run_argmax` with tokens=True) of one sequence; the returned function
         waits for its output."""
-        want = "argmax" if tokens else "logits" if self.has_head else "activation"
-        sent = self._submit_tensor(_in_seq({"op": "forward", "base_pos": base_pos, "want": want}, seq), x)
+        replied = self._start_forward(x, base_pos, self._want(tokens), False, (), None, seq)
+
         def finish():
-            reply, frames = self.collect(sent)
-            self.lengths[seq] = base_pos + int(x.shape[0])
+            reply, frames = replied()
             return self._tokens(reply) if tokens else self._tensor(reply.get("output"), reply, frames, "forward.output")
         return finish
+
+    def _want(self, tokens: bool) -> str:
+        return "argmax" if tokens else "logits" if self.has_head else "activation"
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         reply, frames = self._send_tensor({"op": "project", "want": "logits"}, hidden)
@@ -158,7 +160,8 @@ class RemoteStage:
 
     # -- requests ---------------------------------------------------------------------
 
-    def _forward(self, x, base_pos, want, all_logits, capture, stop_after, seq):
+    def _start_forward(self, x, base_pos, want, all_logits, capture, stop_after, seq) -> Callable[[], tuple]:
+        """Send a forward; the returned function waits for the reply (and then counts the new tokens)."""
         message = _in_seq({"op": "forward", "base_pos": base_pos, "want": want}, seq)
         if all_logits:
             message["all_logits"] = True
@@ -166,10 +169,14 @@ class RemoteStage:
             message["capture"] = list(capture)
         if stop_after is not None:
             message["stop_after"] = stop_after
-        reply = self._send_tensor(message, x)
-        if stop_after is None:
-            self.lengths[seq] = base_pos + int(x.shape[0])
-        return reply
+        sent = self._submit_tensor(message, x)
+
+        def replied() -> tuple[dict, list]:
+            reply = self.collect(sent)
+            if stop_after is None:
+                self.lengths[seq] = base_pos + int(x.shape[0])
+            return reply
+        return replied
 
     def _send_tensor(self, message: dict, x: torch.Tensor) -> tuple[dict, list]:
         return self.collect(self._submit_tensor(message, x))

@@ -213,9 +213,7 @@ class Stage:
         for i, block in enumerate(self.blocks):
             x = block.decode_batch(x, self.rope, self.k_cache[i], self.v_cache[i], seqs, steps)
         for seq, pos in zip(seqs, positions):
-            self.lengths[seq] = pos + 1
-        if 0 in seqs:
-            self._partial_end = 0
+            self._set_length(seq, pos + 1)
         if not self.span.head:
             return x
         logits = self._project(x)
@@ -251,9 +249,7 @@ class Stage:
         if stop_after is not None:
             self._partial_end = base_pos + n
             return hidden[last], captured
-        self.lengths[seq] = base_pos + n
-        if seq == 0:
-            self._partial_end = 0
+        self._set_length(seq, base_pos + n)
         if not self.span.head:
             return (hidden[last].clone() if graphed else hidden[last]), captured
         rows = slice(0, n) if all_logits else slice(n - 1, n)
@@ -336,6 +332,10 @@ class Stage:
         self._check_seq(seq)
         if not 0 <= n <= self.lengths[seq]:
             raise ConfigError(f"kv_truncate: {n} is outside the {self.lengths[seq]} cached tokens")
+        self._set_length(seq, n)
+
+    def _set_length(self, seq: int, n: int) -> None:
+        """A sequence now holds n valid tokens; in sequence 0 that ends any early exit's partial KV."""
         self.lengths[seq] = n
         if seq == 0:
             self._partial_end = 0
@@ -366,9 +366,7 @@ class Stage:
             raise ConfigError(f"kv_restore: slot {slot} holds {n} tokens, more than max_ctx {self.max_ctx}")
         self.k_cache[:, seq, :, :n] = k
         self.v_cache[:, seq, :, :n] = v
-        self.lengths[seq] = n
-        if seq == 0:
-            self._partial_end = 0
+        self._set_length(seq, n)
         return n
 
     def kv_free(self, slot: int) -> None:
@@ -382,8 +380,8 @@ class Stage:
     def stats(self) -> dict:
         """The same numbers a daemon's `stats` reply carries for each of its stages."""
         out = {"forwards": self.forwards, "forward_seconds": self.forward_seconds, "length": self.length,
-               "lengths": list(self.lengths), "cover": [str(self.cover)], "graph_forwards": self.graph_forwards, "weight_bytes": self.weight_bytes,
-               "quantized": self.quantized}
+               "lengths": list(self.lengths), "cover": [str(self.cover)], "graph_forwards": self.graph_forwards,
+               "weight_bytes": self.weight_bytes, "quantized": self.quantized}
         if self.runner is not None:
             out["graphs"] = self.runner.describe()
         if self.device.type == "cuda":

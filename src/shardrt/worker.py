@@ -398,7 +398,8 @@ def serve(spec: DaemonSpec) -> int:
             log.exception("request %s failed", rid)
             reply = error_reply(rid, "internal", f"{type(exc).__name__}: {exc}")
         frames = encode(reply, payloads)
-        if reply.get("ok") and message.get("op") in ("forward", "forward_batch"):  # up to the send: the reader may run first
+        # up to the send: the reader may run first
+        if reply.get("ok") and message.get("op") in ("forward", "forward_batch"):
             elapsed = time.perf_counter() - taken
             server.request_seconds += elapsed
             server.recent_requests.append(round(elapsed * 1e6, 1))
