@@ -176,7 +176,7 @@ def linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None
     if not use_triton(x):
         y = torch.nn.functional.linear(x, dequantize_reference(w).to(x.dtype), bias)
     elif n <= MAX_FUSED_ROWS:
-        y = _fused_linear(x, w, out)
+        y = _matvec(x, w, out) if n == 1 and _matvec_wins(w) else _fused_linear(x, w, out)
         if bias is not None:
             y += bias
         return y
@@ -242,6 +242,56 @@ def _fused_linear(x: torch.Tensor, w: QuantizedWeight, out: torch.Tensor | None)
         num_warps=4,
     )
     return out
+
+
+# One row (plain decode) also has a kernel of its own, `_matvec`: it walks each weight row in
+# units of the block layout and sums elementwise, without the 16-row tile of tensor-core dots.
+# Which of the two is faster depends on the type, the shape and the GPU, so the first one-row
+# product of each (type, shape) times both (outside any graph capture) and keeps the faster.
+# (rows per program, units per loop step, warps) per type, from a sweep on an H200.
+MATVEC_CONFIG = {Q.Q4_K: (16, 4, 8), Q.Q5_K: (16, 4, 8), Q.Q6_K: (4, 8, 4), Q.Q8_0: (8, 4, 8),
+                 Q.Q4_0: (16, 8, 8), Q.Q4_1: (16, 8, 8), Q.Q5_0: (16, 8, 8), Q.Q5_1: (16, 8, 8)}
+# elements of a row one unit covers: a block (Q8_0, Q4_0..Q5_1), a quarter super-block (Q4_K,
+# Q5_K: two sub-blocks, low and high nibbles), half a super-block (Q6_K)
+MATVEC_UNIT = {Q.Q8_0: 32, Q.Q4_0: 32, Q.Q4_1: 32, Q.Q5_0: 32, Q.Q5_1: 32, Q.Q4_K: 64, Q.Q5_K: 64, Q.Q6_K: 128}
+_matvec_choice: dict[tuple, bool] = {}
+
+
+def _matvec(x: torch.Tensor, w: QuantizedWeight, out: torch.Tensor | None) -> torch.Tensor:
+    """x [1, cols] @ w.T -> [1, rows]."""
+    if out is None:
+        out = torch.empty((1, w.rows), dtype=x.dtype, device=x.device)
+    block_n, units, warps = MATVEC_CONFIG[w.qtype]
+    _matvec_kernel[(triton.cdiv(w.rows, block_n),)](
+        x, out, *_planes4(w), w.rows, w.cols, QTYPE=int(w.qtype), UNIT=MATVEC_UNIT[w.qtype],
+        BLOCK_N=block_n, UNITS=units, num_warps=warps)
+    return out
+
+
+def _matvec_wins(w: QuantizedWeight) -> bool:
+    """Whether `_matvec` beats `_fused_linear` for one row of this weight's type and shape (timed
+    once per type, shape and device; off a GPU, or while a graph is being captured, before any
+    timing: the matvec)."""
+    key = (w.qtype, w.rows, w.cols, w.device)
+    if key not in _matvec_choice:
+        if w.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+            return True
+        _matvec_choice[key] = _gpu_time(_matvec, w) < _gpu_time(_fused_linear, w)
+    return _matvec_choice[key]
+
+
+def _gpu_time(op, w: QuantizedWeight, reps: int = 20) -> float:
+    x = torch.randn(1, w.cols, device=w.device, dtype=torch.bfloat16)
+    out = torch.empty(1, w.rows, device=w.device, dtype=torch.bfloat16)
+    for _ in range(3):
+        op(x, w, out)  # compiles, then warms
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        op(x, w, out)
+    stop.record()
+    stop.synchronize()
+    return start.elapsed_time(stop)
 
 
 def _launch_dequantize(w: QuantizedWeight, out: torch.Tensor, rows: torch.Tensor | None) -> None:
@@ -341,3 +391,77 @@ if triton is not None:
         w = _dequant_tile(p0, p1, p2, p3, rows, ok, k0, K, QTYPE, BLOCK_N, BLOCK_K)
         tl.store(out_ptr + i.to(tl.int64)[:, None] * stride_out + k0 + tl.arange(0, BLOCK_K)[None, :],
                  w.to(out_ptr.dtype.element_ty), mask=ok[:, None])
+
+    @triton.jit
+    def _matvec_kernel(x_ptr, out_ptr, p0, p1, p2, p3, N, K, QTYPE: tl.constexpr, UNIT: tl.constexpr,
+                       BLOCK_N: tl.constexpr, UNITS: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        r3 = rows.to(tl.int64)[:, None, None]
+        row_ok = (rows < N)[:, None, None]
+        NU = K // UNIT
+        acc = tl.zeros((BLOCK_N, UNITS, UNIT // 2 if QTYPE != 8 else UNIT), tl.float32)
+        for u0 in range(0, NU, UNITS):
+            u = (u0 + tl.arange(0, UNITS))[None, :, None]
+            ok = row_ok & (u < NU)
+            if QTYPE == 8:  # Q8_0
+                l = tl.arange(0, 32)[None, None, :]
+                q = tl.load(p0 + r3 * K + u * 32 + l, mask=ok, other=0).to(tl.float32)
+                d = tl.load(p1 + r3 * NU + u, mask=ok, other=0.0).to(tl.float32)
+                x = tl.load(x_ptr + u * 32 + l, mask=u < NU, other=0.0).to(tl.float32)
+                acc += (d * q) * x
+            elif QTYPE == 2 or QTYPE == 3 or QTYPE == 6 or QTYPE == 7:  # Q4_0, Q4_1, Q5_0, Q5_1
+                l = tl.arange(0, 16)[None, None, :]
+                b = tl.load(p0 + r3 * (K // 2) + u * 16 + l, mask=ok, other=0).to(tl.int32)
+                lo = b & 0xF
+                hi = b >> 4
+                if QTYPE == 6 or QTYPE == 7:
+                    qh = tl.load(p2 + r3 * NU + u, mask=ok, other=0)
+                    lo = lo | (((qh >> l) & 1) << 4)
+                    hi = hi | (((qh >> (l + 16)) & 1) << 4)
+                x_lo = tl.load(x_ptr + u * 32 + l, mask=u < NU, other=0.0).to(tl.float32)
+                x_hi = tl.load(x_ptr + u * 32 + 16 + l, mask=u < NU, other=0.0).to(tl.float32)
+                if QTYPE == 2 or QTYPE == 6:
+                    d = tl.load(p1 + r3 * NU + u, mask=ok, other=0.0).to(tl.float32)
+                    zero = 8 if QTYPE == 2 else 16
+                    acc += d * ((lo - zero).to(tl.float32) * x_lo + (hi - zero).to(tl.float32) * x_hi)
+                else:
+                    d = tl.load(p1 + (r3 * NU + u) * 2, mask=ok, other=0.0).to(tl.float32)
+                    m = tl.load(p1 + (r3 * NU + u) * 2 + 1, mask=ok, other=0.0).to(tl.float32)
+                    acc += d * (lo.to(tl.float32) * x_lo + hi.to(tl.float32) * x_hi) + m * (x_lo + x_hi)
+            elif QTYPE == 12 or QTYPE == 13:  # Q4_K, Q5_K: unit u = quarter super-block, sub-blocks 2u, 2u + 1
+                l = tl.arange(0, 32)[None, None, :]
+                b = tl.load(p0 + r3 * (K // 2) + u * 32 + l, mask=ok, other=0).to(tl.int32)
+                lo = b & 0xF
+                hi = b >> 4
+                if QTYPE == 13:
+                    qh = tl.load(p3 + r3 * (K // 8) + (u // 4) * 32 + l, mask=ok, other=0).to(tl.int32)
+                    shift = 2 * (u % 4)
+                    lo += ((qh >> shift) & 1) << 4
+                    hi += ((qh >> (shift + 1)) & 1) << 4
+                sb = r3 * (K // 256) + u // 4
+                d = tl.load(p1 + sb * 2, mask=ok, other=0.0).to(tl.float32)
+                dmin = tl.load(p1 + sb * 2 + 1, mask=ok, other=0.0).to(tl.float32)
+                at = (r3 * (K // 32) + 2 * u) * 2  # (scale, min) of sub-block 2u; 2u + 1 follows
+                sc_lo = tl.load(p2 + at, mask=ok, other=0).to(tl.float32)
+                mn_lo = tl.load(p2 + at + 1, mask=ok, other=0).to(tl.float32)
+                sc_hi = tl.load(p2 + at + 2, mask=ok, other=0).to(tl.float32)
+                mn_hi = tl.load(p2 + at + 3, mask=ok, other=0).to(tl.float32)
+                x_lo = tl.load(x_ptr + u * 64 + l, mask=u < NU, other=0.0).to(tl.float32)
+                x_hi = tl.load(x_ptr + u * 64 + 32 + l, mask=u < NU, other=0.0).to(tl.float32)
+                acc += d * (sc_lo * lo.to(tl.float32) * x_lo + sc_hi * hi.to(tl.float32) * x_hi)
+                acc -= dmin * (mn_lo * x_lo + mn_hi * x_hi)
+            else:  # Q6_K: unit u = half super-block; ql byte l: low nibble element l, high l + 64
+                l = tl.arange(0, 64)[None, None, :]
+                b = tl.load(p0 + r3 * (K // 2) + u * 64 + l, mask=ok, other=0).to(tl.int32)
+                qh = tl.load(p3 + r3 * (K // 4) + u * 32 + (l % 32), mask=ok, other=0).to(tl.int32)
+                shift = 2 * (l // 32)
+                lo = ((b & 0xF) | (((qh >> shift) & 3) << 4)) - 32
+                hi = ((b >> 4) | (((qh >> (shift + 4)) & 3) << 4)) - 32
+                d = tl.load(p1 + r3 * (K // 256) + u // 2, mask=ok, other=0.0).to(tl.float32)
+                sc_lo = tl.load(p2 + r3 * (K // 16) + u * 8 + l // 16, mask=ok, other=0).to(tl.float32)
+                sc_hi = tl.load(p2 + r3 * (K // 16) + u * 8 + 4 + l // 16, mask=ok, other=0).to(tl.float32)
+                x_lo = tl.load(x_ptr + u * 128 + l, mask=u < NU, other=0.0).to(tl.float32)
+                x_hi = tl.load(x_ptr + u * 128 + 64 + l, mask=u < NU, other=0.0).to(tl.float32)
+                acc += d * (sc_lo * lo.to(tl.float32) * x_lo + sc_hi * hi.to(tl.float32) * x_hi)
+        y = tl.sum(tl.sum(acc, axis=2), axis=1)
+        tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=rows < N)
