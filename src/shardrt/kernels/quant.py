@@ -249,7 +249,7 @@ def _fused_linear(x: torch.Tensor, w: QuantizedWeight, out: torch.Tensor | None)
 # Which of the two is faster depends on the type, the shape and the GPU, so the first one-row
 # product of each (type, shape) times both (outside any graph capture) and keeps the faster.
 # (rows per program, units per loop step, warps) per type, from a sweep on an H200.
-MATVEC_CONFIG = {Q.Q4_K: (16, 4, 8), Q.Q5_K: (16, 4, 8), Q.Q6_K: (4, 8, 4), Q.Q8_0: (8, 4, 8),
+MATVEC_CONFIG = {Q.Q4_K: (16, 4, 8), Q.Q5_K: (16, 4, 8), Q.Q6_K: (4, 8, 4), Q.Q8_0: (32, 4, 8),
                  Q.Q4_0: (16, 8, 8), Q.Q4_1: (16, 8, 8), Q.Q5_0: (16, 8, 8), Q.Q5_1: (16, 8, 8)}
 # elements of a row one unit covers: a block (Q8_0, Q4_0..Q5_1), a quarter super-block (Q4_K,
 # Q5_K: two sub-blocks, low and high nibbles), half a super-block (Q6_K)
@@ -395,73 +395,86 @@ if triton is not None:
     @triton.jit
     def _matvec_kernel(x_ptr, out_ptr, p0, p1, p2, p3, N, K, QTYPE: tl.constexpr, UNIT: tl.constexpr,
                        BLOCK_N: tl.constexpr, UNITS: tl.constexpr):
+        """One program: BLOCK_N rows, UNITS units of each row per step. The quants are multiplied
+        into x and summed per scale group first; scales and mins are applied to those sums (the
+        mins as min times the sum of x over the group), so each weight costs a few operations.
+        Q4_K/Q5_K instead keep a sum per element and scale each product, which measured faster."""
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        r3 = rows.to(tl.int64)[:, None, None]
-        row_ok = (rows < N)[:, None, None]
+        r2 = rows.to(tl.int64)[:, None]
+        r3 = r2[:, :, None]
         NU = K // UNIT
-        acc = tl.zeros((BLOCK_N, UNITS, UNIT // 2 if QTYPE != 8 else UNIT), tl.float32)
+        # the accumulator's last axis: Q6_K's 4 scale groups of 16 per unit half, Q4_K/Q5_K's 32
+        # elements per sub-block, one for the others
+        G: tl.constexpr = 4 if QTYPE == 14 else (32 if QTYPE == 12 or QTYPE == 13 else 1)
+        acc = tl.zeros((BLOCK_N, UNITS, G), tl.float32)
         for u0 in range(0, NU, UNITS):
-            u = (u0 + tl.arange(0, UNITS))[None, :, None]
-            ok = row_ok & (u < NU)
+            u2 = (u0 + tl.arange(0, UNITS))[None, :]
+            u3 = u2[:, :, None]
+            ok2 = (rows < N)[:, None] & (u2 < NU)
+            ok3 = ok2[:, :, None]
             if QTYPE == 8:  # Q8_0
                 l = tl.arange(0, 32)[None, None, :]
-                q = tl.load(p0 + r3 * K + u * 32 + l, mask=ok, other=0).to(tl.float32)
-                d = tl.load(p1 + r3 * NU + u, mask=ok, other=0.0).to(tl.float32)
-                x = tl.load(x_ptr + u * 32 + l, mask=u < NU, other=0.0).to(tl.float32)
-                acc += (d * q) * x
+                q = tl.load(p0 + r3 * K + u3 * 32 + l, mask=ok3, other=0).to(tl.float32)
+                x = tl.load(x_ptr + u3 * 32 + l, mask=u3 < NU, other=0.0).to(tl.float32)
+                d = tl.load(p1 + r2 * NU + u2, mask=ok2, other=0.0).to(tl.float32)
+                acc += (d * tl.sum(q * x, axis=2))[:, :, None]
             elif QTYPE == 2 or QTYPE == 3 or QTYPE == 6 or QTYPE == 7:  # Q4_0, Q4_1, Q5_0, Q5_1
                 l = tl.arange(0, 16)[None, None, :]
-                b = tl.load(p0 + r3 * (K // 2) + u * 16 + l, mask=ok, other=0).to(tl.int32)
+                b = tl.load(p0 + r3 * (K // 2) + u3 * 16 + l, mask=ok3, other=0).to(tl.int32)
                 lo = b & 0xF
                 hi = b >> 4
                 if QTYPE == 6 or QTYPE == 7:
-                    qh = tl.load(p2 + r3 * NU + u, mask=ok, other=0)
+                    qh = tl.load(p2 + r3 * NU + u3, mask=ok3, other=0)
                     lo = lo | (((qh >> l) & 1) << 4)
                     hi = hi | (((qh >> (l + 16)) & 1) << 4)
-                x_lo = tl.load(x_ptr + u * 32 + l, mask=u < NU, other=0.0).to(tl.float32)
-                x_hi = tl.load(x_ptr + u * 32 + 16 + l, mask=u < NU, other=0.0).to(tl.float32)
+                x_lo = tl.load(x_ptr + u3 * 32 + l, mask=u3 < NU, other=0.0).to(tl.float32)
+                x_hi = tl.load(x_ptr + u3 * 32 + 16 + l, mask=u3 < NU, other=0.0).to(tl.float32)
+                qx = tl.sum(lo.to(tl.float32) * x_lo + hi.to(tl.float32) * x_hi, axis=2)
+                sx = tl.sum(x_lo + x_hi, axis=2)
                 if QTYPE == 2 or QTYPE == 6:
-                    d = tl.load(p1 + r3 * NU + u, mask=ok, other=0.0).to(tl.float32)
-                    zero = 8 if QTYPE == 2 else 16
-                    acc += d * ((lo - zero).to(tl.float32) * x_lo + (hi - zero).to(tl.float32) * x_hi)
+                    d = tl.load(p1 + r2 * NU + u2, mask=ok2, other=0.0).to(tl.float32)
+                    acc += (d * (qx - (8 if QTYPE == 2 else 16) * sx))[:, :, None]
                 else:
-                    d = tl.load(p1 + (r3 * NU + u) * 2, mask=ok, other=0.0).to(tl.float32)
-                    m = tl.load(p1 + (r3 * NU + u) * 2 + 1, mask=ok, other=0.0).to(tl.float32)
-                    acc += d * (lo.to(tl.float32) * x_lo + hi.to(tl.float32) * x_hi) + m * (x_lo + x_hi)
-            elif QTYPE == 12 or QTYPE == 13:  # Q4_K, Q5_K: unit u = quarter super-block, sub-blocks 2u, 2u + 1
+                    d = tl.load(p1 + (r2 * NU + u2) * 2, mask=ok2, other=0.0).to(tl.float32)
+                    m = tl.load(p1 + (r2 * NU + u2) * 2 + 1, mask=ok2, other=0.0).to(tl.float32)
+                    acc += (d * qx + m * sx)[:, :, None]
+            elif QTYPE == 12 or QTYPE == 13:  # Q4_K, Q5_K: a unit is sub-blocks 2u (low nibbles), 2u + 1 (high)
                 l = tl.arange(0, 32)[None, None, :]
-                b = tl.load(p0 + r3 * (K // 2) + u * 32 + l, mask=ok, other=0).to(tl.int32)
+                b = tl.load(p0 + r3 * (K // 2) + u3 * 32 + l, mask=ok3, other=0).to(tl.int32)
                 lo = b & 0xF
                 hi = b >> 4
                 if QTYPE == 13:
-                    qh = tl.load(p3 + r3 * (K // 8) + (u // 4) * 32 + l, mask=ok, other=0).to(tl.int32)
-                    shift = 2 * (u % 4)
+                    qh = tl.load(p3 + r3 * (K // 8) + (u3 // 4) * 32 + l, mask=ok3, other=0).to(tl.int32)
+                    shift = 2 * (u3 % 4)
                     lo += ((qh >> shift) & 1) << 4
                     hi += ((qh >> (shift + 1)) & 1) << 4
-                sb = r3 * (K // 256) + u // 4
-                d = tl.load(p1 + sb * 2, mask=ok, other=0.0).to(tl.float32)
-                dmin = tl.load(p1 + sb * 2 + 1, mask=ok, other=0.0).to(tl.float32)
-                at = (r3 * (K // 32) + 2 * u) * 2  # (scale, min) of sub-block 2u; 2u + 1 follows
-                sc_lo = tl.load(p2 + at, mask=ok, other=0).to(tl.float32)
-                mn_lo = tl.load(p2 + at + 1, mask=ok, other=0).to(tl.float32)
-                sc_hi = tl.load(p2 + at + 2, mask=ok, other=0).to(tl.float32)
-                mn_hi = tl.load(p2 + at + 3, mask=ok, other=0).to(tl.float32)
-                x_lo = tl.load(x_ptr + u * 64 + l, mask=u < NU, other=0.0).to(tl.float32)
-                x_hi = tl.load(x_ptr + u * 64 + 32 + l, mask=u < NU, other=0.0).to(tl.float32)
+                x_lo = tl.load(x_ptr + u3 * 64 + l, mask=u3 < NU, other=0.0).to(tl.float32)
+                x_hi = tl.load(x_ptr + u3 * 64 + 32 + l, mask=u3 < NU, other=0.0).to(tl.float32)
+                sb = r3 * (K // 256) + u3 // 4
+                d = tl.load(p1 + sb * 2, mask=ok3, other=0.0).to(tl.float32)
+                dmin = tl.load(p1 + sb * 2 + 1, mask=ok3, other=0.0).to(tl.float32)
+                at = (r3 * (K // 32) + 2 * u3) * 2  # (scale, min) of sub-block 2u; 2u + 1 follows
+                sc_lo = tl.load(p2 + at, mask=ok3, other=0).to(tl.float32)
+                mn_lo = tl.load(p2 + at + 1, mask=ok3, other=0).to(tl.float32)
+                sc_hi = tl.load(p2 + at + 2, mask=ok3, other=0).to(tl.float32)
+                mn_hi = tl.load(p2 + at + 3, mask=ok3, other=0).to(tl.float32)
                 acc += d * (sc_lo * lo.to(tl.float32) * x_lo + sc_hi * hi.to(tl.float32) * x_hi)
                 acc -= dmin * (mn_lo * x_lo + mn_hi * x_hi)
-            else:  # Q6_K: unit u = half super-block; ql byte l: low nibble element l, high l + 64
+            else:  # Q6_K: a unit is half a super-block; ql byte l: low nibble element l, high l + 64
                 l = tl.arange(0, 64)[None, None, :]
-                b = tl.load(p0 + r3 * (K // 2) + u * 64 + l, mask=ok, other=0).to(tl.int32)
-                qh = tl.load(p3 + r3 * (K // 4) + u * 32 + (l % 32), mask=ok, other=0).to(tl.int32)
+                b = tl.load(p0 + r3 * (K // 2) + u3 * 64 + l, mask=ok3, other=0).to(tl.int32)
+                qh = tl.load(p3 + r3 * (K // 4) + u3 * 32 + (l % 32), mask=ok3, other=0).to(tl.int32)
                 shift = 2 * (l // 32)
                 lo = ((b & 0xF) | (((qh >> shift) & 3) << 4)) - 32
                 hi = ((b >> 4) | (((qh >> (shift + 4)) & 3) << 4)) - 32
-                d = tl.load(p1 + r3 * (K // 256) + u // 2, mask=ok, other=0.0).to(tl.float32)
-                sc_lo = tl.load(p2 + r3 * (K // 16) + u * 8 + l // 16, mask=ok, other=0).to(tl.float32)
-                sc_hi = tl.load(p2 + r3 * (K // 16) + u * 8 + 4 + l // 16, mask=ok, other=0).to(tl.float32)
-                x_lo = tl.load(x_ptr + u * 128 + l, mask=u < NU, other=0.0).to(tl.float32)
-                x_hi = tl.load(x_ptr + u * 128 + 64 + l, mask=u < NU, other=0.0).to(tl.float32)
-                acc += d * (sc_lo * lo.to(tl.float32) * x_lo + sc_hi * hi.to(tl.float32) * x_hi)
+                x_lo = tl.load(x_ptr + u3 * 128 + l, mask=u3 < NU, other=0.0).to(tl.float32)
+                x_hi = tl.load(x_ptr + u3 * 128 + 64 + l, mask=u3 < NU, other=0.0).to(tl.float32)
+                qx_lo = tl.sum(tl.reshape(lo.to(tl.float32) * x_lo, (BLOCK_N, UNITS, 4, 16)), axis=3)
+                qx_hi = tl.sum(tl.reshape(hi.to(tl.float32) * x_hi, (BLOCK_N, UNITS, 4, 16)), axis=3)
+                g = tl.arange(0, 4)[None, None, :]
+                sc_lo = tl.load(p2 + r3 * (K // 16) + u3 * 8 + g, mask=ok3, other=0).to(tl.float32)
+                sc_hi = tl.load(p2 + r3 * (K // 16) + u3 * 8 + 4 + g, mask=ok3, other=0).to(tl.float32)
+                d = tl.load(p1 + r3 * (K // 256) + u3 // 2, mask=ok3, other=0.0).to(tl.float32)
+                acc += d * (sc_lo * qx_lo + sc_hi * qx_hi)
         y = tl.sum(tl.sum(acc, axis=2), axis=1)
         tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=rows < N)
