@@ -6,14 +6,17 @@ Prints one JSON line: p50 and p99 per size. The shardrt hop is the real path: ac
 the daemon's shared memory, a msgpack `forward` in the mailbox (or over ZeroMQ ipc), the daemon
 reading, validating and writing it back, the reply, and the coordinator reading the result.
 
-    python scripts/bench_ipc.py [--iters 2000] [--spin-us 20000]
+`--transport tcp` adds the bare round trip over TCP on loopback with CurveZMQ (encryption and the
+ZAP check of `shardrt.ipc.curve`, the transport for stages on other hosts) beside the bare ipc://
+one, and their ratio.
+
+    python scripts/bench_ipc.py [--iters 2000] [--spin-us 20000] [--transport ipc|tcp]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -21,14 +24,22 @@ import time
 import torch
 import zmq
 
+from shardrt.ipc.curve import ClientKeys, KeyPair, public_key, secure_client
 from shardrt.lifecycle import DaemonProcess, Timeouts, make_runtime_dir, remove_runtime_dir
 from shardrt.remote_stage import RemoteStage
 
 SIZES = {"8KiB": 8 << 10, "64KiB": 64 << 10, "1MiB": 1 << 20}
 ECHO_SERVER = """
 import sys, zmq
-sock = zmq.Context().socket(zmq.ROUTER)
-sock.bind(sys.argv[1])
+context = zmq.Context()
+sock = context.socket(zmq.ROUTER)
+if sys.argv[1] == "tcp+curve":  # the client's public key on stdin; prints its port and public key
+    from shardrt.ipc.curve import CurveServer, public_key
+    curve = CurveServer(context, public_key(sys.stdin.readline().strip(), "client_public"))
+    curve.secure(sock)
+    print(sock.bind_to_random_port("tcp://127.0.0.1"), curve.public.decode(), flush=True)
+else:
+    sock.bind(sys.argv[1])
 while True:
     frames = sock.recv_multipart(copy=False)
     if frames[1].bytes == b"stop":
@@ -77,16 +88,27 @@ def echo_hops(sizes: dict[str, int], iters: int, spin_us: int) -> dict:
     return results
 
 
-def bare_zmq(sizes: dict[str, int], iters: int) -> dict:
+def bare_zmq(sizes: dict[str, int], iters: int, transport: str = "ipc") -> dict:
+    """p50/p99 µs of a ZeroMQ round trip to an echo process: over ipc://, or TCP with CurveZMQ."""
     runtime = make_runtime_dir()
     context = zmq.Context()
-    endpoint = f"ipc://{runtime / 'bare.sock'}"
-    bare = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, endpoint])
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 10_000)
+    if transport == "tcp":
+        client = KeyPair.generate()
+        echo = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, "tcp+curve"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)
+        echo.stdin.write(client.public.decode() + "\n")
+        echo.stdin.flush()
+        port, server_public = echo.stdout.readline().split()
+        secure_client(sock, ClientKeys(client, public_key(server_public, "server_public")))
+        endpoint = f"tcp://127.0.0.1:{port}"
+    else:
+        endpoint = f"ipc://{runtime / 'bare.sock'}"
+        echo = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, endpoint])
     results = {}
     try:
-        sock = context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RCVTIMEO, 10_000)
         sock.connect(endpoint)
         for name, size in sizes.items():
             payload = bytes(size)
@@ -98,10 +120,10 @@ def bare_zmq(sizes: dict[str, int], iters: int) -> dict:
             results[name] = percentiles_us(round_trip, iters)
         sock.send(b"stop")
         sock.recv()
-        sock.close()
     finally:
-        bare.kill()
-        bare.wait(timeout=5)
+        sock.close()
+        echo.kill()
+        echo.wait(timeout=5)
         context.destroy(linger=0)
         remove_runtime_dir(runtime)
     return results
@@ -111,11 +133,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=2000)
     parser.add_argument("--spin-us", type=int, default=20_000, help="how long each side spins on the doorbell")
+    parser.add_argument("--transport", choices=("ipc", "tcp"), default="ipc",
+                        help="tcp: add the bare round trip over TCP + CurveZMQ beside the ipc:// one")
     args = parser.parse_args()
-    print(json.dumps({"bench": "ipc", "transport": "ipc:// + shm", "iters": args.iters, "spin_us": args.spin_us,
-                      "round_trip_us": {"doorbell": echo_hops(SIZES, args.iters, args.spin_us),
-                                        "zmq_only": echo_hops(SIZES, args.iters, 0),
-                                        "bare_zmq": bare_zmq(SIZES, args.iters)}}))
+    trips = {"doorbell": echo_hops(SIZES, args.iters, args.spin_us), "zmq_only": echo_hops(SIZES, args.iters, 0),
+             "bare_zmq": bare_zmq(SIZES, args.iters)}
+    out = {"bench": "ipc", "transport": "ipc:// + shm", "iters": args.iters, "spin_us": args.spin_us}
+    if args.transport == "tcp":
+        trips["tcp_curve"] = bare_zmq(SIZES, args.iters, "tcp")
+        out["transport"] += ", tcp:// + CurveZMQ"
+        out["tcp_curve_over_bare_ipc_p50"] = {name: round(trips["tcp_curve"][name]["p50"] / trips["bare_zmq"][name]["p50"], 2)
+                                              for name in SIZES}
+    print(json.dumps(out | {"round_trip_us": trips}))
 
 
 if __name__ == "__main__":

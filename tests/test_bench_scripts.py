@@ -69,3 +69,12 @@ def test_bench_quant_runs_on_the_cpu_with_a_tiny_shape(tmp_path):
         assert one["decode_tok_s"] > 0 and one["prefill_tok_s"] > 0 and one["weight_gib"] > 0
     assert report["ratios"]["q4_k_m_over_bf16_decode"] > 0
     assert not list(tmp_path.iterdir())
+
+
+def test_bench_ipc_reports_tcp_with_curve_beside_ipc():
+    out = json.loads(run_script("bench_ipc.py", "--iters", "50", "--spin-us", "0", "--transport", "tcp").strip().splitlines()[-1])
+    trips = out["round_trip_us"]
+    assert set(trips) == {"doorbell", "zmq_only", "bare_zmq", "tcp_curve"}
+    for name in ("8KiB", "64KiB", "1MiB"):
+        assert 0 < trips["tcp_curve"][name]["p50"] <= trips["tcp_curve"][name]["p99"]
+        assert out["tcp_curve_over_bare_ipc_p50"][name] == round(trips["tcp_curve"][name]["p50"] / trips["bare_zmq"][name]["p50"], 2)
