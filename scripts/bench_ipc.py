@@ -6,9 +6,9 @@ Prints one JSON line: p50 and p99 per size. The shardrt hop is the real path: ac
 the daemon's shared memory, a msgpack `forward` in the mailbox (or over ZeroMQ ipc), the daemon
 reading, validating and writing it back, the reply, and the coordinator reading the result.
 
-`--transport tcp` adds the bare round trip over TCP on loopback with CurveZMQ (encryption and the
-ZAP check of `shardrt.ipc.curve`, the transport for stages on other hosts) beside the bare ipc://
-one, and their ratio.
+`--transport tcp` adds the same hop through an echo daemon on TCP with CurveZMQ (the transport of
+a daemon on another host: every tensor as a frame, encryption, the ZAP check), and a bare round
+trip over TCP + Curve beside the bare ipc:// one, with the ratios.
 
     python scripts/bench_ipc.py [--iters 2000] [--spin-us 20000] [--transport ipc|tcp]
 """
@@ -61,8 +61,9 @@ def percentiles_us(fn, iters: int) -> dict:
     return {"p50": round(samples[len(samples) // 2] * 1e6, 1), "p99": round(samples[int(len(samples) * 0.99)] * 1e6, 1)}
 
 
-def echo_hops(sizes: dict[str, int], iters: int, spin_us: int) -> dict:
-    """p50/p99 µs of a forward hop through an echo daemon, per size, both sides spinning `spin_us`."""
+def echo_hops(sizes: dict[str, int], iters: int, spin_us: int, transport: str = "ipc") -> dict:
+    """p50/p99 µs of a forward hop through an echo daemon, per size, both sides spinning `spin_us`
+    (transport "tcp": the daemon on TCP with CurveZMQ, every tensor as a frame, no spinning)."""
     runtime = make_runtime_dir()
     context = zmq.Context()
     daemon = stage = None
@@ -71,7 +72,7 @@ def echo_hops(sizes: dict[str, int], iters: int, spin_us: int) -> dict:
         daemon = DaemonProcess(label="echo daemon", backend="cpu", python=None,
                                child_env={"SHARDRT_SPIN_US": str(spin_us)}, runtime_dir=runtime, index=1,
                                shared_bytes=2 * (max(sizes.values()) + 4096) + (1 << 16), model=None,
-                               identity={"file": "echo"}, shards=(), max_ctx=0)
+                               identity={"file": "echo"}, shards=(), max_ctx=0, transport=transport)
         stage = RemoteStage(daemon, context, Timeouts(spin=spin_us / 1e6), {"file": "echo"}, span=None)
         for name, size in sizes.items():
             activation = torch.randn(size // 4).view(-1, 256)  # exactly `size` bytes of float32
@@ -141,9 +142,12 @@ def main() -> None:
     out = {"bench": "ipc", "transport": "ipc:// + shm", "iters": args.iters, "spin_us": args.spin_us}
     if args.transport == "tcp":
         trips["tcp_curve"] = bare_zmq(SIZES, args.iters, "tcp")
+        trips["tcp_curve_daemon"] = echo_hops(SIZES, args.iters, 0, "tcp")
         out["transport"] += ", tcp:// + CurveZMQ"
-        out["tcp_curve_over_bare_ipc_p50"] = {name: round(trips["tcp_curve"][name]["p50"] / trips["bare_zmq"][name]["p50"], 2)
-                                              for name in SIZES}
+        ratio = lambda a, b: {name: round(trips[a][name]["p50"] / trips[b][name]["p50"], 2) for name in SIZES}  # noqa: E731
+        out["tcp_curve_over_bare_ipc_p50"] = ratio("tcp_curve", "bare_zmq")
+        out["tcp_daemon_over_ipc_daemon_p50"] = ratio("tcp_curve_daemon", "zmq_only")  # both asleep on ZeroMQ
+        out["tcp_daemon_over_doorbell_p50"] = ratio("tcp_curve_daemon", "doorbell")
     print(json.dumps(out | {"round_trip_us": trips}))
 
 

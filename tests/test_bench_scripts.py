@@ -74,7 +74,8 @@ def test_bench_quant_runs_on_the_cpu_with_a_tiny_shape(tmp_path):
 def test_bench_ipc_reports_tcp_with_curve_beside_ipc():
     out = json.loads(run_script("bench_ipc.py", "--iters", "50", "--spin-us", "0", "--transport", "tcp").strip().splitlines()[-1])
     trips = out["round_trip_us"]
-    assert set(trips) == {"doorbell", "zmq_only", "bare_zmq", "tcp_curve"}
+    assert set(trips) == {"doorbell", "zmq_only", "bare_zmq", "tcp_curve", "tcp_curve_daemon"}
     for name in ("8KiB", "64KiB", "1MiB"):
         assert 0 < trips["tcp_curve"][name]["p50"] <= trips["tcp_curve"][name]["p99"]
+        assert 0 < trips["tcp_curve_daemon"][name]["p50"] <= trips["tcp_curve_daemon"][name]["p99"]
         assert out["tcp_curve_over_bare_ipc_p50"][name] == round(trips["tcp_curve"][name]["p50"] / trips["bare_zmq"][name]["p50"], 2)

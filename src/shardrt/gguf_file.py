@@ -7,6 +7,7 @@ a truncated or corrupt file gets a `ModelFormatError` that names what is wrong.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import mmap
 import os
@@ -108,6 +109,11 @@ class GGUFFile:
     @property
     def architecture(self) -> str:
         return str(self.require("general.architecture"))
+
+    def header_sha256(self) -> str:
+        """SHA-256 of everything before the tensor data: header, metadata and tensor table."""
+        data_start = min((info.offset for info in self.tensors.values()), default=self.file_size)
+        return hashlib.sha256(memoryview(self._map)[:data_start]).hexdigest()
 
     def close(self) -> None:
         if getattr(self, "_map", None) is not None:
@@ -240,3 +246,10 @@ class GGUFFile:
             info = TensorInfo(name, shape, qtype, self.data_offset + rel_offset, n_elements // block_elems * block_bytes)
             self._need(info.offset, info.n_bytes, f"tensor {name!r}")
             self.tensors[name] = info
+
+
+def model_identity(path: Path) -> dict:
+    """What tells two copies of a model file apart, on any host: its size and header digest
+    (with its name, for messages)."""
+    with GGUFFile(path) as gguf:
+        return {"file": Path(path).name, "bytes": gguf.file_size, "header_sha256": gguf.header_sha256()}

@@ -13,6 +13,7 @@ from pathlib import Path
 from .config import LaunchConfig
 from .errors import ConfigError, PlacementError, ShardrtError
 from .gguf_file import GGUFFile
+from .gguf_file import model_identity as gguf_model_identity
 from .gguf_loader import LayerSpan, StageWeights
 from .lifecycle import DaemonProcess, Timeouts, make_runtime_dir, remove_runtime_dir
 from .memory import (CTX_STEP, MIN_AUTO_CTX, DeviceMemory, Need, auto_split, budgets, capacities, refusal,
@@ -70,7 +71,7 @@ def check_same_vocabulary(target: Path, draft: Path) -> None:
 
 
 def model_identity(path: Path, cfg: ModelConfig) -> dict:
-    return {"file": path.name, "bytes": path.stat().st_size, "arch": cfg.arch, "layers": cfg.n_layers}
+    return {**gguf_model_identity(path), "arch": cfg.arch, "layers": cfg.n_layers}
 
 
 def auto_shared_bytes(cfg: ModelConfig) -> int:

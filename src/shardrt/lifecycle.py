@@ -7,16 +7,21 @@ daemons' logs) and every shared-memory segment go when the daemons go.
 
 from __future__ import annotations
 
+import json
 import os
+import select
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, ShardrtError, StageDied
+from .ipc.curve import ClientKeys, KeyPair, public_key, secure_client
+from .ipc.link import TcpLink
 from .ipc.shm import SharedSegment, new_segment_name
 from .worker import DaemonSpec
 
@@ -66,37 +71,82 @@ def make_runtime_dir() -> Path:
 
 
 class DaemonProcess:
-    """One exec'd daemon and the resources the coordinator holds for it."""
+    """One exec'd daemon and the resources the coordinator holds for it.
+
+    transport "ipc" (one box): a shared segment and an ipc:// socket in the runtime directory.
+    transport "tcp": the daemon binds TCP with CurveZMQ on `bind_host` and reports its endpoints
+    and public key on a ready pipe; `ready()` reads them and `secure()` sets a socket's keys."""
 
     def __init__(self, *, label: str, backend: str, python: str | None, child_env: dict[str, str],
                  runtime_dir: Path, index: int, shared_bytes: int, model: str | None, identity: dict,
                  shards: tuple, max_ctx: int, dtype: str = "auto", graphs: bool = True, weights: str = "dequantized",
-                 max_seqs: int = 1, threads: int | None = None):
-        self.label, self.max_seqs = label, max_seqs
+                 max_seqs: int = 1, threads: int | None = None, transport: str = "ipc", bind_host: str = "127.0.0.1"):
+        self.label, self.max_seqs, self.transport = label, max_seqs, transport
         self.child_env = dict(child_env)
-        self.endpoint = f"ipc://{runtime_dir / f'd{index}.sock'}"
         self.log_path = runtime_dir / f"d{index}.log"
-        self.segment = SharedSegment(new_segment_name(f"d{index}"), shared_bytes)
         read_fd, self._death_fd = os.pipe()
-        spec = DaemonSpec(label=label, backend=backend, endpoint=self.endpoint, shm_name=self.segment.name,
-                          model=model, identity=identity, shards=shards, max_ctx=max_ctx, death_fd=read_fd,
-                          dtype=dtype, graphs=graphs, weights=weights, max_seqs=max_seqs,
-                          threads=threads)
+        child_fds = [read_fd]
+        if transport == "tcp":
+            self.endpoint, self.segment, self._client = None, None, KeyPair.generate()
+            self._ready_fd, ready_write = os.pipe()
+            child_fds.append(ready_write)
+            link = dict(transport="tcp", bind_host=bind_host, client_key=self._client.public.decode(),
+                        ready_fd=ready_write, endpoint="", shm_name="")
+        else:
+            self.endpoint = f"ipc://{runtime_dir / f'd{index}.sock'}"
+            self.segment = SharedSegment(new_segment_name(f"d{index}"), shared_bytes)
+            link = dict(endpoint=self.endpoint, shm_name=self.segment.name)
+        spec = DaemonSpec(label=label, backend=backend, model=model, identity=identity, shards=shards, max_ctx=max_ctx,
+                          death_fd=read_fd, dtype=dtype, graphs=graphs, weights=weights, max_seqs=max_seqs,
+                          threads=threads, **link)
         python = self.python = python or sys.executable
         try:
             with open(self.log_path, "wb") as log:
                 # exec, never a bare fork: the coordinator may hold a GPU context
                 self.process = subprocess.Popen(
                     [python, "-m", DAEMON_MODULE, spec.to_json()],
-                    env={**os.environ, **self.child_env}, pass_fds=(read_fd,), stdin=subprocess.DEVNULL,
+                    env={**os.environ, **self.child_env}, pass_fds=child_fds, stdin=subprocess.DEVNULL,
                     stdout=log, stderr=log, start_new_session=True,  # Ctrl-C reaches the coordinator only
                 )
         except OSError as exc:
-            self.segment.unlink()
+            self._release()
             os.close(self._death_fd)
             raise ConfigError(f"backends.{backend}.python: cannot run {python!r}: {exc.strerror}") from None
         finally:
-            os.close(read_fd)
+            for fd in child_fds:
+                os.close(fd)
+
+    def ready(self, timeout: float) -> None:
+        """For a tcp daemon: wait for where it listens (it binds before loading anything)."""
+        if self.segment is not None:
+            return
+        line = b""
+        deadline = time.monotonic() + timeout
+        while not line.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise StageDied(f"{self.label}: did not report its TCP endpoint within {timeout:g}s (pid {self.pid})")
+            if select.select([self._ready_fd], [], [], min(left, 0.1))[0]:
+                chunk = os.read(self._ready_fd, 4096)
+                if not chunk:
+                    raise StageDied(f"{self.label}: daemon exited ({self.exit_reason()})")
+                line += chunk
+        try:
+            where = json.loads(line)
+            endpoints = [where[k] for k in ("endpoint", "beat_endpoint")]
+            if not all(isinstance(e, str) and e.startswith("tcp://") for e in endpoints):
+                raise ValueError(endpoints)
+            keys = ClientKeys(self._client, public_key(where["server_key"], "ready.server_key"))
+        except (ValueError, KeyError, TypeError, ShardrtError) as exc:
+            raise StageDied(f"{self.label}: malformed ready report {line[:200]!r} ({exc})") from None
+        self.endpoint = endpoints[0]
+        self.segment = TcpLink.coordinator_side(endpoints[1], keys)
+        self._keys = keys
+
+    def secure(self, socket) -> None:
+        """Give a socket that talks to this daemon the keys its transport needs (tcp: CurveZMQ)."""
+        if self.transport == "tcp":
+            secure_client(socket, self._keys)
 
     @property
     def pid(self) -> int:
@@ -134,8 +184,15 @@ class DaemonProcess:
                 except subprocess.TimeoutExpired:
                     continue
         finally:
+            self._release()
+
+    def _release(self) -> None:
+        if self.segment is not None:
             self.segment.close()
             self.segment.unlink()
+        if self.transport == "tcp" and self._ready_fd >= 0:
+            os.close(self._ready_fd)
+            self._ready_fd = -1
 
 
 def remove_runtime_dir(path: Path) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import collections
 import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -35,6 +35,8 @@ RECENT = 4096  # forward timings kept for percentiles (the daemon keeps as many)
 class RemoteStage:
     def __init__(self, daemon: DaemonProcess, context: zmq.Context, timeouts: Timeouts, identity: dict,
                  span: LayerSpan | None, cfg=None, max_ctx: int = 0, description: str = "", max_seqs: int = 1):
+        if daemon.transport == "tcp":  # the ZeroMQ I/O thread does the crypto: a spinning waiter would slow it
+            timeouts = replace(timeouts, spin=0.0)
         self.daemon, self.timeouts, self.identity = daemon, timeouts, identity
         self.span, self.cfg, self.max_ctx, self.max_seqs = span, cfg, max_ctx, max_seqs
         self.description = description or daemon.label
@@ -46,7 +48,15 @@ class RemoteStage:
         self.socket = context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.ROUTING_ID, COORDINATOR_ID)
+        try:
+            daemon.ready(timeouts.ready)
+            daemon.secure(self.socket)
+        except BaseException:
+            self.close()
+            raise
         self.socket.connect(daemon.endpoint)
+        if not self.timeouts.spin:  # never spins: flagged asleep for good (see _wait)
+            daemon.segment.set_waiting("coordinator", True)
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             daemon.segment.pin()  # this process drives a GPU: activations go device <-> segment by DMA
         try:
@@ -246,7 +256,7 @@ class RemoteStage:
         if not reply.get("ok"):
             error = reply.get("error") or {}
             code, text = error.get("code", "?"), error.get("message", "no message")
-            if code in ("backend_mismatch", "load_failed"):
+            if code in ("backend_mismatch", "load_failed", "model_differs"):
                 refused = ConfigError(f"{self.description}: {text}")
                 refused.reply = reply  # what the daemon saw: its pinned environment and devices
                 raise refused
@@ -266,12 +276,13 @@ class RemoteStage:
         replied = lambda: segment.counter("reply") == rid  # noqa: E731
         if self.timeouts.spin and spin(replied, self.socket, self.timeouts.spin):
             return self._mailbox_reply()
-        segment.set_waiting("coordinator", True)
+        segment.set_waiting("coordinator", True)  # with no spin it stays set: every reply comes over ZeroMQ
         fence()  # then look at the counter: a reply from now on comes over ZeroMQ or with a nudge
         try:
             return self._sleep(rid, replied, timeout, heartbeat)
         finally:
-            segment.set_waiting("coordinator", False)
+            if self.timeouts.spin:
+                segment.set_waiting("coordinator", False)
 
     def _sleep(self, rid: int, replied, timeout: float, heartbeat: bool) -> tuple[dict, list]:
         start = time.monotonic()

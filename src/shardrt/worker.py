@@ -1,8 +1,14 @@
 """The inside of a target-shard daemon: its spec, its backend check, and the request loop.
 
 A daemon is exec'd by the coordinator (`python -m shardrt.daemons.target_shard SPEC`), binds
-a ZeroMQ ROUTER, checks that its torch build fits its backend, loads its stages, and serves
-the protocol until told to shut down or until its coordinator dies (EOF on the death pipe).
+a ZeroMQ ROUTER, checks that its torch build fits its backend and that its copy of the model is
+the coordinator's, loads its stages, and serves the protocol until told to shut down or until
+its coordinator dies (EOF on the death pipe).
+
+On one box it shares a memory segment with the coordinator and binds an ipc:// socket. With
+`transport: tcp` (a daemon on another host) it binds TCP with CurveZMQ instead, admitting only
+the coordinator's public key, and reports where it listens, with its own public key, as one JSON
+line on its ready pipe.
 """
 
 from __future__ import annotations
@@ -25,8 +31,10 @@ from . import __version__
 from .errors import ConfigError, ShardrtError
 from .gguf_loader import LayerSpan
 from .ipc.codec import decode, encode, ref_tensor, tensor_ref
+from .ipc.curve import CurveServer, public_key
 from .ipc.doorbell import DaemonDoorbell, spin_seconds
 from .ipc.protocol import PROTOCOL_VERSION, ProtocolError, check_request, error_reply
+from .ipc.link import TcpLink
 from .ipc.shm import SharedSegment
 from .placement import parse_device
 
@@ -36,6 +44,7 @@ HEARTBEAT_SECONDS = 0.2
 RECENT_REQUESTS = 4096  # per-forward handling times kept for the `stats` reply
 EXIT_BACKEND_MISMATCH = 3
 PINNED_ENV_KEYS = ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES")
+DEATH_FD_ENV, READY_FD_ENV = "SHARDRT_DEATH_FD", "SHARDRT_READY_FD"
 
 
 @dataclass(frozen=True)
@@ -56,12 +65,17 @@ class DaemonSpec:
     identity: dict
     shards: tuple[ShardSpec, ...]
     max_ctx: int
-    death_fd: int
+    death_fd: int  # -1: in SHARDRT_DEATH_FD (a daemon started by a cluster actor, which makes the pipes)
     dtype: str = "auto"
     graphs: bool = True
     weights: str = "dequantized"
     max_seqs: int = 1
     threads: int | None = None  # torch's CPU threads (launch.cpu_threads); None: its default
+    transport: str = "ipc"  # or "tcp": endpoint, shm_name unused; bind_host, client_key, ready_fd used
+    bind_host: str = "127.0.0.1"
+    client_key: str = ""  # the coordinator's CurveZMQ public key (Z85)
+    ready_fd: int = -1  # where a tcp daemon writes {"endpoint", "beat_endpoint", "server_key"}; -1: SHARDRT_READY_FD
+    host: str = ""  # the host it runs on, as the placement names it ("" for the coordinator's)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -326,8 +340,21 @@ def _watch_parent(fd: int, on_gone) -> None:
 def serve(spec: DaemonSpec) -> int:
     import zmq
 
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 1000)
+    curve = None
+    if spec.transport == "tcp":
+        curve = CurveServer(ctx, public_key(spec.client_key, "spec.client_key"))
+        curve.secure(sock)
+        sock.bind(f"tcp://{spec.bind_host}:0")
+        segment, beat_endpoint = TcpLink.daemon_side(ctx, curve, spec.bind_host)
+        _report_ready(_fd(spec.ready_fd, READY_FD_ENV), {"endpoint": sock.getsockopt_string(zmq.LAST_ENDPOINT),
+                                      "beat_endpoint": beat_endpoint, "server_key": curve.public.decode()})
+    else:
+        segment = SharedSegment(spec.shm_name)
+        sock.bind(spec.endpoint)
     socket_path = spec.endpoint.removeprefix("ipc://") if spec.endpoint.startswith("ipc://") else None
-    segment = SharedSegment(spec.shm_name)
 
     def cleanup_and_exit():
         # the coordinator is gone: nobody else will remove what we share with it
@@ -338,7 +365,7 @@ def serve(spec: DaemonSpec) -> int:
                 shutil.rmtree(runtime_dir, ignore_errors=True)
         os._exit(0)
 
-    threading.Thread(target=_watch_parent, args=(spec.death_fd, cleanup_and_exit), daemon=True).start()
+    threading.Thread(target=_watch_parent, args=(_fd(spec.death_fd, DEATH_FD_ENV), cleanup_and_exit), daemon=True).start()
 
     def heartbeat():
         while True:
@@ -347,17 +374,17 @@ def serve(spec: DaemonSpec) -> int:
 
     threading.Thread(target=heartbeat, daemon=True).start()
 
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.LINGER, 1000)
-    sock.bind(spec.endpoint)
-
     refusal: tuple[str, ShardrtError] | None = None
     stages: list = []
     try:
         check_backend(spec)
     except ShardrtError as exc:
         refusal = ("backend_mismatch", exc)
+    if refusal is None:
+        try:
+            check_model(spec)
+        except ShardrtError as exc:
+            refusal = ("model_differs", exc)
     if refusal is None:
         try:
             stages = load_stages(spec)
@@ -407,9 +434,45 @@ def serve(spec: DaemonSpec) -> int:
         if stop:
             break
     sock.close()
-    ctx.term()
     segment.close()
+    if curve is not None:
+        curve.close()
+    ctx.term()
     return EXIT_BACKEND_MISMATCH if refusal is not None else 0
+
+
+def _fd(given: int, env: str) -> int:
+    """A pipe the spec names, or (given -1) the one its starter put in `env`."""
+    if given >= 0:
+        return given
+    raw = os.environ.get(env, "")
+    if not raw.isdigit():
+        raise ConfigError(f"{env}: {raw!r} is not a file descriptor")
+    return int(raw)
+
+
+def _report_ready(fd: int, where: dict) -> None:
+    with os.fdopen(fd, "w") as ready:
+        ready.write(json.dumps(where) + "\n")
+
+
+def check_model(spec: DaemonSpec) -> None:
+    """Refuse to load a local copy of the model that is not the coordinator's file (a daemon on
+    another host maps its own copy): same size, same header, metadata and tensor table."""
+    if spec.model is None:
+        return
+    from .gguf_file import model_identity
+
+    where = f" on host {spec.host}" if spec.host else ""
+    try:
+        ours = model_identity(Path(spec.model))
+    except ShardrtError as exc:
+        raise ConfigError(f"{exc}{where}") from None
+    theirs = spec.identity
+    if any(ours.get(key) != theirs.get(key) for key in ("bytes", "header_sha256")):
+        raise ConfigError(f"model: {spec.model}{where} is not the coordinator's {theirs.get('file')} "
+                          f"({ours['bytes']} bytes, header sha256 {ours['header_sha256'][:12]}... vs {theirs.get('bytes')} "
+                          f"bytes, {str(theirs.get('header_sha256'))[:12]}...); copy the same file there")
 
 
 def load_stages(spec: DaemonSpec) -> list:

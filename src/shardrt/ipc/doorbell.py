@@ -87,6 +87,8 @@ class DaemonDoorbell:
     def __init__(self, segment: SharedSegment, socket, spin_s: float):
         self.segment, self.socket, self.spin_s = segment, socket, spin_s
         self.taken = segment.counter("taken")
+        if not spin_s:  # never spins: flagged asleep for good, so every request comes over ZeroMQ
+            segment.set_waiting("daemon", True)
 
     def _rung(self) -> bool:
         return self.segment.counter("request") != self.taken
@@ -120,7 +122,8 @@ class DaemonDoorbell:
                 if self.socket.poll(self.SLEEP_POLL_MS):
                     return self._receive()
         finally:
-            self.segment.set_waiting("daemon", False)
+            if self.spin_s:
+                self.segment.set_waiting("daemon", False)
 
     def reply(self, peer: bytes | None, request_id: int, frames: list) -> None:
         """Answer the coordinator through the doorbell when the request came that way (peer
