@@ -22,7 +22,12 @@ def _add_placement_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_pos", nargs="?", metavar="MODEL", help="GGUF file (default: the SmolLM2-135M demo model)")
     p.add_argument("--model", "-m", dest="model_opt", metavar="PATH", help="GGUF file (same as MODEL)")
     p.add_argument("--config", "-c", metavar="FILE", help="YAML placement file; flags override it")
-    p.add_argument("--target-gpus", metavar="LIST", help="devices, e.g. cuda:0,hip:0,hip:1 or cpu:0 (default: first GPU, else cpu:0)")
+    p.add_argument("--target-gpus", metavar="LIST",
+                   help="devices as [HOST/]BACKEND:INDEX, e.g. cuda:0,hip:0,hip:1, cpu:0, or cuda:0,nodeb/hip:0 with a "
+                        "device on host nodeb (default: first GPU, else cpu:0)")
+    p.add_argument("--cluster", metavar="ADDRESS",
+                   help="the Ray cluster that starts the daemons of devices on other hosts: ray://HOST:PORT, "
+                        "HOST:PORT or auto (needs pip install 'shardrt[cluster]')")
     p.add_argument("--layer-split", metavar="W,W,...",
                    help="positive weights, one per device, or auto: by each device's free memory (default: even by layers)")
     p.add_argument("--vram-reserve", metavar="BYTES", default=None,
@@ -151,7 +156,9 @@ def cmd_plan(args) -> int:
     from .devices import discover, missing
     from .gguf_file import GGUFFile
     from .launch import plan_placement
+    from .memory import remote_pools
     from .model import ModelConfig
+    from .placement import LOCAL_HOST_WORD
 
     config, model = _resolve(args)
     found = discover(config.pythons)
@@ -159,39 +166,53 @@ def cmd_plan(args) -> int:
         cfg = ModelConfig.from_gguf(gguf)
         placement = plan_placement(config, gguf, cfg, found)
     config, rows = placement.config, placement.rows
-    absent = missing(config.devices, found)
+    absent = [d for d in missing(config.devices, found) if not d.remote]  # discovery sees this machine only
     table = [{
+        "host": r.process.host or LOCAL_HOST_WORD,
         "backend": r.shard.device.backend, "device": str(r.shard.device), "process": r.process.label,
+        "where": r.process.where,
         "local_device": r.process.local_index(r.shard.device) if r.shard.device.is_gpu else None,
         "pinned_env": r.process.child_env(), "layers": str(r.span), "weight_bytes": r.weight_bytes,
         "device_weight_bytes": r.device_bytes, "kv_bytes": r.need.kv, "working_bytes": r.need.scratch + r.need.runtime,
         "need_bytes": r.need.total, "memory_pool": placement.pools[r.shard.device], "cover": r.cover,
-        "python": config.pythons.get(r.process.backend, "this interpreter") if not r.process.in_process else "coordinator",
+        "python": _python_of(config, r.process),
     } for r in rows]
     pools = {name: {"device": str(m.spec), "name": m.name, "free_bytes": m.free, "total_bytes": m.total,
                     "reserve_bytes": m.reserve, "usable_bytes": m.usable} for name, m in placement.memory.items()}
+    unchecked = remote_pools(placement.pools)
     refused = placement.refusal()
     if args.json:
         print(json.dumps({"model": str(model), "layers": cfg.n_layers, "max_ctx": config.max_ctx,
                           "max_seqs": config.seqs,
                           "layer_split": list(config.layer_split) if config.layer_split else None,
-                          "shards": table, "memory": pools, "fits": refused is None,
+                          "shards": table, "memory": pools, "unchecked_memory": unchecked, "fits": refused is None,
                           "missing": [str(d) for d in absent]}))
     else:
-        _print_plan(model, cfg, config, table, pools, absent)
+        _print_plan(model, cfg, config, table, pools, unchecked, absent)
     if refused:
         raise PlacementError(refused)
     return 0
 
 
-def _print_plan(model, cfg, config, table: list[dict], pools: dict, absent: list) -> None:
+def _python_of(config, process) -> str:
+    """The interpreter that runs this process, as `plan` reports it."""
+    if process.in_process:
+        return "coordinator"
+    if process.remote:
+        return config.host(process.host).python(process.backend) or f"the Ray worker's interpreter on {process.host}"
+    return config.pythons.get(process.backend, "this interpreter")
+
+
+def _print_plan(model, cfg, config, table: list[dict], pools: dict, unchecked: dict, absent: list) -> None:
     gib = 1 << 30
     seqs = f" x {config.seqs} sequences" if config.seqs > 1 else ""
     print(f"model {model.name}: {cfg.arch}, {cfg.n_layers} layers, max_ctx {config.max_ctx}{seqs}")
-    headers = ("backend", "device", "process", "pinned env", "layers", "weights", "KV cache", "needs", "span cover")
-    cells = [(t["backend"], t["device"] + (f" (local {t['local_device']})" if t["local_device"] is not None
-                                            and t["process"] != "coordinator" else ""),
-              t["process"], " ".join(f"{k}={v}" for k, v in t["pinned_env"].items()) or "-", t["layers"],
+    headers = ("host", "backend", "device", "process", "pinned env", "layers", "weights", "KV cache", "needs",
+               "span cover")
+    cells = [(t["host"], t["backend"], t["device"] + (f" (local {t['local_device']})" if t["local_device"] is not None
+                                                       and t["process"] != "coordinator" else ""),
+              " ".join(filter(None, (t["process"], t["where"]))),
+              " ".join(f"{k}={v}" for k, v in t["pinned_env"].items()) or "-", t["layers"],
               f"{t['device_weight_bytes'] / (1 << 20):.1f} MiB", f"{t['kv_bytes'] / (1 << 20):.1f} MiB",
               f"{t['need_bytes'] / gib:.2f} GiB", t["cover"]) for t in table]
     widths = [max(len(str(c)) for c in col) for col in zip(headers, *cells)]
@@ -201,6 +222,8 @@ def _print_plan(model, cfg, config, table: list[dict], pools: dict, absent: list
         need = sum(t["need_bytes"] for t in table if t["memory_pool"] == name)
         print(f"memory {name} ({m['name']}): needs {need / gib:.2f} GiB of {m['usable_bytes'] / gib:.2f} GiB usable "
               f"({m['free_bytes'] / gib:.2f} free of {m['total_bytes'] / gib:.2f}, {m['reserve_bytes'] / gib:.2f} reserved)")
+    for name, host in unchecked.items():
+        print(f"memory {name}: not checked here (on host {host})")
     if absent:
         print(f"missing on this machine: {', '.join(str(d) for d in absent)} (the plan stands; launch needs them)")
 

@@ -1,5 +1,9 @@
 """The launch configuration: a YAML placement file and command-line flags, merged (flags win).
 
+Devices on other hosts need a Ray cluster (`--cluster`, YAML `cluster: {ray: ADDRESS}`); the YAML
+`hosts:` section says where each host keeps its copy of the model and which interpreter runs
+each backend's daemons there.
+
 Parsed at the edge into a frozen `LaunchConfig`; unknown keys, wrong types and malformed
 values are refused with the field and the value named.
 """
@@ -7,6 +11,7 @@ values are refused with the field and the value named.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -15,11 +20,12 @@ import yaml
 
 from .errors import ConfigError, PlacementError
 from .ipc.protocol import MAX_BATCH
-from .placement import BACKENDS, DeviceSpec, parse_device, parse_devices, parse_layer_split
+from .placement import BACKENDS, DeviceSpec, parse_device, parse_devices, parse_host, parse_layer_split
 
 MIN_SHARED_BYTES = 64 * 1024
 SHARED_BYTES_ENV = "SHARDRT_IPC_SHARED_BYTES"
-TOP_KEYS = {"model", "max_ctx", "max_seqs", "dtype", "graphs", "weights", "reserve", "backends", "target", "draft", "ipc"}
+TOP_KEYS = {"model", "max_ctx", "max_seqs", "dtype", "graphs", "weights", "reserve", "backends", "target", "draft",
+            "ipc", "cluster", "hosts"}
 WEIGHTS = ("quantized", "dequantized")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 TARGET_KEYS = {"devices", "layer_split", "isolate_gpus", "all_daemons", "allow_cpu_overflow"}
@@ -28,6 +34,10 @@ DRAFT_KEYS = {"kind", "model", "device", "tokens", "capture_layers"}
 DRAFT_KINDS = ("ngram", "model", "capture")
 MAX_DRAFT_TOKENS = 32
 BACKEND_KEYS = {"python"}
+CLUSTER_KEYS = {"ray"}
+HOST_KEYS = {"model", "backends"}
+CLUSTER_FORMS = "ray://HOST:PORT, HOST:PORT or auto"
+_CLUSTER_RE = re.compile(r"^(?:ray://)?(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]):(\d{1,5})$")
 
 
 @dataclass(frozen=True)
@@ -47,6 +57,30 @@ class DraftConfig:
             raise ConfigError("draft.model: the model drafter needs a draft GGUF (--draft-model PATH)")
         if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or not 1 <= self.tokens <= MAX_DRAFT_TOKENS:
             raise ConfigError(f"draft.tokens: {self.tokens!r} is not a whole number in 1..{MAX_DRAFT_TOKENS}")
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    """What one other host runs its daemons with: its copy of the GGUF and its interpreters."""
+
+    name: str
+    model: Path | None = None  # that host's copy of the GGUF; None: the coordinator's path
+    pythons: tuple[tuple[str, str], ...] = ()  # (backend, interpreter) pairs, sorted by backend
+
+    def python(self, backend: str) -> str | None:
+        """The interpreter for this backend's daemons on this host; None: not configured."""
+        return dict(self.pythons).get(backend)
+
+
+def parse_cluster(value: Any, where: str) -> str:
+    """A Ray address: ray://HOST:PORT (Ray Client), HOST:PORT (the cluster's GCS) or auto."""
+    text = value.strip() if isinstance(value, str) else ""
+    if text.lower() == "auto":
+        return "auto"
+    match = _CLUSTER_RE.match(text)
+    if not match or not 1 <= int(match.group(1)) <= 65535:
+        raise ConfigError(f"{where}: {value!r} is not a Ray address ({CLUSTER_FORMS})")
+    return text
 
 
 def parse_capture_layers(value: Any, where: str) -> tuple[int, ...]:
@@ -76,7 +110,9 @@ class LaunchConfig:
     reserve: int | None = None  # bytes left free on each GPU (None: memory.py's defaults)
     isolate_gpus: bool = True
     all_daemons: bool = False
-    pythons: dict[str, str] = field(default_factory=dict)  # backend -> interpreter for its daemons
+    pythons: dict[str, str] = field(default_factory=dict)  # backend -> interpreter for its daemons on this host
+    cluster: str | None = None  # the Ray address (parse_cluster) that devices on other hosts need
+    hosts: tuple[HostConfig, ...] = ()  # per-host settings from YAML `hosts:`, sorted by name
     shared_bytes: int | None = None  # None: auto
     dtype: str = "auto"  # compute dtype; auto: float32 on CPU, bf16 (else fp16) on GPUs
     graphs: bool = True  # GPU stages replay captured graphs for decode and verify steps
@@ -93,6 +129,15 @@ class LaunchConfig:
     def kv_tokens(self) -> int:
         """Tokens every stage's KV cache holds: max_ctx for each of its sequences."""
         return self.max_ctx * self.seqs
+
+    @property
+    def remote_hosts(self) -> tuple[str, ...]:
+        """The other hosts the devices name, in pipeline order."""
+        return tuple(dict.fromkeys(d.host for d in self.devices if d.remote))
+
+    def host(self, name: str) -> HostConfig:
+        """The settings for host `name`: its `hosts:` entry, else the defaults."""
+        return next((h for h in self.hosts if h.name == name), HostConfig(name))
 
     def with_defaults(self) -> "LaunchConfig":
         from .placement import default_device
@@ -194,20 +239,20 @@ def load_yaml(path: str | Path) -> LaunchConfig:
         draft = DraftConfig(
             kind=section["kind"],
             model=(path.parent / Path(draft_model).expanduser()) if draft_model else None,
-            device=parse_device(section["device"], "draft.device") if "device" in section else None,
+            device=_local_device(section["device"], "draft.device") if "device" in section else None,
             tokens=section.get("tokens", DraftConfig.tokens),
             capture_layers=parse_capture_layers(section["capture_layers"], "draft.capture_layers")
             if "capture_layers" in section else (),
         )
 
-    pythons = {}
-    for name, section in backends.items():
-        section = _check_keys(section, BACKEND_KEYS, f"backends.{name}")
-        if "python" in section:
-            if not isinstance(section["python"], str) or not section["python"].strip():
-                raise PlacementError(f"backends.{name}.python: {section['python']!r} is not a path to an interpreter")
-            pythons["hip" if name == "rocm" else name] = section["python"]
-
+    pythons = _pythons(backends, "backends")
+    cluster = None
+    if doc.get("cluster") is not None:
+        section = _check_keys(doc["cluster"], CLUSTER_KEYS, "cluster")
+        if "ray" not in section:
+            raise ConfigError(f"cluster.ray: missing; give the Ray cluster's address ({CLUSTER_FORMS})")
+        cluster = parse_cluster(section["ray"], "cluster.ray")
+    hosts = _hosts(doc.get("hosts"))
     devices = parse_devices(target["devices"], "target.devices") if "devices" in target else ()
     split = target.get("layer_split")
     if split is None or split == "auto":
@@ -234,9 +279,71 @@ def load_yaml(path: str | Path) -> LaunchConfig:
         isolate_gpus=_bool(target.get("isolate_gpus", True), "target.isolate_gpus"),
         all_daemons=_bool(target.get("all_daemons", False), "target.all_daemons"),
         pythons=pythons,
+        cluster=cluster,
+        hosts=hosts,
         shared_bytes=parse_shared_bytes(ipc.get("shared_bytes", "auto"), "ipc.shared_bytes"),
         draft=draft,
     )
+
+
+def _pythons(backends: dict, where: str) -> dict[str, str]:
+    """backend -> interpreter, from a `backends:` section ({BACKEND: {python: PATH}})."""
+    pythons = {}
+    for name, section in backends.items():
+        section = _check_keys(section, BACKEND_KEYS, f"{where}.{name}")
+        if "python" in section:
+            if not isinstance(section["python"], str) or not section["python"].strip():
+                raise PlacementError(f"{where}.{name}.python: {section['python']!r} is not a path to an interpreter")
+            pythons["hip" if name == "rocm" else name] = section["python"]
+    return pythons
+
+
+def _hosts(raw: Any) -> tuple[HostConfig, ...]:
+    """The `hosts:` section: {HOST: {model: PATH, backends: {BACKEND: {python: PATH}}}}. Its paths are
+    on that host, so they are taken as written: absolute, and not expanded here."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict):
+        raise PlacementError(f"hosts: expected a mapping of host names, got {type(raw).__name__} {raw!r}")
+    hosts: dict[str, HostConfig] = {}
+    for key, section in raw.items():
+        name = parse_host(key, "hosts") if isinstance(key, str) else None
+        if name is None:
+            raise PlacementError(f"hosts: {key!r} is not a host name")
+        if name in hosts:
+            raise PlacementError(f"hosts: host {name!r} appears twice")
+        where = f"hosts.{name}"
+        section = _check_keys(section, HOST_KEYS, where)
+        model = section.get("model")
+        if model is not None and (not isinstance(model, str) or not model.strip().startswith("/")):
+            raise PlacementError(f"{where}.model: {model!r} is not an absolute path to a GGUF file on host {name}")
+        backends = _check_keys(section.get("backends"), set(BACKENDS) | {"rocm"}, f"{where}.backends")
+        pythons = _pythons(backends, f"{where}.backends")
+        hosts[name] = HostConfig(name, Path(model.strip()) if model else None, tuple(sorted(pythons.items())))
+    return tuple(hosts[name] for name in sorted(hosts))
+
+
+def check_hosts(config: LaunchConfig, fields: dict[str, str] | None = None) -> None:
+    """Refuse what devices on other hosts cannot have: no Ray cluster to start them on, a `hosts:`
+    entry no device uses, and the `auto` choices, which need every device's free memory.
+    fields: how the user named devices, layer_split and max_ctx (flags or YAML keys)."""
+    name = {"devices": "--target-gpus", "layer_split": "--layer-split", "max_ctx": "--max-ctx", **(fields or {})}
+    remote = [d for d in config.devices if d.remote]
+    if remote and config.cluster is None:
+        d = remote[0]
+        raise PlacementError(f"{name['devices']}: {d} is on host {d.host}; devices on other hosts need "
+                             "--cluster ADDRESS (cluster: {ray: ADDRESS} in YAML)")
+    used = set(config.remote_hosts)
+    for host in config.hosts:
+        if host.name not in used:
+            devices = ", ".join(map(str, config.devices)) or "none"
+            raise PlacementError(f"hosts.{host.name}: no device is on host {host.name} (devices: {devices})")
+    if remote and config.layer_split == "auto":
+        raise PlacementError(f"{name['layer_split']}: auto needs the free memory of every device; {remote[0]} is on "
+                             "another host; give the split by hand")
+    if remote and config.max_ctx_auto:
+        raise PlacementError(f"{name['max_ctx']}: auto needs the free memory of every device; {remote[0]} is on "
+                             "another host; give a number of tokens")
 
 
 def from_args(args) -> LaunchConfig:
@@ -279,6 +386,8 @@ def from_args(args) -> LaunchConfig:
         updates["weights"] = parse_weights(args.weights, "--weights")
     if args.all_daemons:
         updates["all_daemons"] = True
+    if getattr(args, "cluster", None) is not None:
+        updates["cluster"] = parse_cluster(args.cluster, "--cluster")
     updates["draft"] = _draft_from_args(args, config.draft)
     if getattr(args, "max_seqs", None) is not None:
         updates["max_seqs"] = _max_seqs(args.max_seqs, "--max-seqs")
@@ -290,11 +399,23 @@ def from_args(args) -> LaunchConfig:
     if env_bytes is not None:
         updates["shared_bytes"] = parse_shared_bytes(env_bytes, SHARED_BYTES_ENV)
     config = replace(config, **updates)
+    check_hosts(config, {"devices": "--target-gpus" if args.target_gpus is not None else "target.devices",
+                         "layer_split": "--layer-split" if args.layer_split is not None else "target.layer_split",
+                         "max_ctx": "--max-ctx" if args.max_ctx is not None else "max_ctx"})
     if config.model is not None and not config.model.is_file():
         raise ConfigError(f"model: {str(config.model)!r} is not a file")
     if config.draft is not None and config.draft.model is not None and not config.draft.model.is_file():
         raise ConfigError(f"--draft-model: {str(config.draft.model)!r} is not a file")
     return config.with_defaults()
+
+
+def _local_device(text: Any, field: str) -> DeviceSpec:
+    """A device on the coordinator's host: the draft daemon is started there."""
+    device = parse_device(text, field)
+    if device.remote:
+        raise PlacementError(f"{field}: {device} is on host {device.host}; the draft daemon runs on the "
+                             "coordinator's host (drafts on other hosts: not yet)")
+    return device
 
 
 def _draft_from_args(args, draft: DraftConfig | None) -> DraftConfig | None:
@@ -309,7 +430,7 @@ def _draft_from_args(args, draft: DraftConfig | None) -> DraftConfig | None:
         fields["model"] = Path(args.draft_model).expanduser()
         fields.setdefault("kind", "model")
     if getattr(args, "draft_gpu", None) is not None:
-        fields["device"] = parse_device(args.draft_gpu, "--draft-gpu")
+        fields["device"] = _local_device(args.draft_gpu, "--draft-gpu")
     if getattr(args, "draft_tokens", None) is not None:
         fields["tokens"] = args.draft_tokens
     if getattr(args, "capture_layers", None) is not None:

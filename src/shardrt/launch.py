@@ -5,12 +5,13 @@ exit (normal, error, Ctrl-C, SIGTERM) every daemon, socket and segment is gone.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .config import LaunchConfig
+from .config import LaunchConfig, check_hosts
 from .errors import ConfigError, PlacementError, ShardrtError
 from .gguf_file import GGUFFile
 from .gguf_file import model_identity as gguf_model_identity
@@ -25,6 +26,7 @@ from .placement import DeviceSpec, ProcessPlan, Shard, plan_shards
 from .worker import ShardSpec
 
 log = logging.getLogger(__name__)
+_launches = itertools.count(1)
 
 DRAFT_PROCESS = 99  # the draft daemon's index: its socket and log names in the runtime directory
 SHM_TOKENS = 512  # activations of up to this many tokens ride in shared memory; more go as frames
@@ -158,7 +160,8 @@ def cpu_threads(config: LaunchConfig, runs: list[list[ShardRow]]) -> int | None:
 
 
 def _holds_cpu(run: list[ShardRow]) -> bool:
-    return any(not row.shard.device.is_gpu for row in run)
+    """Whether the run's process computes on this box's cores (a daemon on another host has its own)."""
+    return any(not row.shard.device.is_gpu and not row.shard.device.remote for row in run)
 
 
 def _runs(rows: list[ShardRow]) -> list[list[ShardRow]]:
@@ -187,6 +190,8 @@ class Cluster:
         self.threads: int | None = None  # torch CPU threads per process holding CPU stages (cpu_threads)
         self._torch_threads: int | None = None  # this process's own before, while the Cluster changed it
         self.draft_tokens = config.draft.tokens if config.draft is not None else 4
+        self.nodes: dict[str, str] = {}  # other host -> its Ray node id
+        self.launch_id = f"{os.getpid()}-{next(_launches)}"  # names this launch's Ray actors
 
     def __enter__(self) -> "Cluster":
         try:
@@ -204,6 +209,7 @@ class Cluster:
 
         from .devices import discover
 
+        check_hosts(self.config)
         with GGUFFile(self.model_path) as gguf:
             cfg = ModelConfig.from_gguf(gguf)
             placement = plan_placement(self.config, gguf, cfg, discover(self.config.pythons))
@@ -216,6 +222,7 @@ class Cluster:
 
         runs = _runs(self.rows)
         self.threads = cpu_threads(self.config, runs)
+        self.nodes = self._find_hosts()  # before any daemon starts: an unknown host leaves nothing behind
         # daemons first, so they load their weights while the coordinator loads its own
         daemons = {i: self._start_daemon(run[0].process, run, self.model_path, identity, shared)
                    for i, run in enumerate(runs) if not run[0].process.in_process}
@@ -283,12 +290,24 @@ class Cluster:
         stage = self._connect(daemon, identity, row.span, draft_cfg, f"draft layers {row.span}")
         return Pipeline([stage])
 
+    def _find_hosts(self) -> dict[str, str]:
+        """The Ray node of each other host the placement names (joining the cluster first)."""
+        hosts = self.config.remote_hosts
+        if not hosts:
+            return {}
+        from .cluster.ray_cluster import connect, resolve_host
+
+        connect(self.config.cluster)
+        return {host: resolve_host(host) for host in hosts}
+
     def _start_daemon(self, process: ProcessPlan, run: list[ShardRow], model: Path, identity: dict,
                       shared: int, label: str | None = None, max_seqs: int | None = None) -> DaemonProcess:
         if self.runtime_dir is None:
             self.runtime_dir = make_runtime_dir()
         shards = tuple(ShardSpec(str(r.shard.device), process.local_index(r.shard.device), r.shard.start, r.shard.stop)
                        for r in run)
+        if process.remote:
+            return self._start_remote_daemon(process, shards, model, identity, label, max_seqs)
         daemon = DaemonProcess(
             label=label or f"{process.label} ({','.join(str(d) for d in process.devices)})", backend=process.backend,
             python=self.config.pythons.get(process.backend), child_env=process.child_env(),
@@ -299,6 +318,28 @@ class Cluster:
         )
         self.daemons.append(daemon)
         log.info("started %s as pid %d with %s", daemon.label, daemon.pid, process.child_env() or "no pinning")
+        return daemon
+
+    def _start_remote_daemon(self, process: ProcessPlan, shards: tuple, model: Path, identity: dict,
+                             label: str | None, max_seqs: int | None):
+        """A daemon on another host, through a Ray actor pinned to its node; it maps that host's
+        copy of the model (checked against this one before it loads)."""
+        from .cluster.host_actor import actor_name
+        from .cluster.remote_daemon import RayDaemon
+
+        host = self.config.host(process.host)
+        devices = ",".join(str(d) for d in process.devices)
+        daemon = RayDaemon(
+            label=label or f"{process.label} ({devices})", backend=process.backend,
+            python=host.python(process.backend), child_env=process.child_env(), host=process.host,
+            node_id=self.nodes[process.host], name=actor_name(self.launch_id, process.index),
+            model=str(host.model or model.resolve()), identity=identity, shards=shards, max_ctx=self.config.max_ctx,
+            dtype=self.config.dtype, graphs=self.config.graphs, weights=self.config.weights,
+            max_seqs=max_seqs or self.config.seqs,
+        )
+        self.daemons.append(daemon)
+        log.info("started %s on host %s through Ray actor %s", daemon.label, process.host,
+                 actor_name(self.launch_id, process.index))
         return daemon
 
     def _connect(self, daemon: DaemonProcess, identity: dict, span: LayerSpan, cfg: ModelConfig, layers: str):

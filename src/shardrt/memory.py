@@ -8,6 +8,10 @@ weights) and, on a GPU, the runtime's own (context, libraries, graph pools). A d
 (`--vram-reserve`, YAML `reserve`, `SHARDRT_VRAM_RESERVE`; by default 512 MiB per GPU, 2 GiB more
 on a GPU that drives a display, 2 GiB of host memory). An integrated GPU shares host memory, so
 it is planned against that.
+
+A device on another host draws on that host's memory, which this machine cannot see: its pool
+(`nodeb/hip:0`, or `nodeb:host` for its CPU) is not checked here, and the `auto` choices, which
+need every device's free memory, are refused for it.
 """
 
 from __future__ import annotations
@@ -116,17 +120,28 @@ def reserve_for(spec: DeviceSpec, display: bool, override: int | None) -> int:
 
 
 def pool_of(spec: DeviceSpec, integrated: bool) -> str:
-    """Which memory a device draws on: host memory for the CPU and integrated GPUs, its own otherwise."""
+    """Which memory a device draws on: host memory for the CPU and integrated GPUs, its own otherwise;
+    another host's CPU draws on that host's memory (`nodeb:host`)."""
+    if spec.remote and not spec.is_gpu:
+        return f"{spec.host}:host"
     return "host" if not spec.is_gpu or integrated else str(spec)
+
+
+def remote_pools(pool: dict[DeviceSpec, str]) -> dict[str, str]:
+    """The memory pools on other hosts (pool -> host): not known here, so not checked."""
+    return {name: d.host for d, name in pool.items() if d.remote}
 
 
 def budgets(devices: tuple[DeviceSpec, ...], found: list, reserve: int | None) -> dict[str, DeviceMemory]:
     """What each memory pool the named devices draw on offers, from discovery (devices.discover).
-    Devices this machine does not have are left out: their shards are not checked."""
+    Devices this machine does not have, and devices on other hosts, are left out: their shards
+    are not checked."""
     by_spec = {d.spec: d for d in found}
     host = by_spec.get(DeviceSpec("cpu", 0))
     out: dict[str, DeviceMemory] = {}
     for spec in devices:
+        if spec.remote:
+            continue
         info = by_spec.get(DeviceSpec("cpu", 0) if not spec.is_gpu else spec)
         if info is None:
             continue
@@ -142,7 +157,7 @@ def budgets(devices: tuple[DeviceSpec, ...], found: list, reserve: int | None) -
 
 
 def pools(devices: tuple[DeviceSpec, ...], found: list) -> dict[DeviceSpec, str]:
-    integrated = {d.spec: d.integrated for d in found}
+    integrated = {d.spec: d.integrated for d in found}  # discovery is of this machine: never a remote spec
     return {d: pool_of(d, integrated.get(d, False)) for d in devices}
 
 
@@ -197,6 +212,10 @@ def fixed_bytes(gguf: GGUFFile, cfg: ModelConfig, device: DeviceSpec, dtype: str
 def capacities(gguf: GGUFFile, cfg: ModelConfig, devices: tuple[DeviceSpec, ...], memory: dict[str, DeviceMemory],
                pool: dict[DeviceSpec, str], dtype: str, weights: str, kv_tokens: int) -> list[float]:
     """How many layers each device can hold; devices drawing on one pool share it evenly."""
+    remote = next((d for d in devices if d.remote), None)
+    if remote is not None:
+        raise PlacementError(f"--layer-split: auto needs the free memory of every device; {remote} is on another "
+                             "host; give the split by hand")
     sharing = {p: sum(1 for d in devices if pool[d] == p) for p in set(pool.values())}
     out = []
     for i, d in enumerate(devices):

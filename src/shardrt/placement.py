@@ -1,5 +1,8 @@
-"""Placement: which devices hold the target model and how its layers are split among them.
+"""Placement: which devices hold the target model, on which hosts, and how its layers are split
+among them.
 
+A device is `[HOST/]BACKEND:INDEX`: no host means the coordinator's own; a host means a daemon
+started on that node of the Ray cluster (`--cluster`), even when the node is this machine.
 Parsed at the edge (flags, YAML) into frozen values; every malformed entry is refused with
 the field and the value named.
 """
@@ -16,16 +19,24 @@ from .errors import PlacementError
 
 BACKENDS = ("cpu", "cuda", "hip")
 BACKEND_ALIASES = {"rocm": "hip"}
+HOST_PATTERN = r"[a-z0-9](?:[a-z0-9._-]{0,61}[a-z0-9])?"
+LOCAL_HOST_WORD = "local"  # what `shardrt plan` shows for the coordinator's host, so no host may be named so
 _DEVICE_RE = re.compile(r"^([a-z]+):(\d+)$")
+_HOST_RE = re.compile(f"^{HOST_PATTERN}$")
 
 
 @dataclass(frozen=True, order=True)
 class DeviceSpec:
     backend: str
-    index: int
+    index: int  # as that host numbers its devices of this backend
+    host: str = ""  # "": the coordinator's host (last, and a str, so that order=True still compares)
 
     def __str__(self) -> str:
-        return f"{self.backend}:{self.index}"
+        return f"{self.host}/{self.backend}:{self.index}" if self.host else f"{self.backend}:{self.index}"
+
+    @property
+    def remote(self) -> bool:
+        return bool(self.host)
 
     @property
     def is_gpu(self) -> bool:
@@ -40,14 +51,30 @@ class DeviceSpec:
 
 
 def parse_device(text: str, field: str = "--target-gpus") -> DeviceSpec:
+    """`[HOST/]BACKEND:INDEX`, case-insensitive: cuda:0, rocm:1 (= hip:1), nodeb/hip:0."""
     entry = text.strip().lower()
-    match = _DEVICE_RE.match(entry)
-    if not match:
-        raise PlacementError(f"{field}: {text!r} is not BACKEND:INDEX (e.g. cuda:0, hip:1, cpu:0)")
+    host, slash, device = entry.rpartition("/")
+    match = _DEVICE_RE.match(device)
+    if not match or (slash and not host):
+        raise PlacementError(f"{field}: {text!r} is not [HOST/]BACKEND:INDEX (e.g. cuda:0, nodeb/hip:1)")
+    if slash:
+        parse_host(host, f"{field}: {text!r}")
     backend = BACKEND_ALIASES.get(match.group(1), match.group(1))
     if backend not in BACKENDS:
         raise PlacementError(f"{field}: {text!r} names unknown backend {match.group(1)!r}; accepted: cpu, cuda, hip (or rocm)")
-    return DeviceSpec(backend, int(match.group(2)))
+    return DeviceSpec(backend, int(match.group(2)), host)
+
+
+def parse_host(text: str, where: str) -> str:
+    """A host name as devices name it: lowercase letters, digits, '.', '_' and '-', at most 63."""
+    host = text.strip().lower()
+    if host == LOCAL_HOST_WORD:
+        raise PlacementError(f"{where}: host {LOCAL_HOST_WORD!r} is reserved for the coordinator's host; "
+                             "leave the host out for a device there")
+    if not _HOST_RE.match(host):
+        raise PlacementError(f"{where}: {text!r} is not a host name (letters, digits, '.', '_', '-'; at most 63, "
+                             "starting and ending with a letter or digit)")
+    return host
 
 
 def parse_devices(items: str | list, field: str = "--target-gpus") -> tuple[DeviceSpec, ...]:
@@ -127,14 +154,24 @@ class ProcessPlan:
     index: int  # 0: the coordinator itself
     backend: str
     devices: tuple[DeviceSpec, ...]
+    host: str = ""  # "": the coordinator's host; else the node its daemon runs on
 
     @property
     def in_process(self) -> bool:
         return self.index == 0
 
     @property
+    def remote(self) -> bool:
+        return bool(self.host)
+
+    @property
     def label(self) -> str:
         return "coordinator" if self.in_process else f"daemon {self.index}"
+
+    @property
+    def where(self) -> str:
+        """"" on the coordinator's host, "@nodeb" on another."""
+        return f"@{self.host}" if self.host else ""
 
     def child_env(self) -> dict[str, str]:
         """Environment a daemon adds to its parent's: GPU visibility pinned to its own devices."""
@@ -162,24 +199,32 @@ def plan_processes(devices: tuple[DeviceSpec, ...], isolate_gpus: bool = True,
     (cuda:0,hip:0,cuda:1,hip:1) gets one daemon per consecutive run, since a daemon runs its
     stages as one chain.
     all_daemons: the coordinator holds no device; every group above becomes a daemon.
+    Hosts: a process never spans hosts, and a device on another host is never in-process, so
+    a placement that starts on another host leaves the coordinator without a device.
     """
+    coordinator_holds = not all_daemons and not devices[0].remote
     groups: list[list[DeviceSpec]] = []
     if isolate_gpus:
         groups = [[d] for d in devices]
     else:
-        in_process = None if all_daemons else devices[0].backend
+        in_process = devices[0].backend if coordinator_holds else None
         in_process_group: list[DeviceSpec] = []
         for i, d in enumerate(devices):
-            if d.backend == in_process:
+            if d.backend == in_process and not d.remote:
                 in_process_group.append(d)
-            elif groups and groups[-1][-1] == devices[i - 1] and devices[i - 1].backend == d.backend:
+            elif groups and groups[-1][-1] == devices[i - 1] and _same_kind(devices[i - 1], d):
                 groups[-1].append(d)  # continues the previous device's run
             else:
                 groups.append([d])
         if in_process_group:
             groups.insert(0, in_process_group)
-    first = 1 if all_daemons else 0
-    return tuple(ProcessPlan(i + first, g[0].backend, tuple(g)) for i, g in enumerate(groups))
+    first = 0 if coordinator_holds else 1
+    return tuple(ProcessPlan(i + first, g[0].backend, tuple(g), g[0].host) for i, g in enumerate(groups))
+
+
+def _same_kind(a: DeviceSpec, b: DeviceSpec) -> bool:
+    """Whether one daemon can hold both: the same backend on the same host."""
+    return a.backend == b.backend and a.host == b.host
 
 
 def plan_shards(devices: tuple[DeviceSpec, ...], n_layers: int, weights: tuple[float, ...] | None = None,
