@@ -5,11 +5,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from types import SimpleNamespace
 
 import psutil
 import pytest
+import zmq
 
 ray = pytest.importorskip("ray")
 
@@ -46,6 +48,7 @@ while True:
 
 FAILING_CHILD = r"""
 import sys
+import threading
 print("loading /data/m.gguf", flush=True)
 print("ModelFormatError: /data/m.gguf: no such file", file=sys.stderr, flush=True)
 sys.exit(3)
@@ -289,6 +292,14 @@ def test_stages_on_another_host_give_the_tokens_of_one_process(cluster, demo_mod
         assert all(ray.get_actor(name, namespace="shardrt") for name in names)
         pids = [d.pid for d in launched.daemons]
         assert _greedy(launched.pipeline) == want
+        with zmq.Context() as context:  # a peer without the launch's keys: refused at the handshake
+            stranger = context.socket(zmq.DEALER)
+            stranger.linger = 0
+            stranger.connect(launched.daemons[0].endpoint)
+            stranger.send(b"\x81\xa2op\xa4ping")
+            assert not stranger.poll(1500)
+            stranger.close()
+        assert _greedy(launched.pipeline) == want  # and the stage goes on
         launched.pipeline.reset()
         got = launched.pipeline.forward(torch.tensor(PROMPT_IDS), 0, all_logits=True)
         whole = Pipeline([Stage(demo_model, 0, 30, max_ctx=64)]).forward(torch.tensor(PROMPT_IDS), 0, all_logits=True)
@@ -351,3 +362,42 @@ def test_an_unknown_host_is_refused_before_anything_starts(cluster, demo_model):
             pass
     started = {p.pid for p in psutil.Process().children(recursive=True)} - before
     assert not [pid for pid in started if not _gone(pid)]
+
+
+def test_under_serve_a_killed_actor_fails_the_request_then_serving_resumes(cluster, demo_model, tmp_path):
+    import openai
+
+    from tests.test_server import daemon_pid, serving, wait_for, wait_recovered
+
+    flags = ("--target-gpus", "cpu:0,nodeb/cpu:0", "--cluster", cluster.address, "--max-seqs", "2")
+    with serving(demo_model, tmp_path / "stderr.txt", *flags) as server:
+        status, health = server.health()
+        assert [s["process"] for s in health["stages"]] == ["coordinator", "daemon 1 (nodeb/cpu:0)"]
+
+        def complete(prompt: str, n: int):
+            return server.client.completions.create(model=server.model, prompt=prompt, max_tokens=n, temperature=0,
+                                                    extra_body={"ignore_eos": True}).choices[0].text
+
+        before = complete("The capital of France is", 8)
+        pid = daemon_pid(server)
+        actors = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["namespace"] == "shardrt" and a["name"].startswith(f"shardrt-{server.proc.pid}-")]
+        assert len(actors) == 1
+        outcome = []
+        asker = threading.Thread(target=lambda: outcome.append(_try(lambda: complete("A long story:", 400))))
+        asker.start()
+        wait_for(lambda: server.health()[1]["running"] == 1, 30, "the request running")
+        ray.kill(ray.get_actor(actors[0]["name"], namespace="shardrt"))
+        asker.join(60)
+        (failed,) = outcome
+        assert isinstance(failed, openai.APIStatusError) and failed.status_code == 503
+        assert failed.body["code"] == "stage_died" and "nodeb/cpu:0" in failed.body["message"]
+        wait_recovered(server, pid)
+        assert complete("The capital of France is", 8) == before
+
+
+def _try(call):
+    try:
+        return call()
+    except Exception as exc:  # the request's outcome, whatever it is
+        return exc
