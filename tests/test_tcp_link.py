@@ -25,6 +25,7 @@ from shardrt.pipeline import Pipeline
 from shardrt.remote_stage import RemoteStage
 from shardrt.stage import Stage
 from shardrt.worker import ShardSpec
+from tests.test_wire import stop_all
 
 TIMEOUTS = Timeouts(ready=120, request=60, heartbeat=5, stop=5)
 CTX = 64
@@ -52,12 +53,7 @@ def runtime():
     try:
         yield start, context
     finally:
-        for stage in stages:
-            stage.close()
-        for daemon in daemons:
-            daemon.stop(TIMEOUTS)
-        context.destroy(linger=0)
-        remove_runtime_dir(runtime_dir)
+        stop_all(stages, daemons, context, runtime_dir)
         assert all(d.process.poll() is not None for d in daemons)
 
 

@@ -617,13 +617,18 @@ def model(demo_model):
         for daemon in daemons:
             assert daemon.alive(), daemon.exit_reason()
     finally:
-        for stage in stages:
-            stage.close()
-        for daemon in daemons:
-            daemon.stop(TIMEOUTS)
-        context.destroy(linger=0)
-        remove_runtime_dir(runtime_dir)
+        stop_all(stages, daemons, context, runtime_dir)
     assert all(d.process.poll() is not None and not d.segment.path.exists() for d in daemons)
+
+
+def stop_all(stages: list, daemons: list, context, runtime_dir, timeouts: Timeouts = TIMEOUTS) -> None:
+    """Close the stages' sockets, stop the daemons, and remove the context and runtime directory."""
+    for stage in stages:
+        stage.close()
+    for daemon in daemons:
+        daemon.stop(timeouts)
+    context.destroy(linger=0)
+    remove_runtime_dir(runtime_dir)
 
 
 def fresh(model, seed: int):
