@@ -97,7 +97,7 @@ def cluster():
         print(f"\nray test cluster: head {t_head - t0:.2f}s, second node {t_nodes - t_head:.2f}s, "
               f"connect {t_up - t_nodes:.2f}s, total {t_up - t0:.2f}s", file=sys.stderr)
         yield SimpleNamespace(address=test_cluster.address, head_id=test_cluster.head_node.node_id,
-                              nodeb_id=nodeb.node_id)
+                              nodeb_id=nodeb.node_id, nodes=test_cluster)
     finally:
         t_down = time.monotonic()
         ray_cluster.disconnect()
@@ -401,3 +401,24 @@ def _try(call):
         return call()
     except Exception as exc:  # the request's outcome, whatever it is
         return exc
+
+
+def test_a_node_that_dies_fails_the_request_naming_its_host(cluster, demo_model):
+    import torch
+
+    from shardrt.config import LaunchConfig
+    from shardrt.launch import Cluster
+    from shardrt.placement import parse_devices
+
+    nodec = cluster.nodes.add_node(**NODE, labels={ray_cluster.HOST_LABEL: "nodec"})
+    cluster.nodes.wait_for_nodes()
+    config = LaunchConfig(devices=parse_devices("cpu:0,nodec/cpu:0"), cluster=cluster.address, max_ctx=64)
+    with Cluster(config, demo_model) as launched:
+        launched.pipeline.reset()
+        launched.pipeline.forward(torch.tensor(PROMPT_IDS), 0)
+        cluster.nodes.remove_node(nodec, allow_graceful=False)  # the node's raylet and every process on it
+        t0 = time.monotonic()
+        with pytest.raises(StageDied, match=r"stage daemon 1 \(nodec/cpu:0\), layers \[15,30\)\+head: .*nodec"):
+            for pos in range(len(PROMPT_IDS), 64):
+                launched.pipeline.forward(torch.tensor([7]), pos)
+        assert time.monotonic() - t0 < launched.timeouts.heartbeat + 5
