@@ -104,7 +104,7 @@ def test_key_pairs_are_new_each_time_and_never_print_a_secret():
     assert a.secret.decode() not in repr(a) + repr(ClientKeys(a, b.public))
 
 
-@pytest.mark.parametrize("value", ["short", 7, None, "x" * 39 + "~", "x" * 41, b"x" * 39 + b"\n"])
+@pytest.mark.parametrize("value", ["short", 7, None, "x" * 39 + "~", "x" * 41, b"x" * 39 + b"\n", b"x" * 40 + b"\n"])
 def test_public_keys_are_checked_as_they_arrive(value):
     with pytest.raises(IpcError, match="^server_public: is not a 40-character Z85 CurveZMQ key$"):
         public_key(value, "server_public")

@@ -375,8 +375,8 @@ def test_plan_json_rows_carry_the_host(demo_model, tmp_path):
     rows = [(s["host"], s["device"], s["process"], s["where"], s["memory_pool"], s["python"]) for s in out["shards"]]
     assert rows == [
         ("local", "cpu:0", "coordinator", "", "host", "coordinator"),
-        ("nodeb", "nodeb/cpu:0", "daemon 1", "@nodeb", "nodeb:host", "the Ray worker's interpreter on nodeb"),
-        ("nodeb", "nodeb/cpu:1", "daemon 1", "@nodeb", "nodeb:host", "the Ray worker's interpreter on nodeb"),
+        ("nodeb", "nodeb/cpu:0", "daemon 1", "@nodeb", "nodeb:host", f"{sys.executable} on nodeb"),  # the same path there
+        ("nodeb", "nodeb/cpu:1", "daemon 1", "@nodeb", "nodeb:host", f"{sys.executable} on nodeb"),
         ("nodeb", "nodeb/hip:0", "daemon 2", "@nodeb", "nodeb/hip:0", "/opt/rocm/bin/python"),
     ]
     assert list(out["memory"]) == ["host"] and out["fits"] is True and out["missing"] == []

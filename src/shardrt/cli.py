@@ -199,7 +199,7 @@ def _python_of(config, process) -> str:
     if process.in_process:
         return "coordinator"
     if process.remote:
-        return config.host(process.host).python(process.backend) or f"the Ray worker's interpreter on {process.host}"
+        return config.host(process.host).python(process.backend) or f"{sys.executable} on {process.host}"
     return config.pythons.get(process.backend, "this interpreter")
 
 

@@ -363,7 +363,10 @@ class Cluster:
                 pass
             stage.close()
         for daemon in self.daemons:
-            daemon.stop(self.timeouts)
+            try:
+                daemon.stop(self.timeouts)
+            except Exception:  # one daemon that cannot be stopped must not keep the others running
+                log.exception("could not stop %s", daemon.label)
         self.remote, self.daemons = [], []
         if self._context is not None:
             self._context.destroy(linger=0)

@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import zmq
+
 from .errors import ConfigError, ShardrtError, StageDied
 from .ipc.curve import ClientKeys, KeyPair, public_key, secure_client
 from .ipc.link import TcpLink
@@ -84,8 +86,7 @@ class DaemonProcess:
         self.label, self.max_seqs, self.transport = label, max_seqs, transport
         self.child_env = dict(child_env)
         self.log_path = runtime_dir / f"d{index}.log"
-        read_fd, self._death_fd = os.pipe()
-        child_fds = [read_fd]
+        child_fds = []
         if transport == "tcp":
             self.endpoint, self.segment, self._client = None, None, KeyPair.generate()
             self._ready_fd, ready_write = os.pipe()
@@ -96,6 +97,8 @@ class DaemonProcess:
             self.endpoint = f"ipc://{runtime_dir / f'd{index}.sock'}"
             self.segment = SharedSegment(new_segment_name(f"d{index}"), shared_bytes)
             link = dict(endpoint=self.endpoint, shm_name=self.segment.name)
+        read_fd, self._death_fd = os.pipe()  # after the segment: a failure above leaves no pipe open
+        child_fds.append(read_fd)
         spec = DaemonSpec(label=label, backend=backend, model=model, identity=identity, shards=shards, max_ctx=max_ctx,
                           death_fd=read_fd, dtype=dtype, graphs=graphs, weights=weights, max_seqs=max_seqs,
                           threads=threads, **link)
@@ -122,13 +125,19 @@ class DaemonProcess:
             return
         line = b""
         deadline = time.monotonic() + timeout
+        self._ready_poll = select.poll()  # not select(): a busy server's descriptors pass 1024
+        self._ready_poll.register(self._ready_fd, select.POLLIN)
         while not line.endswith(b"\n"):
             left = deadline - time.monotonic()
             if left <= 0:
                 raise StageDied(f"{self.label}: did not report its TCP endpoint within {timeout:g}s (pid {self.pid})")
-            if select.select([self._ready_fd], [], [], min(left, 0.1))[0]:
+            if self._ready_poll.poll(min(left, 0.1) * 1000):
                 chunk = os.read(self._ready_fd, 4096)
-                if not chunk:
+                if not chunk:  # it exited: reap it, so the reason has its status
+                    try:
+                        self.process.wait(timeout=5)
+                    except subprocess.TimeoutExpired:
+                        pass
                     raise StageDied(f"{self.label}: daemon exited ({self.exit_reason()})")
                 line += chunk
         try:
@@ -139,9 +148,11 @@ class DaemonProcess:
             keys = ClientKeys(self._client, public_key(where["server_key"], "ready.server_key"))
         except (ValueError, KeyError, TypeError, ShardrtError) as exc:
             raise StageDied(f"{self.label}: malformed ready report {line[:200]!r} ({exc})") from None
-        self.endpoint = endpoints[0]
-        self.segment = TcpLink.coordinator_side(endpoints[1], keys)
-        self._keys = keys
+        try:
+            self.segment = TcpLink.coordinator_side(endpoints[1], keys)
+        except zmq.ZMQError as exc:
+            raise StageDied(f"{self.label}: cannot reach its heartbeat at {endpoints[1]} ({exc})") from None
+        self.endpoint, self._keys = endpoints[0], keys
 
     def secure(self, socket) -> None:
         """Give a socket that talks to this daemon the keys its transport needs (tcp: CurveZMQ)."""

@@ -347,7 +347,10 @@ def serve(spec: DaemonSpec) -> int:
     if spec.transport == "tcp":
         curve = CurveServer(ctx, public_key(spec.client_key, "spec.client_key"))
         curve.secure(sock)
-        sock.bind(f"tcp://{spec.bind_host}:0")
+        try:
+            sock.bind(f"tcp://{spec.bind_host}:0")
+        except zmq.ZMQError as exc:
+            raise ConfigError(f"bind_host: cannot listen on {spec.bind_host!r}: {exc}") from None
         segment, beat_endpoint = TcpLink.daemon_side(ctx, curve, spec.bind_host)
         _report_ready(_fd(spec.ready_fd, READY_FD_ENV), {"endpoint": sock.getsockopt_string(zmq.LAST_ENDPOINT),
                                       "beat_endpoint": beat_endpoint, "server_key": curve.public.decode()})
@@ -367,12 +370,15 @@ def serve(spec: DaemonSpec) -> int:
 
     threading.Thread(target=_watch_parent, args=(_fd(spec.death_fd, DEATH_FD_ENV), cleanup_and_exit), daemon=True).start()
 
-    def heartbeat():
-        while True:
-            segment.beat()
-            time.sleep(HEARTBEAT_SECONDS)
+    stopping = threading.Event()
 
-    threading.Thread(target=heartbeat, daemon=True).start()
+    def heartbeat():
+        while not stopping.is_set():
+            segment.beat()
+            stopping.wait(HEARTBEAT_SECONDS)
+
+    beating = threading.Thread(target=heartbeat, daemon=True)
+    beating.start()
 
     refusal: tuple[str, ShardrtError] | None = None
     stages: list = []
@@ -396,7 +402,8 @@ def serve(spec: DaemonSpec) -> int:
         segment.pin()  # activations go device <-> segment by DMA
     server = ShardServer(spec, segment, stages)
 
-    doorbell = DaemonDoorbell(segment, sock, spin_seconds())
+    spin_s = 0.0 if spec.transport == "tcp" else spin_seconds()  # over TCP there is no mailbox to spin on
+    doorbell = DaemonDoorbell(segment, sock, spin_s)
     while True:
         body, peer = doorbell.next()
         if not body:
@@ -433,6 +440,8 @@ def serve(spec: DaemonSpec) -> int:
         doorbell.reply(peer, reply["id"], frames)
         if stop:
             break
+    stopping.set()
+    beating.join(timeout=2 * HEARTBEAT_SECONDS + 1)  # its last beat done before the segment goes
     sock.close()
     segment.close()
     if curve is not None:

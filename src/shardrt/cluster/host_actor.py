@@ -39,7 +39,10 @@ ACTOR_START_SECONDS = 60.0  # placing the actor and starting its Ray worker, bey
 
 # Ray sets these in every actor (OMP_NUM_THREADS=1 would run CPU stages on one thread) and a
 # daemon must not inherit them: the coordinator sends the threads and pinning it wants in env_add.
-RAY_INJECTED_NAMES = ("OMP_NUM_THREADS", "PYTHONBREAKPOINT", "SPT_NOENV")
+RAY_INJECTED_NAMES = ("OMP_NUM_THREADS", "PYTHONBREAKPOINT", "SPT_NOENV",
+                      # GPU visibility as Ray set it for an actor that asked for no GPU: the daemon gets
+                      # the pinning the coordinator planned (env_add), never Ray's
+                      "CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES")
 RAY_INJECTED_PREFIXES = ("RAY_",)
 
 

@@ -9,7 +9,10 @@ TCP with CurveZMQ (`ipc.link`, `ipc.curve`). This class has the interface of
 
 from __future__ import annotations
 
+import logging
 import sys
+
+import zmq
 
 from ..errors import ShardrtError, StageDied
 from ..ipc.curve import ClientKeys, KeyPair, public_key, secure_client
@@ -19,6 +22,7 @@ from .host_actor import exit_reason, start_host_actor
 from .ray_cluster import node_address
 
 DAEMON_MODULE = "shardrt.daemons.target_shard"
+log = logging.getLogger(__name__)
 
 
 class RayDaemon:
@@ -41,7 +45,7 @@ class RayDaemon:
         self._ray = ray
         self.actor = start_host_actor(node_id, name)
         self._started = self.actor.start.remote([self.python, "-m", DAEMON_MODULE, spec.to_json()],
-                                                {**self.child_env, "SHARDRT_SPIN_US": "0"}, (), 3600.0)
+                                                self.child_env, (), 3600.0)
 
     def ready(self, timeout: float) -> None:
         """Wait for the daemon to report where it listens (it binds before loading anything)."""
@@ -66,8 +70,11 @@ class RayDaemon:
             keys = ClientKeys(self._client, public_key(where["server_key"], "ready.server_key"))
         except (ValueError, KeyError, TypeError, ShardrtError) as exc:
             raise StageDied(f"{self.label}: malformed ready report from host {self.host} ({exc})") from None
+        try:
+            self.segment = TcpLink.coordinator_side(endpoints[1], keys)
+        except zmq.ZMQError as exc:
+            raise StageDied(f"{self.label}: cannot reach its heartbeat at {endpoints[1]} ({exc})") from None
         self.pid, self.endpoint, self._keys = answer["pid"], endpoints[0], keys
-        self.segment = TcpLink.coordinator_side(endpoints[1], keys)
         self._wait_ref = self.actor.wait.remote()
         self._wait_ref.future().add_done_callback(lambda _: setattr(self, "_gone", True))
 
@@ -97,11 +104,14 @@ class RayDaemon:
         """The actor stops the daemon (death pipe, SIGTERM, SIGKILL), then the actor goes."""
         ray = self._ray
         try:
-            if not self._gone:
-                ray.get(self.actor.stop.remote(timeouts.stop), timeout=3 * timeouts.stop + 5)
-        except ray.exceptions.RayError:
-            pass
-        finally:
-            ray.kill(self.actor, no_restart=True)
             if self.segment is not None:
                 self.segment.close()
+            if not self._gone:
+                ray.get(self.actor.stop.remote(timeouts.stop), timeout=3 * timeouts.stop + 5)
+        except Exception:  # Ray errors, or a lost connection to the cluster: the kill below still runs
+            pass
+        finally:
+            try:
+                ray.kill(self.actor, no_restart=True)
+            except Exception as exc:  # the cluster is unreachable: Ray ends the actor with this driver
+                log.warning("%s: could not kill its Ray actor on host %s: %s", self.label, self.host, exc)

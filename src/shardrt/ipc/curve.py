@@ -18,7 +18,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from ..errors import IpcError
 
 ZAP_DOMAIN = "shardrt"
-_Z85_KEY = re.compile(rb"^[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")
+_Z85_KEY = re.compile(rb"[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}")
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class ClientKeys:
 def public_key(value: object, field: str) -> bytes:
     """A Z85 public key as it arrives from another process, checked."""
     raw = value.encode() if isinstance(value, str) else value
-    if not isinstance(raw, bytes) or not _Z85_KEY.match(raw):
+    if not isinstance(raw, bytes) or not _Z85_KEY.fullmatch(raw):
         raise IpcError(f"{field}: is not a 40-character Z85 CurveZMQ key")
     return raw
 
@@ -78,6 +78,7 @@ class CurveServer:
 
     def secure(self, socket: zmq.Socket) -> zmq.Socket:
         """Make `socket` a Curve server; call before bind."""
+        socket.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)  # no ZAP handler answering: refuse, never admit
         socket.zap_domain = ZAP_DOMAIN.encode()
         socket.curve_secretkey = self.own.secret
         socket.curve_publickey = self.own.public

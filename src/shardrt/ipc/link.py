@@ -46,11 +46,17 @@ class TcpLink:
     def coordinator_side(cls, beat_endpoint: str, keys: ClientKeys) -> "TcpLink":
         """The coordinator's link: a subscriber to the daemon's heartbeat (its own context)."""
         context = zmq.Context()
-        subscriber = secure_client(context.socket(zmq.SUB), keys)
-        subscriber.setsockopt(zmq.LINGER, 0)
-        subscriber.setsockopt(zmq.CONFLATE, 1)  # only the latest beat matters
-        subscriber.setsockopt(zmq.SUBSCRIBE, b"")
-        subscriber.connect(beat_endpoint)
+        subscriber = context.socket(zmq.SUB)
+        try:
+            secure_client(subscriber, keys)
+            subscriber.setsockopt(zmq.LINGER, 0)
+            subscriber.setsockopt(zmq.CONFLATE, 1)  # only the latest beat matters
+            subscriber.setsockopt(zmq.SUBSCRIBE, b"")
+            subscriber.connect(beat_endpoint)
+        except zmq.ZMQError:
+            subscriber.close(linger=0)
+            context.term()
+            raise
         return cls(subscriber, context)
 
     # -- the heartbeat ----------------------------------------------------------------------------

@@ -176,7 +176,7 @@ def linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None
     if not use_triton(x):
         y = torch.nn.functional.linear(x, dequantize_reference(w).to(x.dtype), bias)
     elif n <= MAX_FUSED_ROWS:
-        y = _matvec(x, w, out) if n == 1 and _matvec_wins(w) else _fused_linear(x, w, out)
+        y = _matvec(x, w, out) if n == 1 and _matvec_wins(w, x.dtype) else _fused_linear(x, w, out)
         if bias is not None:
             y += bias
         return y
@@ -268,21 +268,21 @@ def _matvec(x: torch.Tensor, w: QuantizedWeight, out: torch.Tensor | None) -> to
     return out
 
 
-def _matvec_wins(w: QuantizedWeight) -> bool:
-    """Whether `_matvec` beats `_fused_linear` for one row of this weight's type and shape (timed
-    once per type, shape and device; off a GPU, or while a graph is being captured, before any
-    timing: the matvec)."""
-    key = (w.qtype, w.rows, w.cols, w.device)
+def _matvec_wins(w: QuantizedWeight, dtype: torch.dtype) -> bool:
+    """Whether `_matvec` beats `_fused_linear` for one row of this weight's type and shape in
+    `dtype` (timed once per type, shape, dtype and device; off a GPU, or while a graph is being
+    captured, before any timing: the matvec)."""
+    key = (w.qtype, w.rows, w.cols, dtype, w.device)
     if key not in _matvec_choice:
         if w.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
             return True
-        _matvec_choice[key] = _gpu_time(_matvec, w) < _gpu_time(_fused_linear, w)
+        _matvec_choice[key] = _gpu_time(_matvec, w, dtype) < _gpu_time(_fused_linear, w, dtype)
     return _matvec_choice[key]
 
 
-def _gpu_time(op, w: QuantizedWeight, reps: int = 20) -> float:
-    x = torch.randn(1, w.cols, device=w.device, dtype=torch.bfloat16)
-    out = torch.empty(1, w.rows, device=w.device, dtype=torch.bfloat16)
+def _gpu_time(op, w: QuantizedWeight, dtype: torch.dtype, reps: int = 20) -> float:
+    x = torch.randn(1, w.cols, device=w.device, dtype=dtype)
+    out = torch.empty(1, w.rows, device=w.device, dtype=dtype)
     for _ in range(3):
         op(x, w, out)  # compiles, then warms
     start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
