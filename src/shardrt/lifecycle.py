@@ -19,11 +19,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import zmq
-
-from .errors import ConfigError, ShardrtError, StageDied
-from .ipc.curve import ClientKeys, KeyPair, public_key, secure_client
-from .ipc.link import TcpLink
+from .errors import ConfigError, StageDied
+from .ipc.curve import KeyPair, secure_client
+from .ipc.link import reported_link
 from .ipc.shm import SharedSegment, new_segment_name
 from .worker import DaemonSpec
 
@@ -141,18 +139,10 @@ class DaemonProcess:
                     raise StageDied(f"{self.label}: daemon exited ({self.exit_reason()})")
                 line += chunk
         try:
-            where = json.loads(line)
-            endpoints = [where[k] for k in ("endpoint", "beat_endpoint")]
-            if not all(isinstance(e, str) and e.startswith("tcp://") for e in endpoints):
-                raise ValueError(endpoints)
-            keys = ClientKeys(self._client, public_key(where["server_key"], "ready.server_key"))
-        except (ValueError, KeyError, TypeError, ShardrtError) as exc:
-            raise StageDied(f"{self.label}: malformed ready report {line[:200]!r} ({exc})") from None
-        try:
-            self.segment = TcpLink.coordinator_side(endpoints[1], keys)
-        except zmq.ZMQError as exc:
-            raise StageDied(f"{self.label}: cannot reach its heartbeat at {endpoints[1]} ({exc})") from None
-        self.endpoint, self._keys = endpoints[0], keys
+            report = json.loads(line)
+        except ValueError:
+            raise StageDied(f"{self.label}: malformed ready report {line[:200]!r}") from None
+        self.endpoint, self._keys, self.segment = reported_link(report, self._client, self.label)
 
     def secure(self, socket) -> None:
         """Give a socket that talks to this daemon the keys its transport needs (tcp: CurveZMQ)."""

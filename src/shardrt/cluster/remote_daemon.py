@@ -12,11 +12,9 @@ from __future__ import annotations
 import logging
 import sys
 
-import zmq
-
-from ..errors import ShardrtError, StageDied
-from ..ipc.curve import ClientKeys, KeyPair, public_key, secure_client
-from ..ipc.link import TcpLink
+from ..errors import StageDied
+from ..ipc.curve import KeyPair, secure_client
+from ..ipc.link import reported_link
 from ..worker import DaemonSpec
 from .host_actor import exit_reason, start_host_actor
 from .ray_cluster import node_address
@@ -62,19 +60,9 @@ class RayDaemon:
         if "error" in answer:
             self._gone = True
             raise StageDied(f"{self.label}: {answer['error']} ({exit_reason(answer['status'], answer['log_tail'])})")
-        try:
-            where = answer["ready"]
-            endpoints = [where["endpoint"], where["beat_endpoint"]]
-            if not all(isinstance(e, str) and e.startswith("tcp://") for e in endpoints):
-                raise ValueError(endpoints)
-            keys = ClientKeys(self._client, public_key(where["server_key"], "ready.server_key"))
-        except (ValueError, KeyError, TypeError, ShardrtError) as exc:
-            raise StageDied(f"{self.label}: malformed ready report from host {self.host} ({exc})") from None
-        try:
-            self.segment = TcpLink.coordinator_side(endpoints[1], keys)
-        except zmq.ZMQError as exc:
-            raise StageDied(f"{self.label}: cannot reach its heartbeat at {endpoints[1]} ({exc})") from None
-        self.pid, self.endpoint, self._keys = answer["pid"], endpoints[0], keys
+        self.endpoint, self._keys, self.segment = reported_link(answer["ready"], self._client,
+                                                                f"{self.label} on host {self.host}")
+        self.pid = answer["pid"]
         self._wait_ref = self.actor.wait.remote()
         self._wait_ref.future().add_done_callback(lambda _: setattr(self, "_gone", True))
 

@@ -15,8 +15,8 @@ import struct
 import torch
 import zmq
 
-from ..errors import IpcError
-from .curve import ClientKeys, CurveServer, secure_client
+from ..errors import IpcError, ShardrtError, StageDied
+from .curve import ClientKeys, CurveServer, KeyPair, public_key, secure_client
 
 BEAT = struct.Struct("<Q")
 
@@ -114,3 +114,20 @@ class TcpLink:
 
     def unlink(self) -> None:
         pass
+
+
+def reported_link(report: object, client: KeyPair, label: str) -> tuple[str, ClientKeys, TcpLink]:
+    """What a tcp daemon's ready report (`{"endpoint", "beat_endpoint", "server_key"}`) gives the
+    coordinator, checked: the request endpoint, the keys to reach it, and the heartbeat link.
+    A malformed report, or a heartbeat that cannot be reached, is a StageDied naming `label`."""
+    try:
+        endpoints = [report["endpoint"], report["beat_endpoint"]]
+        if not all(isinstance(e, str) and e.startswith("tcp://") for e in endpoints):
+            raise ValueError(f"endpoints {endpoints!r} are not tcp://")
+        keys = ClientKeys(client, public_key(report["server_key"], "ready.server_key"))
+    except (ValueError, KeyError, TypeError, ShardrtError) as exc:
+        raise StageDied(f"{label}: malformed ready report ({exc})") from None
+    try:
+        return endpoints[0], keys, TcpLink.coordinator_side(endpoints[1], keys)
+    except zmq.ZMQError as exc:
+        raise StageDied(f"{label}: cannot reach its heartbeat at {endpoints[1]} ({exc})") from None
