@@ -18,6 +18,7 @@ ray = pytest.importorskip("ray")
 from shardrt.cluster import host_actor, ray_cluster  # noqa: E402
 from shardrt.cluster.host_actor import actor_name, start_child, start_host_actor  # noqa: E402
 from shardrt.errors import ConfigError, StageDied  # noqa: E402
+from shardrt.lifecycle import exit_reason  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -246,10 +247,10 @@ def test_child_env_drops_given_prefixes_and_keeps_env_add():
 
 
 def test_exit_reason_is_one_line():
-    assert host_actor.exit_reason(-9, "loading\nRuntimeError: out of memory\nbye\n") == \
+    assert exit_reason(-9, "loading\nRuntimeError: out of memory\nbye\n") == \
         "killed by SIGKILL: RuntimeError: out of memory"
-    assert host_actor.exit_reason(0, "") == "exit status 0"
-    assert host_actor.exit_reason(None, "x") == "still running: x"
+    assert exit_reason(0, "") == "exit status 0"
+    assert exit_reason(None, "x") == "still running: x"
 
 
 # -- the whole path: shardrt.launch.Cluster with stages on "nodeb" through Ray, over TCP + Curve --

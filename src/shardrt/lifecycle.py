@@ -63,6 +63,25 @@ class Timeouts:
         )
 
 
+def exit_reason(status: int | None, log_tail: str) -> str:
+    """Why a daemon ended (or `still running`), from its exit status (negative: the signal) and
+    the tail of its log, in one line: `exit status 3: <last error line of the log>`, or
+    `killed by SIGKILL: ...`."""
+    if status is None:
+        described = "still running"
+    elif status >= 0:
+        described = f"exit status {status}"
+    else:
+        try:
+            described = f"killed by {signal.Signals(-status).name}"
+        except ValueError:
+            described = f"killed by signal {-status}"
+    lines = [ln.strip() for ln in log_tail.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error" in ln.lower()]
+    detail = (errors or lines or [""])[-1]
+    return f"{described}: {detail}" if detail else described
+
+
 def make_runtime_dir() -> Path:
     base = os.environ.get("XDG_RUNTIME_DIR")
     if not base or not os.path.isdir(base) or not os.access(base, os.W_OK):
@@ -123,13 +142,13 @@ class DaemonProcess:
             return
         line = b""
         deadline = time.monotonic() + timeout
-        self._ready_poll = select.poll()  # not select(): a busy server's descriptors pass 1024
-        self._ready_poll.register(self._ready_fd, select.POLLIN)
+        readable = select.poll()  # not select(): a busy server's descriptors pass 1024
+        readable.register(self._ready_fd, select.POLLIN)
         while not line.endswith(b"\n"):
             left = deadline - time.monotonic()
             if left <= 0:
                 raise StageDied(f"{self.label}: did not report its TCP endpoint within {timeout:g}s (pid {self.pid})")
-            if self._ready_poll.poll(min(left, 0.1) * 1000):
+            if readable.poll(min(left, 0.1) * 1000):
                 chunk = os.read(self._ready_fd, 4096)
                 if not chunk:  # it exited: reap it, so the reason has its status
                     try:
@@ -158,17 +177,13 @@ class DaemonProcess:
 
     def exit_reason(self) -> str:
         """Why it exited, in one line: its last error line, else its exit status."""
-        code = self.process.poll()
-        status = f"exit status {code}" if code is None or code >= 0 else f"killed by {signal.Signals(-code).name}"
         try:
             with open(self.log_path, "rb") as f:
                 f.seek(max(0, os.path.getsize(self.log_path) - LOG_TAIL_BYTES))
-                lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
+                tail = f.read().decode(errors="replace")
         except OSError:
-            lines = []
-        errors = [ln for ln in lines if "error" in ln.lower()]
-        detail = (errors or lines or [""])[-1]
-        return f"{status}: {detail}" if detail else status
+            tail = ""
+        return exit_reason(self.process.poll(), tail)
 
     def stop(self, timeouts: Timeouts) -> None:
         """Close the death pipe, then SIGTERM, then SIGKILL; always release the segment."""

@@ -71,23 +71,6 @@ def _read_ready_line(fd: int, timeout: float) -> tuple[bytes, str | None]:
     return data.split(b"\n", 1)[0], None
 
 
-def exit_reason(status: int | None, log_tail: str) -> str:
-    """`exit status 3: <last error line of the log>` or `killed by SIGKILL: ...`, in one line."""
-    if status is None:
-        described = "still running"
-    elif status >= 0:
-        described = f"exit status {status}"
-    else:
-        try:
-            described = f"killed by {signal.Signals(-status).name}"
-        except ValueError:
-            described = f"killed by signal {-status}"
-    lines = [ln.strip() for ln in log_tail.splitlines() if ln.strip()]
-    errors = [ln for ln in lines if "error" in ln.lower()]
-    detail = (errors or lines or [""])[-1]
-    return f"{described}: {detail}" if detail else described
-
-
 class DaemonHost:
     """Runs one child process on this node and owns it: its pipes, its log tail, its shutdown.
 
@@ -226,13 +209,20 @@ def start_child(actor, argv: list[str], env_add: dict[str, str], *, label: str, 
     """`actor.start(...)`, waited for; the ready answer, or StageDied in one line naming `label`,
     the host, and the child's exit status and last log line. After StageDied the caller kills the
     actor (`ray.kill`), which also takes down a child that is still starting."""
+    ref = actor.start.remote(list(argv), dict(env_add), tuple(env_drop_prefixes), ready_timeout)
+    return wait_started(ref, label=label, timeout=ready_timeout + actor_timeout)
+
+
+def wait_started(ref, *, label: str, timeout: float) -> dict:
+    """The answer of a `DaemonHost.start` call `ref`: its ready answer, or StageDied in one line."""
     import ray
 
-    ref = actor.start.remote(list(argv), dict(env_add), tuple(env_drop_prefixes), ready_timeout)
+    from ..lifecycle import exit_reason
+
     try:
-        answer = ray.get(ref, timeout=ready_timeout + actor_timeout)
+        answer = ray.get(ref, timeout=timeout)
     except ray.exceptions.GetTimeoutError:
-        raise StageDied(f"{label}: its Ray actor did not answer within {ready_timeout + actor_timeout:g}s") from None
+        raise StageDied(f"{label}: its Ray actor did not answer within {timeout:g}s") from None
     except ray.exceptions.RayActorError as exc:
         raise StageDied(f"{label}: its Ray actor died before the daemon was ready ({type(exc).__name__})") from None
     if "error" in answer:

@@ -15,11 +15,11 @@ import sys
 from ..errors import StageDied
 from ..ipc.curve import KeyPair, secure_client
 from ..ipc.link import reported_link
+from ..lifecycle import DAEMON_MODULE, exit_reason
 from ..worker import DaemonSpec
-from .host_actor import exit_reason, start_host_actor
+from .host_actor import start_host_actor, wait_started
 from .ray_cluster import node_address
 
-DAEMON_MODULE = "shardrt.daemons.target_shard"
 log = logging.getLogger(__name__)
 
 
@@ -49,17 +49,11 @@ class RayDaemon:
         """Wait for the daemon to report where it listens (it binds before loading anything)."""
         if self.segment is not None:
             return
-        ray = self._ray
         try:
-            answer = ray.get(self._started, timeout=timeout)
-        except ray.exceptions.GetTimeoutError:
-            raise StageDied(f"{self.label}: did not report its TCP endpoint within {timeout:g}s") from None
-        except ray.exceptions.RayActorError as exc:
-            self._gone = True
-            raise StageDied(f"{self.label}: its Ray actor on host {self.host} died ({type(exc).__name__})") from None
-        if "error" in answer:
-            self._gone = True
-            raise StageDied(f"{self.label}: {answer['error']} ({exit_reason(answer['status'], answer['log_tail'])})")
+            answer = wait_started(self._started, label=f"{self.label} on host {self.host}", timeout=timeout)
+        except StageDied:
+            self._gone = True  # stop() then goes straight to killing the actor, and its child with it
+            raise
         self.endpoint, self._keys, self.segment = reported_link(answer["ready"], self._client,
                                                                 f"{self.label} on host {self.host}")
         self.pid = answer["pid"]
