@@ -98,7 +98,9 @@ def plan_rows(config: LaunchConfig, gguf: GGUFFile, cfg: ModelConfig) -> list[Sh
 
 def plan_placement(config: LaunchConfig, gguf: GGUFFile, cfg: ModelConfig, found: list) -> Placement:
     """Rows for `config`, with an auto split and an auto context chosen against the memory the
-    devices in `found` (devices.discover) offer; `refusal()` says whether it fits."""
+    devices in `found` (devices.discover) offer; `refusal()` says whether it fits. What devices on
+    other hosts cannot have (the auto choices, no cluster) is refused first (config.check_hosts)."""
+    check_hosts(config)
     cpu = DeviceSpec("cpu", 0)
 
     def placed(c: LaunchConfig) -> Placement | None:
@@ -209,7 +211,6 @@ class Cluster:
 
         from .devices import discover
 
-        check_hosts(self.config)
         with GGUFFile(self.model_path) as gguf:
             cfg = ModelConfig.from_gguf(gguf)
             placement = plan_placement(self.config, gguf, cfg, discover(self.config.pythons))

@@ -212,10 +212,6 @@ def fixed_bytes(gguf: GGUFFile, cfg: ModelConfig, device: DeviceSpec, dtype: str
 def capacities(gguf: GGUFFile, cfg: ModelConfig, devices: tuple[DeviceSpec, ...], memory: dict[str, DeviceMemory],
                pool: dict[DeviceSpec, str], dtype: str, weights: str, kv_tokens: int) -> list[float]:
     """How many layers each device can hold; devices drawing on one pool share it evenly."""
-    remote = next((d for d in devices if d.remote), None)
-    if remote is not None:
-        raise PlacementError(f"--layer-split: auto needs the free memory of every device; {remote} is on another "
-                             "host; give the split by hand")
     sharing = {p: sum(1 for d in devices if pool[d] == p) for p in set(pool.values())}
     out = []
     for i, d in enumerate(devices):
