@@ -106,6 +106,34 @@ def test_rope_kv_write(device, dtype, style, head_dim, rot, qk_norm, gen):
     assert torch.isnan(k_cache[:, untouched.to(device)]).all() and torch.isnan(v_cache[:, untouched.to(device)]).all()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("style", ["interleaved", "neox"])
+def test_rope_kv_write_into_sequence_slots(device, dtype, style, gen):
+    """A batch: token i goes to sequence slots[i]; the padding row (position -1) writes nothing."""
+    heads, kv_heads, head_dim, ctx, seqs, base = 4, 2, 64, 40, 4, 10000.0
+    slots, positions = torch.tensor([2, 0, 3, 1, 0]), torch.tensor([5, 39, 0, -1, 7])
+    n = slots.shape[0]
+    qkv = rand(n, (heads + 2 * kv_heads) * head_dim, device=device, dtype=dtype, generator=gen)
+    cos, sin = kernels.rope_tables(base, head_dim, ctx, device)
+    k_cache = torch.full((seqs, kv_heads, ctx, head_dim), float("nan"), device=device, dtype=dtype)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    q = kernels.rope_kv_write(qkv, cos, sin, positions.to(device), k_cache, v_cache, heads, style,
+                              slots=slots.to(device))
+
+    q_in, k_in, v_in = qkv.double().cpu().split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1)
+    q_in, k_in, v_in = (t.reshape(n, -1, head_dim) for t in (q_in, k_in, v_in))
+    assert rel_error(q, naive_rope(q_in, positions.clamp(min=0), base, head_dim, style)) < TOLERANCE[dtype]
+    real = positions >= 0
+    k_cache, v_cache = k_cache.cpu(), v_cache.cpu()
+    want_k = naive_rope(k_in, positions.clamp(min=0), base, head_dim, style)
+    assert rel_error(k_cache[slots[real], :, positions[real]], want_k[real]) < TOLERANCE[dtype]
+    assert rel_error(v_cache[slots[real], :, positions[real]], v_in[real]) < TOLERANCE[dtype] / 4
+    untouched = torch.ones(seqs, ctx, dtype=torch.bool)
+    untouched[slots[real], positions[real]] = False
+    assert torch.isnan(k_cache.transpose(1, 2)[untouched]).all() and torch.isnan(v_cache.transpose(1, 2)[untouched]).all()
+
+
 def naive_attention(q, k_cache, v_cache, positions, scale):
     q, k, v = q.double().cpu(), k_cache.double().cpu(), v_cache.double().cpu()
     n, heads, _ = q.shape
@@ -128,6 +156,7 @@ def naive_attention(q, k_cache, v_cache, positions, scale):
     (6, 2, 80, 200, [100, 101, 102]),  # a head size that is no power of two, a verify of 3
     (4, 4, 128, 1000, list(range(900, 916))),  # no grouping, 16 queries
     (9, 3, 64, 300, [10, 11, 12, 13, 14, 15, 16]),  # the demo model's heads
+    (8, 2, 64, 300, list(range(200, 240))),  # a prompt chunk of 40 (a graph's): programs of 16 queries
 ])
 def test_cached_attention(device, dtype, heads, kv_heads, head_dim, ctx, positions, gen):
     pos = torch.tensor(positions)
@@ -142,6 +171,53 @@ def test_cached_attention(device, dtype, heads, kv_heads, head_dim, ctx, positio
     got = kernels.cached_attention(q, k_cache, v_cache, pos.to(device), scale)
     assert got.shape == q.shape and got.dtype == dtype
     assert rel_error(got, naive_attention(q, k_cache, v_cache, pos, scale)) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,head_dim,ctx,slots,positions", [
+    (32, 8, 128, 2048, [3, 0, 2, 1], [1249, 0, 64, 700]),  # llama 3 8B's grouping, sequences of all lengths
+    (9, 3, 64, 300, [1, 0, 2], [16, 299, 63]),  # the demo model's heads, the last place
+    (4, 4, 80, 200, [0, 2, 1, 3, 0], [10, 199, -1, 5, -1]),  # no grouping, padding rows (position -1)
+    (8, 2, 64, 128, list(range(20)), [i * 6 for i in range(20)]),  # more queries than a verify's 16
+])
+def test_cached_attention_over_sequence_slots(device, dtype, heads, kv_heads, head_dim, ctx, slots, positions, gen):
+    """A batch: query i reads only sequence slots[i], keys 0..positions[i]; a padding row gives zeros."""
+    slot, pos = torch.tensor(slots), torch.tensor(positions)
+    n, seqs = len(slots), max(slots) + 1
+    q = rand(n, heads, head_dim, device=device, dtype=dtype, generator=gen)
+    k_cache = rand(seqs, kv_heads, ctx, head_dim, device=device, dtype=dtype, generator=gen)
+    v_cache = rand(seqs, kv_heads, ctx, head_dim, device=device, dtype=dtype, generator=gen)
+    if use_triton(q):  # the kernel reads no sequence past its query's position: poison the rest
+        for s in range(seqs):
+            last = max((p for i, p in zip(slots, positions) if i == s), default=-1)
+            k_cache[s, :, last + 1 :] = float("nan")
+            v_cache[s, :, last + 1 :] = float("nan")
+    scale = 1 / math.sqrt(head_dim)
+    got = kernels.cached_attention(q, k_cache, v_cache, pos.to(device), scale, slot.to(device), batch=True)
+    assert got.shape == q.shape and got.dtype == dtype
+    real = pos >= 0
+    assert (got[~real.to(device)] == 0).all()
+    want = torch.cat([naive_attention(q[i : i + 1], k_cache[s], v_cache[s], pos[i : i + 1], scale)
+                      for i, s in enumerate(slots) if positions[i] >= 0])
+    assert rel_error(got[real.to(device)], want) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 5, 37])
+def test_cached_attention_of_one_sequence_among_slots(device, dtype, n, gen):
+    """Tokens of one sequence (a graph's step in slot 2) read that sequence's cache alone."""
+    heads, kv_heads, head_dim, ctx, seqs, slot = 8, 2, 64, 200, 4, 2
+    pos = torch.arange(150 - n, 150)
+    q = rand(n, heads, head_dim, device=device, dtype=dtype, generator=gen)
+    k_cache = torch.full((seqs, kv_heads, ctx, head_dim), float("nan"), device=device, dtype=dtype)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    k_cache[slot, :, :150] = rand(kv_heads, 150, head_dim, device=device, dtype=dtype, generator=gen)
+    v_cache[slot, :, :150] = rand(kv_heads, 150, head_dim, device=device, dtype=dtype, generator=gen)
+    scale = 1 / math.sqrt(head_dim)
+    got = kernels.cached_attention(q, k_cache, v_cache, pos.to(device), scale, torch.full((n,), slot, device=device))
+    assert rel_error(got, naive_attention(q, k_cache[slot], v_cache[slot], pos, scale)) < TOLERANCE[dtype]
 
 
 def test_kernel_choice_is_checked(monkeypatch):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from . import runner
 from .config import parse_bytes
 from .errors import PlacementError
 from .gguf_file import GGUFFile
@@ -35,6 +36,8 @@ HOST_RESERVE = 2 * GIB
 GPU_RUNTIME = 768 * MIB  # the CUDA/HIP context, cuBLAS and Triton modules, graph pools (an H200 context is ~530 MiB)
 PREFILL_CHUNK = 1024  # tokens a GPU stage prefills at once (stage.PREFILL_BUCKETS); a CPU stage's whole prompt
 CPU_PROMPT = 2048  # the prompt a CPU stage is planned for (it prefills unchunked)
+# the logits rows a GPU stage's graphs keep: every token bucket, and the batch buckets of the most slots
+GRAPH_LOGIT_ROWS = sum(runner.BUCKETS) + sum(runner.batch_buckets(runner.MAX_BATCH_BUCKET))
 MIN_AUTO_CTX, CTX_STEP = 256, 256
 
 
@@ -78,12 +81,13 @@ def kv_bytes(cfg: ModelConfig, layers: int, tokens: int, element: int) -> int:
 
 def scratch_bytes(cfg: ModelConfig, gguf: GGUFFile, names: list[str], gpu: bool, element: int,
                   quantized: bool) -> int:
-    """Working memory of a prefill: the widest activations of a chunk, a float32 logits row, and
-    the scratch matrix the biggest quantized weight is dequantized into."""
+    """Working memory of a prefill: the widest activations of a chunk, float32 logits (on a GPU
+    the rows every captured graph keeps), and the scratch matrix the biggest quantized weight is
+    dequantized into."""
     rows = PREFILL_CHUNK if gpu else CPU_PROMPT
     q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     activations = rows * (4 * cfg.dim + q + 2 * kv + 3 * cfg.ffn_dim) * element
-    logits = cfg.vocab_size * 4 * 16
+    logits = cfg.vocab_size * 4 * (GRAPH_LOGIT_ROWS if gpu else 16)
     widest = 0
     if gpu and quantized:
         for name in names:

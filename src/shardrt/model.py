@@ -103,15 +103,25 @@ def rope_tables(cfg: ModelConfig, max_ctx: int, device, rope_freqs: torch.Tensor
 @dataclass(frozen=True)
 class Step:
     """Where a forward's tokens sit: `positions` [n] int64 on the stage's device, and in an eager
-    run `base_pos`, the first of them as a host int. Inside a captured graph `base_pos` is None:
-    nothing on the host may change between replays, so every op reads the positions tensor."""
+    run of one sequence `base_pos`, the first of them as a host int. Inside a captured graph
+    `base_pos` is None: nothing on the host may change between replays, so every op reads the
+    positions tensor, and the sequence too: `slots` [n] int64 names each token's sequence (the
+    block then gets every sequence's cache). `batch`: one token of each of several sequences
+    (batched decode), where a negative position is a padding row; else tokens of slots[0]."""
 
     positions: torch.Tensor
     base_pos: int | None = None
+    slots: torch.Tensor | None = None
+    batch: bool = False
 
     @classmethod
     def eager(cls, base_pos: int, n: int, device) -> "Step":
         return cls(torch.arange(base_pos, base_pos + n, device=device), base_pos)
+
+    @classmethod
+    def batch(cls, positions: list[int], seqs: list[int], device) -> "Step":
+        both = torch.tensor([positions, seqs], dtype=torch.long).to(device)
+        return cls(both[0], slots=both[1], batch=True)
 
 
 class Block:
@@ -128,38 +138,25 @@ class Block:
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
 
     def __call__(self, x, rope: tuple[torch.Tensor, torch.Tensor], k_cache, v_cache, step: Step) -> torch.Tensor:
-        """x: [n, dim] at `step`'s positions; rope: the cos/sin tables; k/v_cache: [kv_heads, max_ctx, head_dim]."""
-        qkv = kernels.linear(kernels.rms_norm(x, self.attn_norm, self.cfg.norm_eps), self.attn_qkv, self.attn_qkv_bias)
-        return self._feed_forward(x, self._attention(qkv, rope, k_cache, v_cache, step))
-
-    def decode_batch(self, x, rope: tuple[torch.Tensor, torch.Tensor], k_caches, v_caches, seqs: list[int],
-                     steps: list[Step]) -> torch.Tensor:
-        """x: [b, dim], one token of each sequence seqs[i] at steps[i]; k/v_caches: [max_seqs, kv_heads,
-        max_ctx, head_dim]. The matrix products run once over all b rows (the weights are read once
-        per step, not once per sequence); rope, the KV write and attention go row by row, each over
-        its own sequence's cache and length."""
-        qkv = kernels.linear(kernels.rms_norm(x, self.attn_norm, self.cfg.norm_eps), self.attn_qkv, self.attn_qkv_bias)
-        attn = torch.cat([self._attention(qkv[i : i + 1], rope, k_caches[seq], v_caches[seq], step)
-                          for i, (seq, step) in enumerate(zip(seqs, steps))])
-        return self._feed_forward(x, attn)
-
-    def _attention(self, qkv, rope, k_cache, v_cache, step: Step) -> torch.Tensor:
-        """The fused q/k/v rows -> rope, k and v into the cache, attention: [n, heads * head_dim]."""
-        cfg, n = self.cfg, qkv.shape[0]
+        """x: [n, dim] at `step`'s positions; rope: the cos/sin tables; k/v_cache: one sequence's
+        [kv_heads, max_ctx, head_dim], or every sequence's [max_seqs, ...] for a step with slots
+        (a batch: the matrix products run once over all rows, so the weights are read once per
+        step, not once per sequence; attention reads each row's own sequence)."""
+        cfg, n = self.cfg, x.shape[0]
+        qkv = kernels.linear(kernels.rms_norm(x, self.attn_norm, cfg.norm_eps), self.attn_qkv, self.attn_qkv_bias)
         q = kernels.rope_kv_write(qkv, *rope, step.positions, k_cache, v_cache, cfg.n_heads, cfg.rope_style,
-                                  self.q_norm, self.k_norm, cfg.norm_eps)
-        return self.attend(q, k_cache, v_cache, step).reshape(n, cfg.n_heads * cfg.head_dim)
-
-    def _feed_forward(self, x, attn) -> torch.Tensor:
-        x, h = kernels.add_rms_norm(x, kernels.linear(attn, self.attn_output), self.ffn_norm, self.cfg.norm_eps)
+                                  self.q_norm, self.k_norm, cfg.norm_eps, step.slots)
+        attn = self.attend(q, k_cache, v_cache, step).reshape(n, cfg.n_heads * cfg.head_dim)
+        x, h = kernels.add_rms_norm(x, kernels.linear(attn, self.attn_output), self.ffn_norm, cfg.norm_eps)
         return x + kernels.linear(kernels.silu_mul(kernels.linear(h, self.ffn_gate_up)), self.ffn_down)
 
     def attend(self, q, k_cache, v_cache, step: Step) -> torch.Tensor:
-        """q [n, heads, head_dim] over the cache: the cached-attention kernel for a few tokens
-        (and always inside a graph), scaled_dot_product_attention over the live prefix otherwise."""
+        """q [n, heads, head_dim] over the cache: the cached-attention kernel for a few tokens, a
+        batch of sequences and always inside a graph; scaled_dot_product_attention over the live
+        prefix for an eager prefill."""
         cfg, n = self.cfg, q.shape[0]
         if step.base_pos is None or kernels.attention.kernel_takes(q):
-            return kernels.cached_attention(q, k_cache, v_cache, step.positions, self.scale)
+            return kernels.cached_attention(q, k_cache, v_cache, step.positions, self.scale, step.slots, step.batch)
         end = step.base_pos + n
         # query i sees keys up to base_pos + i: causal, aligned to the last key. A bias object, not
         # a mask tensor, so flash attention serves it (a mask tensor sends it to a backend that

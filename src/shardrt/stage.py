@@ -92,9 +92,11 @@ class Stage:
         if self.device.type != "cpu":
             self._warm_up()
             if graphs and self.device.type == "cuda":  # torch.cuda drives ROCm builds too
-                from .runner import GraphRunner
+                from .kernels._triton import use_triton
+                from .runner import GraphRunner, batch_buckets
 
-                self.runner = GraphRunner(self)
+                # batch graphs need the Triton kernels: the references pick real rows on the host
+                self.runner = GraphRunner(self, batches=batch_buckets(max_seqs) if use_triton(self.k_cache) else ())
         self.load_seconds = time.perf_counter() - t0
         log.info("stage %s on %s: %s, loaded in %.2fs", self.span, self.device, self.cover, self.load_seconds)
 
@@ -167,7 +169,7 @@ class Stage:
         embedding stage, else a boundary activation [b, dim]; row i is sequence seqs[i]'s token at
         positions[i] (at most its cached length: a position before the end overwrites). Returns the
         activation [b, dim], or on the stage with the head float32 logits [b, vocab] (their argmax
-        with tokens=True). Runs eagerly: graphs are captured for sequence 0's steps only."""
+        with tokens=True). On a GPU it replays the smallest captured batch graph that holds b rows."""
         return self._timed(self._run_batch, inputs, seqs, positions, tokens)
 
     # the interface of a RemoteStage, whose daemon computes while its caller goes on: here the
@@ -208,16 +210,19 @@ class Stage:
             if not 0 <= pos <= self.lengths[seq] or pos >= self.max_ctx:
                 raise ConfigError(f"positions: {pos} is outside the {self.lengths[seq]} tokens cached for sequence "
                                   f"{seq} (max_ctx {self.max_ctx})")
-        steps = [Step.eager(pos, 1, self.device) for pos in positions]
-        x = self._embed(inputs)
-        for i, block in enumerate(self.blocks):
-            x = block.decode_batch(x, self.rope, self.k_cache[i], self.v_cache[i], seqs, steps)
+        bucket = self.runner.batch_bucket(b) if self.runner is not None else None
+        if bucket is not None:
+            graphed = self.runner.replay_batch(inputs, seqs, positions, bucket)
+            self.graph_forwards += 1
+        else:
+            graphed = self.step_outputs(inputs, Step.batch(positions, seqs, self.device), every_layer=False)
         for seq, pos in zip(seqs, positions):
             self._set_length(seq, pos + 1)
-        if not self.span.head:
-            return x
-        logits = self._project(x)
-        return logits.argmax(-1).tolist() if tokens else logits
+        if not self.span.head:  # a graph's output is overwritten by its next replay
+            return graphed.hidden[-1][:b].clone() if bucket else graphed.hidden[-1]
+        if tokens:
+            return graphed.tokens[:b].tolist()
+        return graphed.logits[:b].clone() if bucket else graphed.logits
 
     def _run(self, inputs, base_pos, all_logits, capture, stop_after, tokens, seq):
         n = inputs.shape[0]
@@ -234,10 +239,10 @@ class Stage:
         if not self.span.start <= last < self.span.stop:
             raise ConfigError(f"stop_after: layer {stop_after} is outside this stage's layers {self.span}")
         keep = {layer for layer in capture if self.span.start <= layer <= last}
-        graphable = self.runner is not None and stop_after is None and seq == 0
+        graphable = self.runner is not None and stop_after is None
         bucket = self.runner.bucket(n, base_pos) if graphable else None
         if bucket is not None:
-            graphed = self.runner.replay(inputs, base_pos, bucket)
+            graphed = self.runner.replay(inputs, base_pos, bucket, seq)
             self.graph_forwards += 1
             hidden = {layer: graphed.hidden[layer - self.span.start][:n] for layer in keep | {last}}
         elif self.device.type != "cpu" and n > MAX_QUERY_TOKENS:
@@ -294,15 +299,19 @@ class Stage:
         hidden[last] = x
         return hidden
 
-    def step_outputs(self, inputs: torch.Tensor, step: Step) -> "StepOutputs":
-        """The whole stage as the graph runner captures it: every layer's hidden state, and on the
-        stage with the head the logits of every row and their argmax."""
+    def step_outputs(self, inputs: torch.Tensor, step: Step, every_layer: bool = True) -> "StepOutputs":
+        """The whole stage as the graph runner captures it: every layer's hidden state (or only
+        the last), and on the stage with the head the logits of every row and their argmax. A
+        step with slots reads every sequence's cache; one without runs sequence 0."""
         from .runner import StepOutputs
 
         x, hidden = self._embed(inputs), []
         for i, block in enumerate(self.blocks):
-            x = block(x, self.rope, self.k_cache[i, 0], self.v_cache[i, 0], step)
-            hidden.append(x)
+            caches = (self.k_cache[i], self.v_cache[i]) if step.slots is not None else \
+                (self.k_cache[i, 0], self.v_cache[i, 0])
+            x = block(x, self.rope, *caches, step)
+            if every_layer or i == len(self.blocks) - 1:
+                hidden.append(x)
         logits = self._project(x) if self.span.head else None
         return StepOutputs(hidden, logits, logits.argmax(-1) if logits is not None else None)
 
@@ -389,6 +398,10 @@ class Stage:
         return out
 
     def describe(self) -> str:
-        graphs = f", graphs for {','.join(map(str, self.runner.buckets))} tokens" if self.runner else ""
+        graphs = ""
+        if self.runner is not None:
+            graphs = f", graphs for {','.join(map(str, self.runner.buckets))} tokens"
+            if self.runner.batch_buckets:
+                graphs += f" and batches of {','.join(map(str, self.runner.batch_buckets))}"
         weights = f"weights {self.weight_bytes / MIB:.1f} MiB" + (" (quantized blocks)" if self.quantized else "")
         return f"layers {self.span} on {self.device} ({self.dtype}), {self.cover}, {weights}{graphs}"

@@ -16,18 +16,28 @@ import torch.nn.functional as F
 
 from ._triton import dot_precision, tl, triton, use_triton
 
-MAX_QUERY_TOKENS = 16  # decode and verify; prefill goes through scaled_dot_product_attention
+MAX_QUERY_TOKENS = 16  # the tokens of one program; an eager prefill of more goes through scaled_dot_product_attention
 BLOCK_N = 64
 MAX_SPLITS = 256
 
 
 def attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                        positions: torch.Tensor, scale: float) -> torch.Tensor:
-    n_heads, n_kv_heads, ctx = q.shape[1], k_cache.shape[0], k_cache.shape[1]
-    seen = torch.arange(ctx, device=q.device)[None, :] <= positions[:, None]
-    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k_cache[None], v_cache[None],
-                                         attn_mask=seen[None, None], scale=scale, enable_gqa=n_heads != n_kv_heads)
-    return out[0].transpose(0, 1)
+                        positions: torch.Tensor, scale: float, slots: torch.Tensor | None = None) -> torch.Tensor:
+    n_heads, n_kv_heads = q.shape[1], k_cache.shape[-3]
+    if slots is None:  # every query over the one cache
+        seen = torch.arange(k_cache.shape[1], device=q.device)[None, :] <= positions[:, None]
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k_cache[None], v_cache[None],
+                                             attn_mask=seen[None, None], scale=scale, enable_gqa=n_heads != n_kv_heads)
+        return out[0].transpose(0, 1)
+    # each query over its own sequence's live prefix, one at a time (on a CPU, faster than
+    # gathering the sequences' caches for one masked batch)
+    out = torch.zeros_like(q)
+    for i, (slot, end) in enumerate(zip(slots.tolist(), (positions + 1).tolist())):
+        if end > 0:
+            out[i] = F.scaled_dot_product_attention(
+                q[None, i, :, None], k_cache[None, slot, :, :end], v_cache[None, slot, :, :end], scale=scale,
+                enable_gqa=n_heads != n_kv_heads)[0, :, 0]
+    return out
 
 
 def kernel_takes(q: torch.Tensor) -> bool:
@@ -46,14 +56,23 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
-              scale: float | None = None) -> torch.Tensor:
+                     scale: float | None = None, slots: torch.Tensor | None = None, batch: bool = False) -> torch.Tensor:
     """q [n, heads, head_dim] at `positions` [n] (int64, on q's device); k/v_cache
-    [kv_heads, max_ctx, head_dim]. Query i sees keys 0..positions[i]. Returns [n, heads, head_dim]."""
+    [kv_heads, max_ctx, head_dim], or with `slots` [n] (int64) every sequence's,
+    [max_seqs, kv_heads, max_ctx, head_dim]: query i reads sequence slots[i]. `batch`: the
+    queries are of different sequences (one token each, batched decode); else they are tokens
+    of one sequence, slots[0]. Query i sees keys 0..positions[i]; a negative position (a padding
+    row) sees none and gives zeros. Returns [n, heads, head_dim]."""
     n, n_heads, head_dim = q.shape
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    if not kernel_takes(q):
-        return attention_reference(q, k_cache, v_cache, positions, scale)
-    n_kv_heads, ctx = k_cache.shape[0], k_cache.shape[1]
+    if not use_triton(q):
+        return attention_reference(q, k_cache, v_cache, positions, scale, slots)
+    if slots is None:
+        k_cache, v_cache = k_cache[None], v_cache[None]
+    # a program takes up to MAX_QUERY_TOKENS tokens of one sequence, which share each key it
+    # loads; in a batch, one token
+    tokens = 1 if batch else min(n, MAX_QUERY_TOKENS)
+    n_kv_heads, ctx = k_cache.shape[1], k_cache.shape[2]
     group = n_heads // n_kv_heads
     rows = n * group
     chunk, splits = split_size(ctx)
@@ -61,11 +80,11 @@ def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     max_sum = torch.empty((n_kv_heads, splits, rows, 2), dtype=torch.float32, device=q.device)
     out = torch.empty_like(q)
     block_d = max(16, triton.next_power_of_2(head_dim))
-    _attention_split_kernel[(n_kv_heads, splits)](
-        q, k_cache, v_cache, positions, partial, max_sum,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        rows, splits, chunk, head_dim, scale,
-        GROUP=group, BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=BLOCK_N, BLOCK_D=block_d,
+    _attention_split_kernel[(n_kv_heads, splits, _cdiv(n, tokens))](
+        q, k_cache, v_cache, positions, positions if slots is None else slots, partial, max_sum,
+        q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
+        rows, splits, chunk, head_dim, scale, HAS_SLOTS=slots is not None, TOKENS=tokens,
+        GROUP=group, BLOCK_M=max(16, triton.next_power_of_2(tokens * group)), BLOCK_N=BLOCK_N, BLOCK_D=block_d,
         PRECISION=dot_precision(q.dtype), num_warps=4,
     )
     _attention_combine_kernel[(n_kv_heads, rows)](
@@ -77,16 +96,22 @@ def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 if triton is not None:
     @triton.jit
-    def _attention_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, ms_ptr,
-                                stride_qt, stride_qh, stride_kh, stride_kt, stride_vh, stride_vt,
+    def _attention_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, o_ptr, ms_ptr,
+                                stride_qt, stride_qh, stride_ks, stride_kh, stride_kt, stride_vs, stride_vh, stride_vt,
                                 n_rows, n_splits, chunk, head_dim, scale,
-                                GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                                BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-        kv_head, split = tl.program_id(0), tl.program_id(1)
-        rows = tl.arange(0, BLOCK_M)  # row r: token r // GROUP, q head kv_head * GROUP + r % GROUP
-        row_ok = rows < n_rows
+                                HAS_SLOTS: tl.constexpr, TOKENS: tl.constexpr, GROUP: tl.constexpr,
+                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                                PRECISION: tl.constexpr):
+        kv_head, split, first_token = tl.program_id(0), tl.program_id(1), tl.program_id(2) * TOKENS
+        # row r of this program: token first_token + r // GROUP, q head kv_head * GROUP + r % GROUP
+        rows = first_token * GROUP + tl.arange(0, BLOCK_M)
+        row_ok = rows < tl.minimum(n_rows, (first_token + TOKENS) * GROUP)
         token = rows // GROUP
         pos = tl.load(pos_ptr + token, mask=row_ok, other=-1)
+        if HAS_SLOTS:  # the sequence of the program's tokens
+            slot = tl.load(slot_ptr + first_token)
+            k_ptr += slot * stride_ks
+            v_ptr += slot * stride_vs
         start = split * chunk
         end = tl.minimum(start + chunk, tl.max(pos, axis=0) + 1)
         if start < end:  # chunks past every query's position are neither read nor combined
@@ -123,7 +148,8 @@ if triton is not None:
                                   GROUP: tl.constexpr, BLOCK_D: tl.constexpr):
         kv_head, row = tl.program_id(0), tl.program_id(1)
         token = row // GROUP
-        used = tl.load(pos_ptr + token) // chunk + 1  # the chunks holding keys 0..pos
+        pos = tl.load(pos_ptr + token)
+        used = tl.where(pos >= 0, pos // chunk + 1, 0)  # the chunks holding keys 0..pos; none for padding
         d = tl.arange(0, BLOCK_D)
         d_ok = d < head_dim
         acc = tl.zeros([BLOCK_D], tl.float32)
@@ -139,6 +165,6 @@ if triton is not None:
             acc = acc * a + o_s * b
             total = total * a + total_s * b
             m = m_new
-        out = acc / total
+        out = acc / tl.maximum(total, 1e-30)  # a padding row: 0 / 0 made 0
         dst = out_ptr + token * stride_ot + (kv_head * GROUP + row % GROUP) * stride_oh + d
         tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=d_ok)

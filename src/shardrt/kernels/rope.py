@@ -42,55 +42,74 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str
 
 
 def rope_kv_write_reference(qkv, cos, sin, positions, k_cache, v_cache, n_heads: int, style: str,
-                            q_norm=None, k_norm=None, eps: float = 0.0) -> torch.Tensor:
-    n, (n_kv_heads, _, head_dim) = qkv.shape[0], k_cache.shape
+                            q_norm=None, k_norm=None, eps: float = 0.0, slots=None) -> torch.Tensor:
+    n, (n_kv_heads, _, head_dim) = qkv.shape[0], k_cache.shape[-3:]
     q, k, v = qkv.split([n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim], dim=-1)
     q, k, v = (t.reshape(n, -1, head_dim) for t in (q, k, v))
     if q_norm is not None:
         q, k = rms_norm_reference(q, q_norm, eps), rms_norm_reference(k, k_norm, eps)
-    c, s = cos[positions], sin[positions]
+    c, s = cos[positions.clamp(min=0)], sin[positions.clamp(min=0)]
     q, k = apply_rope(q, c, s, style), apply_rope(k, c, s, style)
-    k_cache.index_copy_(1, positions, k.transpose(0, 1))
-    v_cache.index_copy_(1, positions, v.transpose(0, 1))
+    if slots is None:  # graph-safe: no padding rows here
+        k_cache.index_copy_(1, positions, k.transpose(0, 1))
+        v_cache.index_copy_(1, positions, v.transpose(0, 1))
+    else:  # eager only: selecting the real rows waits for the device
+        real = positions >= 0
+        k_cache[slots[real], :, positions[real]] = k[real]
+        v_cache[slots[real], :, positions[real]] = v[real]
     return q
 
 
 def rope_kv_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
                   k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, style: str,
                   q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None,
-                  eps: float = 0.0) -> torch.Tensor:
+                  eps: float = 0.0, slots: torch.Tensor | None = None) -> torch.Tensor:
     """qkv [n, (heads + 2 kv_heads) * head_dim] from the fused projection; cos/sin the full tables
-    [max_ctx, rot/2]; positions [n] int64 on the device; k/v_cache [kv_heads, max_ctx, head_dim].
-    Returns q [n, heads, head_dim], rotated; k (rotated) and v land in the caches."""
+    [max_ctx, rot/2]; positions [n] int64 on the device; k/v_cache [kv_heads, max_ctx, head_dim],
+    or with `slots` [n] (int64) every sequence's, [max_seqs, kv_heads, max_ctx, head_dim], token i
+    going to sequence slots[i]. A token at a negative position (a padding row of a batch) is
+    rotated as at 0 and written nowhere. Returns q [n, heads, head_dim], rotated; k (rotated) and
+    v land in the caches."""
     if not use_triton(qkv):
-        return rope_kv_write_reference(qkv, cos, sin, positions, k_cache, v_cache, n_heads, style, q_norm, k_norm, eps)
-    n, (n_kv_heads, _, head_dim) = qkv.shape[0], k_cache.shape
+        return rope_kv_write_reference(qkv, cos, sin, positions, k_cache, v_cache, n_heads, style, q_norm, k_norm, eps,
+                                       slots)
+    if slots is None:
+        k_cache, v_cache = k_cache[None], v_cache[None]
+    n, (n_kv_heads, _, head_dim) = qkv.shape[0], k_cache.shape[1:]
     q = torch.empty((n, n_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
     has_norm = q_norm is not None
     _rope_kv_kernel[(n, n_heads + 2 * n_kv_heads)](
-        qkv, cos, sin, positions, k_cache, v_cache, q, q_norm if has_norm else q, k_norm if has_norm else q,
-        qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        qkv, cos, sin, positions, positions if slots is None else slots, k_cache, v_cache, q,
+        q_norm if has_norm else q, k_norm if has_norm else q,
+        qkv.stride(0), cos.stride(0), *k_cache.stride()[:3], *v_cache.stride()[:3],
         n_heads, n_kv_heads, head_dim, cos.shape[1] * 2, eps,
-        INTERLEAVED=style == "interleaved", HAS_NORM=has_norm, BLOCK_D=triton.next_power_of_2(head_dim), num_warps=1,
+        HAS_SLOTS=slots is not None, INTERLEAVED=style == "interleaved", HAS_NORM=has_norm,
+        BLOCK_D=triton.next_power_of_2(head_dim), num_warps=1,
     )
     return q
 
 
 if triton is not None:
     @triton.jit
-    def _rope_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, q_ptr, qn_ptr, kn_ptr,
-                        stride_qkv, stride_cos, stride_kh, stride_kt, stride_vh, stride_vt,
-                        n_heads, n_kv_heads, head_dim, rot, eps,
+    def _rope_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, k_ptr, v_ptr, q_ptr, qn_ptr, kn_ptr,
+                        stride_qkv, stride_cos, stride_ks, stride_kh, stride_kt, stride_vs, stride_vh, stride_vt,
+                        n_heads, n_kv_heads, head_dim, rot, eps, HAS_SLOTS: tl.constexpr,
                         INTERLEAVED: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_D: tl.constexpr):
         token, head = tl.program_id(0), tl.program_id(1)  # heads: q heads, then k heads, then v heads
         d = tl.arange(0, BLOCK_D)
         in_head = d < head_dim
         src = qkv_ptr + token * stride_qkv + head * head_dim
         pos = tl.load(pos_ptr + token)
+        written = in_head & (pos >= 0)  # a padding row writes nothing
+        pos = tl.maximum(pos, 0)
+        if HAS_SLOTS:
+            slot = tl.load(slot_ptr + token)
+            k_ptr += slot * stride_ks
+            v_ptr += slot * stride_vs
         x = tl.load(src + d, mask=in_head, other=0.0)
         if head >= n_heads + n_kv_heads:  # v: straight into the cache
             kv = head - n_heads - n_kv_heads
-            tl.store(v_ptr + kv * stride_vh + pos * stride_vt + d, x, mask=in_head)
+            tl.store(v_ptr + kv * stride_vh + pos * stride_vt + d, x, mask=written)
         else:
             if INTERLEAVED:
                 partner = d ^ 1
@@ -118,4 +137,4 @@ if triton is not None:
                 tl.store(q_ptr + (token * n_heads + head) * head_dim + d, y, mask=in_head)
             else:
                 kv = head - n_heads
-                tl.store(k_ptr + kv * stride_kh + pos * stride_kt + d, y, mask=in_head)
+                tl.store(k_ptr + kv * stride_kh + pos * stride_kt + d, y, mask=written)
