@@ -175,3 +175,19 @@ def test_batch_graphs_equal_each_sequence_alone(demo_model, demo_tokenizer):
         assert max((a - b).abs().max().item() for a, b in zip(rows, want_rows)) < 1e-3
     assert torch.equal(stage.k_cache[:, 2], kept[0]) and torch.equal(stage.v_cache[:, 2], kept[1])
     assert stage.lengths[2] == len(prompts[0])
+
+
+def test_serve_batches_through_a_gpu_daemon_equal_each_request_alone(demo_model, tmp_path):
+    """16 concurrent greedy requests over cpu:0 and a pinned cuda:0 daemon (batch graphs there, the
+    two stages pipelined) each get what they get alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .test_serve_batching import complete
+    from .test_server import serving
+
+    with serving(demo_model, tmp_path / "stderr.txt", "--target-gpus", "cpu:0,cuda:0", "--dtype", "float32",
+                 "--max-seqs", "16", "--max-queue", "16") as server:
+        prompts = [f"Question {i}: what comes after {i * 7}? Answer:" for i in range(16)]
+        alone = [complete(server, p) for p in prompts]
+        with ThreadPoolExecutor(16) as pool:
+            assert list(pool.map(lambda p: complete(server, p), prompts)) == alone
