@@ -119,7 +119,7 @@ class Step:
         return cls(torch.arange(base_pos, base_pos + n, device=device), base_pos)
 
     @classmethod
-    def batch(cls, positions: list[int], seqs: list[int], device) -> "Step":
+    def batched(cls, positions: list[int], seqs: list[int], device) -> "Step":
         both = torch.tensor([positions, seqs], dtype=torch.long).to(device)
         return cls(both[0], slots=both[1], batch=True)
 

@@ -215,7 +215,7 @@ class Stage:
             graphed = self.runner.replay_batch(inputs, seqs, positions, bucket)
             self.graph_forwards += 1
         else:
-            graphed = self.step_outputs(inputs, Step.batch(positions, seqs, self.device), every_layer=False)
+            graphed = self.step_outputs(inputs, Step.batched(positions, seqs, self.device), every_layer=False)
         for seq, pos in zip(seqs, positions):
             self._set_length(seq, pos + 1)
         if not self.span.head:  # a graph's output is overwritten by its next replay
@@ -301,15 +301,13 @@ class Stage:
 
     def step_outputs(self, inputs: torch.Tensor, step: Step, every_layer: bool = True) -> "StepOutputs":
         """The whole stage as the graph runner captures it: every layer's hidden state (or only
-        the last), and on the stage with the head the logits of every row and their argmax. A
-        step with slots reads every sequence's cache; one without runs sequence 0."""
+        the last), and on the stage with the head the logits of every row and their argmax. The
+        step's slots name the sequence of each row."""
         from .runner import StepOutputs
 
         x, hidden = self._embed(inputs), []
         for i, block in enumerate(self.blocks):
-            caches = (self.k_cache[i], self.v_cache[i]) if step.slots is not None else \
-                (self.k_cache[i, 0], self.v_cache[i, 0])
-            x = block(x, self.rope, *caches, step)
+            x = block(x, self.rope, self.k_cache[i], self.v_cache[i], step)
             if every_layer or i == len(self.blocks) - 1:
                 hidden.append(x)
         logits = self._project(x) if self.span.head else None
