@@ -98,3 +98,26 @@ def test_killed_daemon_fails_every_request_in_flight_then_serves_again(server):
     with ThreadPoolExecutor(3) as pool:
         again = list(pool.map(lambda p: complete(server, p, max_tokens=6), prompts))
     assert again == [complete(server, p, max_tokens=6) for p in prompts]
+
+
+def test_a_drafting_server_speculates_alone_and_hands_over_to_the_batch(server, demo_model, tmp_path):
+    """With --draft and several slots: a request alone decodes speculatively; when others arrive
+    while it runs it goes on in the batch; every greedy text equals the plain server's."""
+    repetitive = "Count: one, two, three, four, five, six, seven, eight, nine, ten. Again: one, two, three,"
+    others = [f"Question {i}: what comes after {i * 7}? Answer:" for i in range(3)]
+    want = [complete(server, p, max_tokens=48) for p in [repetitive] + others]
+    with serving(demo_model, tmp_path / "stderr.txt", "--draft", "ngram", "--max-seqs", "4") as drafting:
+        assert complete(drafting, repetitive, max_tokens=48) == want[0]
+        accepted = drafting.metric("shardrt_spec_accepted_tokens_total")
+        assert accepted > 0 and drafting.metric("shardrt_spec_handovers_total") == 0
+
+        stream = drafting.client.completions.create(model=drafting.model, prompt=repetitive, max_tokens=48,
+                                                    temperature=0, stream=True, extra_body={"ignore_eos": True})
+        chunks = iter(stream)
+        first = next(chunks)  # it runs, alone and drafting
+        with ThreadPoolExecutor(3) as pool:
+            together = list(pool.map(lambda p: complete(drafting, p, max_tokens=48), others))
+        streamed = "".join(c.choices[0].text for c in [first, *chunks] if c.choices)
+        assert [streamed, *together] == want
+        assert drafting.metric("shardrt_spec_handovers_total") == 1
+        assert "Traceback" not in drafting.stderr()

@@ -500,7 +500,6 @@ def test_speculative_decoding_and_all_daemons_behind_the_server(server, demo_mod
     (("--max-queue", "0"), "--max-queue: 0"),
     (("--host", "no-such-host.invalid"), "--host: cannot resolve"),
     (("--max-seqs", "0"), "--max-seqs: 0"),
-    (("--max-seqs", "4", "--draft", "ngram"), "--max-seqs: 4 sequences decode together without a drafter"),
 ])
 def test_bad_serve_flags_exit_2(demo_model, args, needle):
     run = subprocess.run([sys.executable, "-m", "shardrt.cli", "serve", "--model", str(demo_model), "--port",

@@ -43,7 +43,7 @@ def _add_placement_args(p: argparse.ArgumentParser) -> None:
                    help="KV cache length in tokens (default 4096), or auto: the largest that fits every device")
     p.add_argument("--max-seqs", type=int, default=None, metavar="N",
                    help="sequences each stage's KV cache holds, decoded together under serve (default 1; "
-                        "serve: 8, or 1 with a drafter)")
+                        "serve: 8)")
     p.add_argument("--dtype", default=None, metavar="T",
                    help="compute dtype: auto (default: float32 on CPU, bf16 on GPU), float32, bfloat16, float16")
     p.add_argument("--no-graphs", action="store_true",
@@ -235,11 +235,8 @@ def cmd_serve(args) -> int:
                            model_name=args.served_model_name)
     check_address(options)  # before the model is fetched or loaded
     config, model = _resolve(args)
-    if config.max_seqs is None:  # decode requests together, unless each one drafts
-        config = replace(config, max_seqs=1 if config.draft else SERVE_MAX_SEQS)
-    elif config.max_seqs > 1 and config.draft:
-        raise ConfigError(f"--max-seqs: {config.max_seqs} sequences decode together without a drafter; "
-                          "give --max-seqs 1 to serve with --draft")
+    if config.max_seqs is None:  # decode requests together (a drafter drafts for a request alone)
+        config = replace(config, max_seqs=SERVE_MAX_SEQS)
     return serve(config, model, options)
 
 

@@ -118,6 +118,18 @@ class SpecStats:
                 "accept_rate": round(self.accepted / self.drafted, 3) if self.drafted else 0.0}
 
 
+@dataclass
+class Handover:
+    """A generation stopped between two steps so that it can go on elsewhere (in the batch of
+    `serve`): its KV holds the prompt and every token but the last, which is still to be fed."""
+
+    out: Decoding
+    sampler: Sampler
+    reused: int  # prompt tokens restored from the prefix cache
+    started: float  # perf_counter at the start, and when the first token was out
+    prefill_done: float
+
+
 class _DraftBudget:
     """How many tokens to draft next: more after a fully accepted draft, half after a rejected
     one, and none for a while once drafting stops paying, with a one-token probe now and then."""
@@ -191,12 +203,14 @@ class _Verifier:
 
 def generate(pipeline: Pipeline, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams,
              on_text: Callable[[str], None] | None = None, *, drafter=None, draft_tokens: int = 4,
-             prefix_cache=None, ring=None, cancelled: Callable[[], bool] | None = None) -> Generation:
+             prefix_cache=None, ring=None, cancelled: Callable[[], bool] | None = None,
+             handover: Callable[[], bool] | None = None) -> Generation | Handover:
     """Prefill (reusing a cached prefix where one matches), then decode until a stop.
 
     With a drafter, each decode step verifies up to `draft_tokens` proposals in one target
     forward and rolls the KV of every stage back past the first rejected one; greedy output is
-    the same token for token as plain decoding.
+    the same token for token as plain decoding. When `handover()` turns true between two steps,
+    the generation stops there and returns its `Handover` instead.
     """
     if not prompt_ids:
         raise ConfigError("prompt: is empty; give at least one token of text")
@@ -234,6 +248,8 @@ def generate(pipeline: Pipeline, tokenizer: Tokenizer, prompt_ids: list[int], pa
                 break
         if not going:
             break
+        if handover is not None and handover():
+            return Handover(out, sampler, reused, t0, t1)
         context = list(prompt_ids) + tokens
         pos = len(context) - 1  # the last token is not in the cache yet
         room = min(params.max_tokens - len(tokens) - 1, pipeline.max_ctx - len(context) - 1)

@@ -269,13 +269,14 @@ class Cluster:
         else:
             self.drafter = ModelDrafter(self._start_draft_daemon(draft, shared))
 
-    def generate(self, tokenizer, prompt_ids: list[int], params, on_text=None, cancelled=None):
-        """One request through this cluster, with its drafter, feature ring and prefix cache."""
+    def generate(self, tokenizer, prompt_ids: list[int], params, on_text=None, cancelled=None, handover=None):
+        """One request through this cluster (sequence slot 0), with its drafter, feature ring and
+        prefix cache; `handover` as in generate.generate."""
         from .generate import generate
 
         return generate(self.pipeline, tokenizer, prompt_ids, params, on_text, drafter=self.drafter,
                         draft_tokens=self.draft_tokens, prefix_cache=self.prefix_cache,
-                        ring=self.ring, cancelled=cancelled)
+                        ring=self.ring, cancelled=cancelled, handover=handover)
 
     def _start_draft_daemon(self, draft, shared: int) -> Pipeline:
         check_same_vocabulary(self.model_path, draft.model)

@@ -8,7 +8,8 @@ is one batched forward (one token of each of its sequences, each at its own posi
 its own cache), and the groups move through the stages as a wavefront (wavefront.py), so that
 with the model split over S processes all S work at once. A sequence leaves when it ends, is
 cancelled, or its client goes away, and its slot takes the next request. Prefix-cache snapshots
-are shared by every slot: a request may reuse what another one left.
+are shared by every slot: a request may reuse what another one left. A generation that began
+alone (speculative, in slot 0) joins the batch where it stopped (`adopt`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ConfigError
-from ..generate import Decoding, Generation
+from ..generate import Decoding, Generation, Handover
 from ..sampling import Sampler
 from ..wavefront import Wavefront, Work
 
@@ -77,6 +78,26 @@ class BatchScheduler:
         run = Running(job, self._free.pop(0), Decoding(self.tokenizer, params, job.on_text), Sampler(params), 0, 0)
         self.running.append(run)
         self._joining.append(run)
+
+    def adopt(self, job, handover: Handover, seq: int = 0) -> None:
+        """Take over a generation that ran elsewhere in slot `seq` (free here): it decodes on from
+        its last token, which its KV does not hold yet."""
+        self._free.remove(seq)
+        out = handover.out
+        run = Running(job, seq, out, handover.sampler, handover.reused, len(job.prompt_ids), out.tokens[-1],
+                      started=handover.started, prefill_done=handover.prefill_done)
+        self.running.append(run)
+        min(self.groups, key=len).append(run)
+
+    @property
+    def idle(self) -> bool:
+        """No sequence holds a slot, and every slot is free."""
+        return not self.running and len(self._free) == self.pipeline.max_seqs
+
+    def settle(self) -> list[tuple[Running, Generation]]:
+        """Give back the slots of the sequences that ended, set up those that joined (nothing may
+        be in flight after it)."""
+        return self._settle()
 
     def drop_all(self) -> list[Running]:
         """Every sequence, taken out (their stages failed or are closing)."""

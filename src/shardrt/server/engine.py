@@ -1,7 +1,8 @@
 """The engine: one thread owns the `Cluster` and takes requests from a bounded FIFO queue:
 with `--max-seqs` above 1, up to that many decode together (server/batch.py: requests join and
-leave the running batch between steps); with 1 (and always with a drafter), one at a time, each
-speculative where a drafter is set. It cancels what clients abandon, notices stages that die (a failed request, or a
+leave the running batch between steps); with 1, one at a time. With a drafter, a request that
+finds no other running or waiting decodes speculatively; when another arrives it stops drafting
+and joins the batch where it stands. It cancels what clients abandon, notices stages that die (a failed request, or a
 daemon found dead while idle or by `/health`), restarts the whole Cluster with the same
 configuration, and reports its state for `/health` and its numbers for `/metrics`.
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from ..config import LaunchConfig
 from ..errors import ConfigError, IpcError, ModelFormatError, StageDied
+from ..generate import Handover
 from ..sampling import SamplingParams
 from .metrics import ServerMetrics
 from .schema import ApiError, GenerateRequest
@@ -171,7 +173,7 @@ class Engine:
         in_pipeline = {id(s) for s in cluster.pipeline.stages}
         stages += [self._remote_info(r) for r in cluster.remote if id(r) not in in_pipeline]  # the draft daemon
         self.stages = stages
-        if self.config.seqs > 1 and cluster.drafter is None:
+        if self.config.seqs > 1:
             from .batch import BatchScheduler
 
             self._scheduler = BatchScheduler(cluster.pipeline, self.tokenizer, cluster.prefix_cache)
@@ -289,10 +291,17 @@ class Engine:
                 self._cond.wait(IDLE_POLL_S)
             if self._stopping or self.state != "ready":
                 return
+            alone = None
+            if self.cluster.drafter is not None and len(self._queue) == 1 and not scheduler.running:
+                alone = self._running = self._queue.popleft()
+                self.metrics.queue_depth.set(0)
             joining = []
             while self._queue and len(joining) < scheduler.free_slots:
                 joining.append(self._queue.popleft())
             self.metrics.queue_depth.set(len(self._queue))
+        if alone is not None:
+            self._speculate(alone)
+            return
         for job in joining:
             if job.cancelled():
                 job.fail(ApiError("request: cancelled", status=499, code="cancelled"))
@@ -324,6 +333,16 @@ class Engine:
             self._deliver(run.job, result)
         self.metrics.running.set(len(scheduler.running))
 
+    def _speculate(self, job: Job) -> None:
+        """The only request: speculative in slot 0 until another request waits, then in the batch."""
+        try:
+            for run, result in self._scheduler.settle():
+                self._deliver(run.job, result)
+            self._run(job, handover=lambda: bool(self._queue))
+        finally:
+            with self._cond:
+                self._running = None
+
     def _stage_error(self, exc: Exception) -> ApiError:
         return ApiError(f"{exc}; the server is restarting its stages, retry shortly", status=503, code="stage_died",
                         retry_after=5)
@@ -336,14 +355,14 @@ class Engine:
         dead = self._dead_stage()
         self._stage_died(dead.name if dead is not None else str(exc).removeprefix("stage ").split(":")[0], str(exc))
 
-    def _run(self, job: Job) -> None:
+    def _run(self, job: Job, handover=None) -> None:
         if job.cancelled():
             job.fail(ApiError("request: cancelled", status=499, code="cancelled"))
             return
         self.metrics.running.set(1)
         try:
             result = self.cluster.generate(self.tokenizer, job.prompt_ids, job.params, on_text=job.on_text,
-                                           cancelled=job.cancelled)
+                                           cancelled=job.cancelled, handover=handover)
         except (StageDied, IpcError) as exc:
             dead = self._dead_stage()
             name = dead.name if dead is not None else str(exc).removeprefix("stage ").split(":")[0]
@@ -360,7 +379,11 @@ class Engine:
             return
         finally:
             self.metrics.running.set(0)
-        self._deliver(job, result)
+        if isinstance(result, Handover):
+            self._scheduler.adopt(job, result)
+            self.metrics.spec_handovers.inc()
+        else:
+            self._deliver(job, result)
 
     def _deliver(self, job: Job, result) -> None:
         try:
@@ -454,9 +477,8 @@ class Engine:
         return True
 
     def _running_count(self) -> int:
-        if self._scheduler is not None:
-            return len(self._scheduler.running)
-        return int(self._running is not None)
+        batched = len(self._scheduler.running) if self._scheduler is not None else 0
+        return batched + int(self._running is not None)
 
     # -- /health --------------------------------------------------------------------------
 

@@ -120,6 +120,8 @@ class ServerMetrics:
         self.stage_seconds = Counter(r, "shardrt_stage_forward_seconds_total", "Time in forward per stage", ("stage",))
         self.spec_drafted = Counter(r, "shardrt_spec_drafted_tokens_total", "Speculative tokens proposed")
         self.spec_accepted = Counter(r, "shardrt_spec_accepted_tokens_total", "Speculative tokens accepted")
+        self.spec_handovers = Counter(r, "shardrt_spec_handovers_total",
+                                      "Speculative generations that joined the batch when another request came")
         self.up = Gauge(r, "shardrt_up", "1 when every stage is ready, else 0")
         self.restarts = Counter(r, "shardrt_restarts_total", "Cluster restarts after a stage died")
         self.last_restart = Gauge(r, "shardrt_last_restart_seconds", "How long the last cluster restart took")
