@@ -145,6 +145,9 @@ class Launch:
              "cpu:0,cpu:1,cpu:2", "-p", PROMPT, "-n", "3000", "--max-ctx", "4096", "--ignore-eos", *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
             env={**os.environ, "TMPDIR": str(tmp_path), "XDG_RUNTIME_DIR": "", **(env or {})},
+            # Ctrl-C as at a terminal: a shell starts background jobs with SIGINT ignored, and a
+            # process keeps an ignored SIGINT (Python then installs no KeyboardInterrupt)
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         self.err_lines: queue.Queue = queue.Queue()
         self.out_chunks: queue.Queue = queue.Queue()
@@ -176,7 +179,12 @@ class Launch:
             seen += 1
 
     def finish(self, timeout: float) -> tuple[int, str]:
-        code = self.proc.wait(timeout=timeout)
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:  # say what it was doing: its log so far
+            while not self.err_lines.empty() and (line := self.err_lines.get_nowait()) is not None:
+                self.stderr.append(line)
+            raise AssertionError(f"launch still running {timeout:.0f}s on; its stderr:\n" + "".join(self.stderr)) from None
         while (line := self.err_lines.get(timeout=timeout)) is not None:
             self.stderr.append(line)
         return code, "".join(self.stderr)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -365,10 +366,12 @@ class Cluster:
                 pass
             stage.close()
         for daemon in self.daemons:
+            t0 = time.monotonic()
             try:
                 daemon.stop(self.timeouts)
             except Exception:  # one daemon that cannot be stopped must not keep the others running
                 log.exception("could not stop %s", daemon.label)
+            log.info("stopped %s in %.2fs", daemon.label, time.monotonic() - t0)
         self.remote, self.daemons = [], []
         if self._context is not None:
             self._context.destroy(linger=0)
