@@ -2,9 +2,9 @@
 with `--max-seqs` above 1, up to that many decode together (server/batch.py: requests join and
 leave the running batch between steps); with 1, one at a time. With a drafter, a request that
 finds no other running or waiting decodes speculatively; when another arrives it stops drafting
-and joins the batch where it stands. It cancels what clients abandon, notices stages that die (a failed request, or a
-daemon found dead while idle or by `/health`), restarts the whole Cluster with the same
-configuration, and reports its state for `/health` and its numbers for `/metrics`.
+and joins the batch where it stands. It cancels what clients abandon, notices stages that die (a
+failed request, or a daemon found dead while idle or by `/health`), restarts the whole Cluster
+with the same configuration, and reports its state for `/health` and its numbers for `/metrics`.
 """
 
 from __future__ import annotations
@@ -316,11 +316,18 @@ class Engine:
                 self._stage_died(dead.name, f"{dead.name}: daemon exited ({dead.daemon.exit_reason()})")
             return
         self.metrics.running.set(len(scheduler.running))
+        if self._scheduled(scheduler.step):
+            self.metrics.running.set(len(scheduler.running))
+
+    def _scheduled(self, call) -> bool:
+        """Run a scheduler call and deliver what finished; False when the stages failed under it
+        (every running request then has its error, and the restart is under way)."""
+        scheduler = self._scheduler
         try:
-            finished = scheduler.step()
+            finished = call()
         except (StageDied, IpcError) as exc:
             self._batch_failed(exc)
-            return
+            return False
         except Exception as exc:  # a bug or a broken stage: fail the batch, restart to a clean state
             log.error("batched step failed: %s: %s", type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
             for run in scheduler.drop_all():
@@ -328,16 +335,21 @@ class Engine:
                                       code="internal_error"))
                 self.metrics.generations.inc(finish_reason="error")
             self._stage_died("engine", f"{type(exc).__name__}: {exc}")
-            return
+            return False
         for run, result in finished:
             self._deliver(run.job, result)
-        self.metrics.running.set(len(scheduler.running))
+        return True
 
     def _speculate(self, job: Job) -> None:
-        """The only request: speculative in slot 0 until another request waits, then in the batch."""
+        """The only request: speculative in slot 0 until another request waits, then in the batch.
+        The slots of requests that ended are given back first; if the stages fail doing so, the
+        request waits at the head of the queue for the restart."""
         try:
-            for run, result in self._scheduler.settle():
-                self._deliver(run.job, result)
+            if not self._scheduled(self._scheduler.settle):
+                with self._cond:
+                    self._queue.appendleft(job)
+                    self.metrics.queue_depth.set(len(self._queue))
+                return
             self._run(job, handover=lambda: bool(self._queue))
         finally:
             with self._cond:
