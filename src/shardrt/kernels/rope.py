@@ -48,7 +48,8 @@ def rope_kv_write_reference(qkv, cos, sin, positions, k_cache, v_cache, n_heads:
     q, k, v = (t.reshape(n, -1, head_dim) for t in (q, k, v))
     if q_norm is not None:
         q, k = rms_norm_reference(q, q_norm, eps), rms_norm_reference(k, k_norm, eps)
-    c, s = cos[positions.clamp(min=0)], sin[positions.clamp(min=0)]
+    at = positions.clamp(min=0)  # a padding row rotates as at 0
+    c, s = cos[at], sin[at]
     q, k = apply_rope(q, c, s, style), apply_rope(k, c, s, style)
     if slots is None:  # graph-safe: no padding rows here
         k_cache.index_copy_(1, positions, k.transpose(0, 1))

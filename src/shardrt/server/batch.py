@@ -89,16 +89,6 @@ class BatchScheduler:
         self.running.append(run)
         min(self.groups, key=len).append(run)
 
-    @property
-    def idle(self) -> bool:
-        """No sequence holds a slot, and every slot is free."""
-        return not self.running and len(self._free) == self.pipeline.max_seqs
-
-    def settle(self) -> list[tuple[Running, Generation]]:
-        """Give back the slots of the sequences that ended, set up those that joined (nothing may
-        be in flight after it)."""
-        return self._settle()
-
     def drop_all(self) -> list[Running]:
         """Every sequence, taken out (their stages failed or are closing)."""
         running = self.running
@@ -113,7 +103,7 @@ class BatchScheduler:
         gone = [r for r in self.running if r.job.cancelled() and not r.in_flight and r not in self._joining]
         finished = [self._end(r, "cancelled") for r in gone]
         if self._joining or self._leaving:
-            finished += self._settle()
+            finished += self.settle()
         self._put_work()
         for work in self.wave.advance():
             finished += self._returned(work)
@@ -121,7 +111,9 @@ class BatchScheduler:
 
     # -- slots: set up and given back while nothing is in flight (they ask every stage) --------
 
-    def _settle(self) -> list[tuple[Running, Generation]]:
+    def settle(self) -> list[tuple[Running, Generation]]:
+        """Give back the slots of the sequences that ended, set up those that joined (nothing is
+        in flight after it)."""
         finished = []
         for work in self.wave.drain():
             finished += self._returned(work)

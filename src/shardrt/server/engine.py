@@ -294,7 +294,6 @@ class Engine:
             alone = None
             if self.cluster.drafter is not None and len(self._queue) == 1 and not scheduler.running:
                 alone = self._running = self._queue.popleft()
-                self.metrics.queue_depth.set(0)
             joining = []
             while self._queue and len(joining) < scheduler.free_slots:
                 joining.append(self._queue.popleft())
