@@ -223,12 +223,13 @@ def run_placement(model: Path, tokenizer: Tokenizer, prompt: list[int], devices:
             "stages": rows, "tokens": warm.tokens}
 
 
-def add_profiles(model: Path, devices: str, rows: list[dict], max_ctx: int, dtype: str) -> None:
+def add_profiles(model: Path, devices: str, rows: list[dict], max_ctx: int, dtype: str, weights: str = "auto") -> None:
     """Load the placement again with SHARDRT_PROFILE=1 (each GPU stage profiles one graph replay
     at load; daemons inherit it) and put each stage's profile into its row."""
     os.environ["SHARDRT_PROFILE"] = "1"
     try:
-        config = LaunchConfig(devices=parse_devices(devices), max_ctx=max_ctx, dtype=dtype).with_defaults()
+        config = LaunchConfig(devices=parse_devices(devices), max_ctx=max_ctx, dtype=dtype,
+                              weights=weights).with_defaults()
         with Cluster(config, model) as cluster:
             for row, stage in zip(rows, cluster.pipeline.stages):
                 row["profile"] = stats_of(stage)["profile"]

@@ -1,9 +1,12 @@
 """Quantized weights on GPUs, in one run: the same random Llama-3-8B-shaped model written as
 bf16, Q8_0 and Q4_K_M (Q4_K with Q6_K for attn_v, ffn_down and the head), each decoded on one
 GPU and split over two, with the weight memory every stage holds beside the GGUF bytes of its
-span. One JSON line.
+span; with --llama-bench, llama.cpp's llama-bench on each same file right after (prefill of the
+prompt, decode at the prompt's depth, flash attention, every layer on the GPU), and the ratios.
+One JSON line.
 
     python scripts/bench_quant.py [--shape llama3-8b] [--types bf16,q8_0,q4_k_m] [--layers N]
+    python scripts/bench_quant.py --placements one --llama-bench PATH/llama-bench
     python scripts/bench_quant.py --device cpu --shape tiny --types q8_0 --placements one   # runs anywhere
 """
 
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 from dataclasses import replace
@@ -42,7 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=1250)
     parser.add_argument("--decode-tokens", type=int, default=128)
     parser.add_argument("--max-ctx", type=int, default=4096)
+    parser.add_argument("--weights", choices=("auto", "quantized", "dequantized"), default="auto",
+                        help="how quantized files are held (bf16 files: always as they are)")
+    parser.add_argument("--llama-bench", type=Path, help="llama.cpp's llama-bench, run on the same files")
+    parser.add_argument("--profile", action="store_true", help="profile one decode replay per stage (a second load)")
+    parser.add_argument("--keep", type=Path, help="write the files here and keep them (default: a temporary folder)")
     args = parser.parse_args(argv)
+    if args.llama_bench and not args.llama_bench.is_file():
+        parser.error(f"--llama-bench: {str(args.llama_bench)!r} is not a file")
     shape = make_gguf.SHAPES[args.shape]
     if args.layers:
         shape = replace(shape, layers=args.layers)
@@ -54,9 +65,10 @@ def main(argv: list[str] | None = None) -> int:
                     "decode_tokens": args.decode_tokens, "types": {}}
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         for type_name in args.types.split(","):
-            model = Path(tmp) / f"random-{args.shape}-{type_name}.gguf"
-            make_gguf.write(model, shape, type_name, args.tokenizer_from or demo_model_path(progress=False), seed=0,
-                            progress=False)
+            model = (args.keep or Path(tmp)) / f"random-{args.shape}-{type_name}.gguf"
+            if not model.is_file():
+                make_gguf.write(model, shape, type_name, args.tokenizer_from or demo_model_path(progress=False), seed=0,
+                                progress=False)
             with GGUFFile(model) as gguf:
                 file_bytes = gguf.file_size
             tokenizer = Tokenizer(model)
@@ -68,15 +80,39 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 run = bench_gpu.run_placement(model, tokenizer, prompt, placements[name], all_daemons=False, graphs=True,
                                               decode_tokens=args.decode_tokens, max_ctx=args.max_ctx, dtype=dtype,
-                                              weights="dequantized" if type_name in FLOAT_TYPES else "quantized")
+                                              weights="dequantized" if type_name in FLOAT_TYPES else args.weights)
                 run.pop("tokens", None)
                 run["weight_gib"] = round(sum(s["weight_gib"] for s in run["stages"]), 3)
+                if args.profile and args.device == "cuda":
+                    bench_gpu.add_profiles(model, placements[name], run["stages"], args.max_ctx, dtype,
+                                           "dequantized" if type_name in FLOAT_TYPES else args.weights)
                 entry["placements"][name] = run
+            if args.llama_bench:
+                entry["llama_bench"] = llama_bench(args.llama_bench, model, args.prompt_tokens, args.decode_tokens)
             report["types"][type_name] = entry
-            model.unlink()
+            if not args.keep:
+                model.unlink()
     report["ratios"] = ratios(report["types"])
     print(json.dumps(report))
     return 0
+
+
+def llama_bench(binary: Path, model: Path, prompt_tokens: int, decode_tokens: int) -> dict:
+    """llama.cpp on the same file: prefill of the prompt from an empty cache, and decode with the
+    prompt's tokens already in the cache (its -d), every layer on the GPU, flash attention."""
+    cmd = [str(binary), "-m", str(model), "-ngl", "99", "-fa", "1", "-p", str(prompt_tokens), "-n", str(decode_tokens),
+           "-d", f"0,{prompt_tokens}", "-r", "3", "-o", "jsonl"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:
+        return {"error": f"exit {done.returncode}: {done.stderr.strip().splitlines()[-1:] }"}
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    out = {"command": " ".join(cmd[:1] + ["-m", model.name] + cmd[3:])}
+    for row in rows:
+        if row["n_prompt"] == prompt_tokens and row["n_gen"] == 0 and row["n_depth"] == 0:
+            out["prefill_tok_s"] = round(row["avg_ts"], 1)
+        if row["n_gen"] == decode_tokens and row["n_prompt"] == 0 and row["n_depth"] == prompt_tokens:
+            out["decode_tok_s"] = round(row["avg_ts"], 1)
+    return out
 
 
 def ratios(types: dict) -> dict:
@@ -85,13 +121,16 @@ def ratios(types: dict) -> dict:
 
     out = {}
     for t in types:
-        if t == "bf16":
-            continue
         for key, name in (("decode_tok_s", "decode"), ("prefill_tok_s", "prefill")):
             a, b = get(t, key), get("bf16", key)
-            out[f"{t}_over_bf16_{name}"] = round(a / b, 3) if a and b else None
+            if t != "bf16" and a and b:
+                out[f"{t}_over_bf16_{name}"] = round(a / b, 3)
         entry = types[t]
         one = entry["placements"].get("one", {})
+        peer = entry.get("llama_bench", {})
+        for key, name in (("decode_tok_s", "decode"), ("prefill_tok_s", "prefill")):
+            if one.get(key) and peer.get(key):
+                out[f"{t}_over_llama_cpp_{name}"] = round(one[key] / peer[key], 3)
         if "weight_gib" in one:
             out[f"{t}_weight_over_file"] = round(one["weight_gib"] / entry["file_gib"], 3)
     return out

@@ -5,10 +5,14 @@ inter-token latency p50/p99, decode tokens/s per request, errors; and each level
 tokens/s over the first level's.
 
 Starts its own server (demo model, `--target-gpus cpu:0,cpu:1` unless other serve flags follow
-`--`) and stops it with SIGTERM at the end, or measures a running one with `--url`.
+`--`) and stops it with SIGTERM at the end, or measures a running one with `--url` (any
+OpenAI-compatible server). With `--llama-server PATH`, llama.cpp's server then runs on the same
+GGUF file (every layer on the GPU, flash attention, `--llama-slots` parallel slots) under the same
+load, and the line carries both reports and shardrt's throughput over llama.cpp's per level.
 
     python scripts/bench_serve.py [--concurrency 1,4,16] [--requests N] [--max-tokens 32] [--url URL]
     python scripts/bench_serve.py -- --target-gpus cpu:0 --draft ngram
+    python scripts/bench_serve.py --concurrency 1,16 --llama-server PATH/llama-server -- model.gguf --target-gpus cuda:0 --max-seqs 64
 """
 
 from __future__ import annotations
@@ -127,12 +131,45 @@ def run_level(host: str, port: int, model: str, concurrency: int, requests: int,
     }
 
 
+def measure(host: str, port: int, proc: subprocess.Popen | None, levels: list[int], requests: int | None,
+            max_tokens: int) -> list[dict]:
+    """Every level against the server at host:port (started as `proc`, which is stopped after)."""
+    try:
+        wait_ready(host, port, proc)
+        model = json.loads(get(host, port, "/v1/models")[1])["data"][0]["id"]
+        one_request(host, port, model, "Hello", 2)  # warm-up, not counted
+        return [run_level(host, port, model, c, requests or max(4, 2 * c), max_tokens) for c in levels]
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+def model_of(serve_args: list[str]) -> str | None:
+    """The GGUF that the serve flags name (positional or --model), else None (the demo model)."""
+    for i, arg in enumerate(serve_args):
+        if arg == "--model" and i + 1 < len(serve_args):
+            return serve_args[i + 1]
+        if arg.startswith("--model="):
+            return arg.split("=", 1)[1]
+    return next((a for i, a in enumerate(serve_args) if a.endswith(".gguf") and
+                 (i == 0 or serve_args[i - 1] not in ("--draft-model", "--pflash-model"))), None)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concurrency", default="1,4,16", help="levels, comma-separated (default 1,4,16)")
     parser.add_argument("--requests", type=int, help="requests per level (default: 2 x the level, at least 4)")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--url", help="measure a running server instead of starting one")
+    parser.add_argument("--llama-server", help="llama.cpp's llama-server: also measure it on the same GGUF")
+    parser.add_argument("--llama-slots", type=int, help="its parallel slots, -np (default: the largest level)")
+    parser.add_argument("--llama-ctx", type=int, default=2048, help="context per slot (default 2048)")
+    parser.add_argument("--llama-model", help="the GGUF for llama-server (default: the one the serve flags name)")
     parser.add_argument("serve_args", nargs="*", help="after --: flags for `shardrt serve`")
     args = parser.parse_args()
     try:
@@ -144,6 +181,15 @@ def main() -> None:
     if args.requests is not None and not 1 <= args.requests <= 10_000:
         parser.error("--requests: must be in 1..10000")
 
+    peer_model = None
+    if args.llama_server:
+        if args.url:
+            parser.error("--llama-server: measures a server it starts beside its own shardrt serve, not --url")
+        peer_model = args.llama_model or model_of(args.serve_args)
+        if peer_model is None:
+            from shardrt.demo_model import demo_model_path
+
+            peer_model = str(demo_model_path(progress=False))
     proc = None
     if args.url:
         parts = urlsplit(args.url)
@@ -153,28 +199,28 @@ def main() -> None:
         flags = args.serve_args or DEFAULT_SERVE
         proc = subprocess.Popen([sys.executable, "-m", "shardrt.cli", "serve", "--port", str(port),
                                  "--max-queue", str(max(levels)), *flags], stdin=subprocess.DEVNULL)
-    try:
-        wait_ready(host, port, proc)
-        model = json.loads(get(host, port, "/v1/models")[1])["data"][0]["id"]
-        one_request(host, port, model, "Hello", 2)  # warm-up, not counted
-        report = [run_level(host, port, model, c, args.requests or max(4, 2 * c), args.max_tokens) for c in levels]
-    finally:
-        if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+    report = measure(host, port, proc, levels, args.requests, args.max_tokens)
 
     base = report[0]["throughput_tokens_per_s"]
-    print(json.dumps({
+    out = {
         "max_tokens": args.max_tokens, "levels": report,
         "throughput_vs_first": {str(r["concurrency"]): round(r["throughput_tokens_per_s"] / base, 2) if base else None
                                 for r in report},
         "errors": sum(r["errors"] for r in report),
         "server": args.url or " ".join(args.serve_args or DEFAULT_SERVE),
-    }))
+    }
+    if args.llama_server:
+        slots = args.llama_slots or max(levels)
+        peer_port = free_port()
+        command = [args.llama_server, "-m", peer_model, "-ngl", "99", "-fa", "on", "-np", str(slots),
+                   "-c", str(slots * args.llama_ctx), "--host", "127.0.0.1", "--port", str(peer_port)]
+        peer = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        peer_report = measure("127.0.0.1", peer_port, peer, levels, args.requests, args.max_tokens)
+        out["llama_server"] = {"command": " ".join(command[:1] + command[3:-4]), "levels": peer_report}
+        out["over_llama_server"] = {
+            str(a["concurrency"]): round(a["throughput_tokens_per_s"] / b["throughput_tokens_per_s"], 2)
+            if b["throughput_tokens_per_s"] else None for a, b in zip(report, peer_report)}
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -81,8 +81,9 @@ def test_design_example_loads(tmp_path):
     ("ipc:\n  shared_bytes: ' AUTO '\n", "shared_bytes", None),
     ("", "graphs", True),
     ("graphs: false\n", "graphs", False),
-    ("", "weights", "dequantized"),
+    ("", "weights", "auto"),
     ("weights: quantized\n", "weights", "quantized"),
+    ("weights: dequantized\n", "weights", "dequantized"),
 ])
 def test_good_yaml_values(tmp_path, text, field, value):
     cfg = load_yaml(write(tmp_path, text))
@@ -129,7 +130,7 @@ def test_good_yaml_values(tmp_path, text, field, value):
     ("ipc: 8M\n", ["ipc:", "expected a mapping", "'8M'"]),
     ("draft:\n  kind: medusa\n", ["draft.kind:", "'medusa'"]),
     ("graphs: sometimes\n", ["graphs:", "'sometimes'"]),
-    ("weights: q4\n", ["weights:", "'q4'", "quantized, dequantized"]),
+    ("weights: q4\n", ["weights:", "'q4'", "auto, quantized, dequantized"]),
     ("draft:\n  kind: ngram\n  tokens: 0\n", ["draft.tokens:", "0"]),
     ("draft:\n  kind: ngram\n  speed: fast\n", ["draft:", "unknown key", "'speed'"]),
     ("draft:\n  kind: model\n", ["draft.model:"]),
@@ -213,7 +214,7 @@ def test_no_file_no_flags_is_the_default_device():
     (["--max-ctx", "-5"], ["--max-ctx:", "-5"]),
     (["--model", "/nonexistent/x.gguf"], ["model:", "/nonexistent/x.gguf"]),
     (["/a.gguf", "--model", "/b.gguf"], ["--model:", "/a.gguf", "/b.gguf"]),
-    (["--weights", "int4"], ["--weights:", "'int4'", "quantized, dequantized"]),
+    (["--weights", "int4"], ["--weights:", "'int4'", "auto, quantized, dequantized"]),
 ])
 def test_bad_flags_name_field_and_value(argv, needles):
     with pytest.raises(ConfigError) as err:
@@ -301,11 +302,14 @@ def test_cli_plan_json_on_the_demo_model(demo_model):
     assert all(s["weight_bytes"] > 0 and s["cover"].startswith("span cover") for s in out["shards"])
     # the embedding and head dominate this small model, so the last shard maps the most
     assert out["shards"][2]["weight_bytes"] > out["shards"][1]["weight_bytes"]
+    # weights: auto keeps the blocks on GPUs (the kernels run there, as far as this machine can
+    # tell): as stored, the norms in bf16
+    assert all(s["device_weight_bytes"] <= s["weight_bytes"] and s["weights_held"] == "blocks" for s in out["shards"])
+    dense = json.loads(shardrt("plan", str(demo_model), "--target-gpus", "cuda:0,hip:0,hip:1", "--layer-split",
+                               "0.08,0.46,0.46", "--weights", "dequantized", "--json").stdout)["shards"]
     # dequantized to bf16 on a GPU: Q4_1 blocks grow ~3.2x, the Q8_0 embedding ~1.9x
-    assert all(1.8 * s["weight_bytes"] < s["device_weight_bytes"] < 3.5 * s["weight_bytes"] for s in out["shards"])
-    quantized = json.loads(shardrt("plan", str(demo_model), "--target-gpus", "cuda:0,hip:0,hip:1", "--layer-split",
-                                   "0.08,0.46,0.46", "--weights", "quantized", "--json").stdout)["shards"]
-    assert all(s["device_weight_bytes"] <= s["weight_bytes"] for s in quantized)  # blocks as stored, norms in bf16
+    assert all(1.8 * s["weight_bytes"] < s["device_weight_bytes"] < 3.5 * s["weight_bytes"] for s in dense)
+    assert all(s["weights_held"] == "dense" for s in dense)
     present = {str(d.spec) for d in discover()}
     assert out["missing"] == [d for d in ("cuda:0", "hip:0", "hip:1") if d not in present]
 

@@ -47,9 +47,11 @@ def test_cuda_float32_matches_cpu(demo_model, cpu_run):
     assert greedy(gpu, ids) == tokens
 
 
-def test_cuda_bf16_agrees_with_cpu(demo_model, cpu_run):
+@pytest.mark.parametrize("weights", ["auto", "dequantized"])
+def test_cuda_bf16_agrees_with_cpu(demo_model, cpu_run, weights):
     ids, logits, tokens = cpu_run
-    stage = Stage(demo_model, 0, 30, "cuda:0", max_ctx=256)
+    stage = Stage(demo_model, 0, 30, "cuda:0", max_ctx=256, weights=weights)
+    assert stage.quantized == (weights == "auto")
     assert stage.dtype == torch.bfloat16
     got = stage.forward(torch.tensor(ids), 0, all_logits=True).cpu()
     cos = torch.nn.functional.cosine_similarity(got, logits, dim=-1)
@@ -119,8 +121,8 @@ def test_speculative_verify_through_graph_buckets(demo_model, demo_tokenizer):
 
 def test_quantized_blocks_stay_within_the_span_bytes(demo_model, cpu_run):
     ids, logits, tokens = cpu_run
-    blocks = Stage(demo_model, 0, 30, "cuda:0", max_ctx=256, dtype=torch.float32, quantized=True)
-    dense = Stage(demo_model, 0, 30, "cuda:0", max_ctx=256, dtype=torch.float32, quantized=False, graphs=False)
+    blocks = Stage(demo_model, 0, 30, "cuda:0", max_ctx=256, dtype=torch.float32)  # weights: auto
+    dense = Stage(demo_model, 0, 30, "cuda:0", max_ctx=256, dtype=torch.float32, weights="dequantized", graphs=False)
     assert blocks.quantized and not dense.quantized
     # Q4_1 blocks and a Q8_0 embedding as stored; the norms, F32 in the file, are smaller in any case
     assert blocks.weight_bytes <= 1.05 * blocks.cover.covered_bytes < dense.weight_bytes
@@ -131,8 +133,8 @@ def test_quantized_blocks_stay_within_the_span_bytes(demo_model, cpu_run):
 
 
 def test_bf16_blocks_follow_the_cpu_wherever_it_is_not_a_near_tie(demo_model, cpu_run):
-    blocks = Stage(demo_model, 0, 30, "cuda:0", max_ctx=256, quantized=True)
-    assert blocks.quantized and blocks.dtype == torch.bfloat16
+    blocks = Stage(demo_model, 0, 30, "cuda:0", max_ctx=256)
+    assert blocks.quantized and blocks.dtype == torch.bfloat16 and blocks.kernels.path == "triton"
     assert_follows_the_cpu_where_clear(blocks, demo_model, cpu_run)
 
 

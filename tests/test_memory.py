@@ -138,7 +138,7 @@ def test_devices_json_command():
 
 def test_each_shard_needs_its_weights_kv_and_working_memory(model):
     gguf, cfg = model
-    p = place(model, "cuda:0,cuda:1", [gpu(CUDA0, 40), gpu(CUDA1, 40), HOST], max_ctx=2048)
+    p = place(model, "cuda:0,cuda:1", [gpu(CUDA0, 40), gpu(CUDA1, 40), HOST], max_ctx=2048, weights="dequantized")
     first, last = p.rows
     assert first.need.kv == kv_bytes(cfg, 15, 2048, 2) and first.need.runtime == GPU_RUNTIME
     assert first.need.weights > 0 and first.need.scratch > 0 and p.refusal() is None

@@ -49,8 +49,9 @@ def _add_placement_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-graphs", action="store_true",
                    help="run GPU stages eagerly, without captured graphs (for debugging and comparison)")
     p.add_argument("--weights", default=None, metavar="HOW",
-                   help="dequantized (default: every weight in the compute dtype) or quantized (GPU stages keep "
-                        "GGUF blocks of Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K: about a quarter of the memory)")
+                   help="auto (default: GPU stages keep GGUF blocks of Q4_0..Q8_0, Q2_K..Q6_K and IQ4_XS where "
+                        "the quantized kernels run, CPU stages dequantize), quantized (blocks on every GPU) or "
+                        "dequantized (every weight in the compute dtype)")
 
 
 def _add_spec_args(p: argparse.ArgumentParser) -> None:
@@ -156,7 +157,7 @@ def cmd_plan(args) -> int:
     from .devices import discover, missing
     from .gguf_file import GGUFFile
     from .launch import plan_placement
-    from .memory import remote_pools
+    from .memory import holds_blocks, planned_kernels, remote_pools
     from .model import ModelConfig
     from .placement import LOCAL_HOST_WORD
 
@@ -175,7 +176,8 @@ def cmd_plan(args) -> int:
         "pinned_env": r.process.child_env(), "layers": str(r.span), "weight_bytes": r.weight_bytes,
         "device_weight_bytes": r.device_bytes, "kv_bytes": r.need.kv, "working_bytes": r.need.scratch + r.need.runtime,
         "need_bytes": r.need.total, "memory_pool": placement.pools[r.shard.device], "cover": r.cover,
-        "python": _python_of(config, r.process),
+        "python": _python_of(config, r.process), "kernels": planned_kernels(r.shard.device).describe(),
+        "weights_held": "blocks" if holds_blocks(r.shard.device, config.weights) else "dense",
     } for r in rows]
     pools = {name: {"device": str(m.spec), "name": m.name, "free_bytes": m.free, "total_bytes": m.total,
                     "reserve_bytes": m.reserve, "usable_bytes": m.usable} for name, m in placement.memory.items()}
@@ -208,13 +210,13 @@ def _print_plan(model, cfg, config, table: list[dict], pools: dict, unchecked: d
     seqs = f" x {config.seqs} sequences" if config.seqs > 1 else ""
     print(f"model {model.name}: {cfg.arch}, {cfg.n_layers} layers, max_ctx {config.max_ctx}{seqs}")
     headers = ("host", "backend", "device", "process", "pinned env", "layers", "weights", "KV cache", "needs",
-               "span cover")
+               "kernels", "span cover")
     cells = [(t["host"], t["backend"], t["device"] + (f" (local {t['local_device']})" if t["local_device"] is not None
                                                        and t["process"] != "coordinator" else ""),
               " ".join(filter(None, (t["process"], t["where"]))),
               " ".join(f"{k}={v}" for k, v in t["pinned_env"].items()) or "-", t["layers"],
-              f"{t['device_weight_bytes'] / (1 << 20):.1f} MiB", f"{t['kv_bytes'] / (1 << 20):.1f} MiB",
-              f"{t['need_bytes'] / gib:.2f} GiB", t["cover"]) for t in table]
+              f"{t['device_weight_bytes'] / (1 << 20):.1f} MiB {t['weights_held']}", f"{t['kv_bytes'] / (1 << 20):.1f} MiB",
+              f"{t['need_bytes'] / gib:.2f} GiB", t["kernels"], t["cover"]) for t in table]
     widths = [max(len(str(c)) for c in col) for col in zip(headers, *cells)]
     for line in (headers, *cells):
         print("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip())

@@ -26,7 +26,7 @@ MIN_SHARED_BYTES = 64 * 1024
 SHARED_BYTES_ENV = "SHARDRT_IPC_SHARED_BYTES"
 TOP_KEYS = {"model", "max_ctx", "max_seqs", "dtype", "graphs", "weights", "reserve", "backends", "target", "draft",
             "ipc", "cluster", "hosts"}
-WEIGHTS = ("quantized", "dequantized")
+WEIGHTS = ("auto", "quantized", "dequantized")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 TARGET_KEYS = {"devices", "layer_split", "isolate_gpus", "all_daemons", "allow_cpu_overflow"}
 IPC_KEYS = {"shared_bytes"}
@@ -116,7 +116,8 @@ class LaunchConfig:
     shared_bytes: int | None = None  # None: auto
     dtype: str = "auto"  # compute dtype; auto: float32 on CPU, bf16 (else fp16) on GPUs
     graphs: bool = True  # GPU stages replay captured graphs for decode and verify steps
-    weights: str = "dequantized"  # or "quantized": GPU stages keep GGUF blocks of the types with a kernel
+    weights: str = "auto"  # GPU stages keep GGUF blocks of the types with a kernel where the kernels run;
+    # "quantized": on every GPU; "dequantized": every weight in the compute dtype
     draft: DraftConfig | None = None
     prefix_cache_slots: int = 16
     max_seqs: int | None = None  # sequence slots in each stage's KV cache; None: 1 (serve: cli.SERVE_MAX_SEQS)
@@ -273,7 +274,7 @@ def load_yaml(path: str | Path) -> LaunchConfig:
         allow_cpu_overflow=_bool(target.get("allow_cpu_overflow", False), "target.allow_cpu_overflow"),
         dtype=parse_dtype(doc.get("dtype", "auto"), "dtype"),
         graphs=_bool(doc.get("graphs", True), "graphs"),
-        weights=parse_weights(doc.get("weights", "dequantized"), "weights"),
+        weights=parse_weights(doc.get("weights", "auto"), "weights"),
         devices=devices,
         layer_split=split,
         isolate_gpus=_bool(target.get("isolate_gpus", True), "target.isolate_gpus"),

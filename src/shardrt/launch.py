@@ -243,7 +243,7 @@ class Cluster:
                 device = row.shard.device.torch_device()
                 stages.append(Stage(self.model_path, row.shard.start, row.shard.stop, device,
                                     max_ctx=self.config.max_ctx, dtype=compute_dtype(self.config.dtype, device),
-                                    graphs=self.config.graphs, quantized=self.config.weights == "quantized",
+                                    graphs=self.config.graphs, weights=self.config.weights,
                                     max_seqs=self.config.seqs))
         self.pipeline = Pipeline(stages)
         self._start_spec(shared)

@@ -98,7 +98,7 @@ class DaemonProcess:
 
     def __init__(self, *, label: str, backend: str, python: str | None, child_env: dict[str, str],
                  runtime_dir: Path, index: int, shared_bytes: int, model: str | None, identity: dict,
-                 shards: tuple, max_ctx: int, dtype: str = "auto", graphs: bool = True, weights: str = "dequantized",
+                 shards: tuple, max_ctx: int, dtype: str = "auto", graphs: bool = True, weights: str = "auto",
                  max_seqs: int = 1, threads: int | None = None, transport: str = "ipc", bind_host: str = "127.0.0.1"):
         self.label, self.max_seqs, self.transport = label, max_seqs, transport
         self.child_env = dict(child_env)

@@ -25,6 +25,7 @@ from .errors import PlacementError
 from .gguf_file import GGUFFile
 from .gguf_loader import LayerSpan, device_weight_bytes, stage_tensor_names
 from .kernels import quant
+from .kernels.support import KernelPath, device_kernel_path, kernel_path
 from .model import ModelConfig
 from .placement import DeviceSpec
 
@@ -104,12 +105,30 @@ def shard_need(gguf: GGUFFile, cfg: ModelConfig, span: LayerSpan, device: Device
     """kv_tokens: what the KV cache holds, max_ctx for each sequence slot (config.kv_tokens)."""
     gpu = device.is_gpu
     element = dtype_bytes(dtype, gpu)
-    quantized = gpu and weights == "quantized"
+    quantized = holds_blocks(device, weights)
     names = stage_tensor_names(cfg, span)
     return Need(weights=device_weight_bytes(gguf, names, element, quantized),
                 kv=kv_bytes(cfg, span.stop - span.start, kv_tokens, element),
                 scratch=scratch_bytes(cfg, gguf, names, gpu, element, quantized),
                 runtime=GPU_RUNTIME if gpu else 0)
+
+
+def holds_blocks(spec: DeviceSpec, weights: str) -> bool:
+    """Whether a stage on `spec` keeps quantized matrices in their GGUF blocks under `weights`."""
+    return spec.is_gpu and (weights == "quantized" or (weights == "auto" and planned_kernels(spec).path == "triton"))
+
+
+def planned_kernels(spec: DeviceSpec) -> KernelPath:
+    """The kernel path a stage on `spec` will run (kernels.support): asked of torch where this
+    process sees the device with the matching build, else the Triton kernels (their loader
+    decides again, and a stage that then holds dense weights is planned for less than it needs)."""
+    import torch
+
+    build = "hip" if torch.version.hip is not None else "cuda"
+    if spec.is_gpu and not spec.remote and spec.backend == build and torch.cuda.is_available() \
+            and spec.index < torch.cuda.device_count():
+        return device_kernel_path(torch.device("cuda", spec.index))
+    return kernel_path(spec.backend if spec.is_gpu else "cpu")
 
 
 def reserve_for(spec: DeviceSpec, display: bool, override: int | None) -> int:

@@ -166,7 +166,9 @@ class RemoteStage:
     def describe(self) -> str:
         hello = getattr(self, "hello", {})
         cover = "; ".join(hello.get("cover", []))
-        return f"{self.description}, pid {hello.get('pid')}" + (f", {cover}" if cover else "")
+        kernels = "; ".join(hello.get("kernels", []))
+        return f"{self.description}, pid {hello.get('pid')}" + (f", {cover}" if cover else "") + \
+            (f", {kernels}" if kernels else "")
 
     # -- requests ---------------------------------------------------------------------
 

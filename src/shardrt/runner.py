@@ -145,8 +145,14 @@ class GraphRunner:
             graph.replay()
             torch.cuda.synchronize(self.device)
         kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+        by_name: dict[str, list[float]] = {}
+        for e in kernels:
+            by_name.setdefault(e.name, []).append(e.time_range.elapsed_us())
+        top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:8]
         return {"bucket": bucket, "replay_ms": round(start.elapsed_time(end) / repeats, 4),
-                "kernels": len(kernels), "kernel_ms": round(sum(e.time_range.elapsed_us() for e in kernels) / 1000, 4)}
+                "kernels": len(kernels), "kernel_ms": round(sum(e.time_range.elapsed_us() for e in kernels) / 1000, 4),
+                "top_kernels": [{"name": name[:60], "count": len(times), "ms": round(sum(times) / 1000, 4)}
+                                for name, times in top]}
 
     def describe(self) -> dict:
         return {"buckets": list(self.buckets), "batch_buckets": list(self.batch_buckets), "profile": self.profile}

@@ -21,6 +21,7 @@ from .gguf_loader import MIB, LayerSpan, StageWeights
 from . import kernels
 from .kernels import rms_norm
 from .kernels.attention import MAX_QUERY_TOKENS
+from .kernels.support import bf16_native, device_kernel_path
 from .model import Block, ModelConfig, Step, rope_tables
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ def compute_dtype(name: str, device: torch.device) -> torch.dtype:
 def default_dtype(device: torch.device) -> torch.dtype:
     if device.type == "cpu":
         return torch.float32
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+    if device.type == "cuda" and bf16_native(device):
         return torch.bfloat16
     return torch.float16
 
@@ -60,7 +61,7 @@ def default_dtype(device: torch.device) -> torch.dtype:
 class Stage:
     def __init__(self, model_path: str | Path, start: int, stop: int, device: str | torch.device = "cpu",
                  max_ctx: int = 4096, dtype: torch.dtype | None = None, graphs: bool = True,
-                 quantized: bool = False, max_seqs: int = 1):
+                 weights: str = "auto", max_seqs: int = 1):
         t0 = time.perf_counter()
         self.model_path = Path(model_path)
         self.device = torch.device(device)
@@ -74,16 +75,19 @@ class Stage:
             if max_seqs <= 0:
                 raise ConfigError(f"max_seqs: {max_seqs} is not a positive number of sequences")
             self.max_seqs = max_seqs
-            # a GPU keeps quantized matrices in their blocks; the CPU computes with dequantized ones
-            self.quantized = quantized and self.device.type != "cpu"
-            weights = StageWeights(gguf, self.cfg, self.span, quantized=self.quantized)
-            self.cover = weights.cover
+            # a GPU keeps quantized matrices in their blocks (auto: where the kernels run); a CPU
+            # computes with dequantized ones
+            self.kernels = device_kernel_path(self.device)
+            self.quantized = self.device.type != "cpu" and (
+                weights == "quantized" or (weights == "auto" and self.kernels.path == "triton"))
+            loader = StageWeights(gguf, self.cfg, self.span, quantized=self.quantized)
+            self.cover = loader.cover
             try:
-                self._load(weights)
+                self._load(loader)
             except torch.OutOfMemoryError as exc:
                 raise ConfigError(f"{self.device}: out of memory loading layers {self.span} with max_ctx {max_ctx} "
                                   f"({str(exc).splitlines()[0]}); see `shardrt plan` for what it needs") from None
-            self.bytes_read = weights.bytes_read
+            self.bytes_read = loader.bytes_read
         self.lengths = [0] * max_seqs  # tokens each sequence holds in the KV cache, valid in every layer
         self._partial_end = 0  # end of the last early-exit (stop_after) write, in sequence 0
         self.snapshots: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
@@ -388,12 +392,16 @@ class Stage:
         """The same numbers a daemon's `stats` reply carries for each of its stages."""
         out = {"forwards": self.forwards, "forward_seconds": self.forward_seconds, "length": self.length,
                "lengths": list(self.lengths), "cover": [str(self.cover)], "graph_forwards": self.graph_forwards,
-               "weight_bytes": self.weight_bytes, "quantized": self.quantized}
+               "weight_bytes": self.weight_bytes, "quantized": self.quantized, "kernels": self.kernels.describe()}
         if self.runner is not None:
             out["graphs"] = self.runner.describe()
         if self.device.type == "cuda":
             out["device_allocated_bytes"] = torch.cuda.memory_allocated(self.device)
         return out
+
+    def kernels_line(self) -> str:
+        """Which kernels run this stage and how it holds its matrices, e.g. 'kernels triton, weights as blocks'."""
+        return f"kernels {self.kernels.describe()}, weights as {'blocks' if self.quantized else 'dense'}"
 
     def describe(self) -> str:
         graphs = ""
@@ -402,4 +410,4 @@ class Stage:
             if self.runner.batch_buckets:
                 graphs += f" and batches of {','.join(map(str, self.runner.batch_buckets))}"
         weights = f"weights {self.weight_bytes / MIB:.1f} MiB" + (" (quantized blocks)" if self.quantized else "")
-        return f"layers {self.span} on {self.device} ({self.dtype}), {self.cover}, {weights}{graphs}"
+        return f"layers {self.span} on {self.device} ({self.dtype}), {self.cover}, {weights}, {self.kernels_line()}{graphs}"

@@ -68,7 +68,7 @@ class DaemonSpec:
     death_fd: int  # -1: in SHARDRT_DEATH_FD (a daemon started by a cluster actor, which makes the pipes)
     dtype: str = "auto"
     graphs: bool = True
-    weights: str = "dequantized"
+    weights: str = "auto"
     max_seqs: int = 1
     threads: int | None = None  # torch's CPU threads (launch.cpu_threads); None: its default
     transport: str = "ipc"  # or "tcp": endpoint, shm_name unused; bind_host, client_key, ready_fd used
@@ -169,6 +169,7 @@ class ShardServer:
             "shardrt": __version__,
             "torch": torch.__version__,
             "cover": [str(s.cover) for s in self.stages if hasattr(s, "cover")],
+            "kernels": [s.kernels_line() for s in self.stages if hasattr(s, "kernels_line")],
             "rss_bytes": _rss(),
         }
 
@@ -496,7 +497,7 @@ def load_stages(spec: DaemonSpec) -> list:
         device = parse_device(shard.device).torch_device(shard.local_index)
         stages.append(Stage(Path(spec.model), shard.start, shard.stop, device, max_ctx=spec.max_ctx,
                             dtype=compute_dtype(spec.dtype, device), graphs=spec.graphs,
-                            quantized=spec.weights == "quantized", max_seqs=spec.max_seqs))
+                            weights=spec.weights, max_seqs=spec.max_seqs))
     return stages
 
 

@@ -28,7 +28,7 @@ class RayDaemon:
 
     def __init__(self, *, label: str, backend: str, python: str | None, child_env: dict[str, str], host: str,
                  node_id: str, name: str, model: str, identity: dict, shards: tuple, max_ctx: int,
-                 dtype: str = "auto", graphs: bool = True, weights: str = "dequantized", max_seqs: int = 1):
+                 dtype: str = "auto", graphs: bool = True, weights: str = "auto", max_seqs: int = 1):
         import ray
 
         self.label, self.host, self.max_seqs = label, host, max_seqs

@@ -33,11 +33,12 @@ def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) ->
     if isinstance(weight, QuantizedWeight):
         return quant.linear(x, weight, bias)
     out = torch.empty((x.shape[0], sum(part.shape[0] for part in weight)), dtype=x.dtype, device=x.device)
+    xq = quant.quantize_for(x, weight)  # quantized once for every part that takes the integer path
     row = 0
     for part in weight:  # parts of different types (llama.cpp's Q4_K_M mixes Q4_K and Q6_K): each its columns
         rows = part.shape[0]
         if isinstance(part, QuantizedWeight):
-            quant.linear(x, part, out=out[:, row : row + rows])
+            quant.linear(x, part, out=out[:, row : row + rows], xq=xq)
         else:
             out[:, row : row + rows] = F.linear(x, part)
         row += rows

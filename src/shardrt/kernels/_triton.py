@@ -30,7 +30,11 @@ def kernels_choice() -> str:
 def use_triton(x: torch.Tensor) -> bool:
     if kernels_choice() == "torch" or triton is None:
         return False
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    if x.is_cuda:  # a GPU Triton does not build for runs the references (support.py)
+        from .support import device_kernel_path
+
+        return device_kernel_path(x.device).path == "triton"
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def dot_precision(dtype: torch.dtype) -> str:

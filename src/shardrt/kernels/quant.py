@@ -2,32 +2,43 @@
 
 `QuantizedWeight` holds a matrix of GGUF blocks split into planes (the quants, the scales) so
 that each plane is one contiguous, aligned array the kernels can load in wide, coalesced reads;
-the bytes are the file's, except that Q4_K/Q5_K keep their 6-bit sub-block scales unpacked to a
-byte each (16 bytes for 12 per 256 weights, +2.8%). Three ops read it:
+the bytes are the file's, except that Q4_K/Q5_K/Q3_K/IQ4_XS keep their packed sub-block scales
+unpacked to a byte each (at most +3.6%), and Q2_K/Q3_K's scales are re-laid in the order the
+integer kernel reads them. `linear(x, w)` picks one of four paths per type, shape and row count
+by timing them once (`choose`):
 
-- `linear(x, w)` for up to 16 rows of x (decode, speculative verify): one Triton kernel that
-  dequantizes a tile of weights in registers and multiplies it into x, reading only the blocks;
-- `linear(x, w)` for more rows (prefill): dequantize the whole matrix into a reused scratch
-  buffer, then a tensor-core matrix product;
-- `embedding(ids, w)`: dequantize just the rows asked for.
+- qdot: integer dot products against x quantized per block of 32 (qdot.py), for 1 to 8 rows of
+  bf16/fp16 activations on CUDA: the decode and speculative-verify path, near the memory's rate;
+- matvec: one row dequantized to float in registers and summed per scale group;
+- tile: a tile of weights dequantized in registers into a tensor-core product, up to 64 rows
+  (float32 activations, ROCm, batches);
+- dequantized: the whole matrix dequantized into a reused scratch buffer, then cuBLAS (prefill).
 
-Each has a torch reference over the same planes (the CPU path of the tests; the CPU itself runs
-dequantized weights). Types with a kernel: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K.
+`embedding(ids, w)` dequantizes just the rows asked for. Each op has a torch reference over the
+same planes (the CPU path of the tests; the CPU itself runs dequantized weights). Types with a
+kernel: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from . import qdot
 from ._triton import dot_precision, tl, triton, use_triton
+from .qdot import IQ4_VALUES
 
 Q = GGMLQuantizationType
-KERNEL_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K)
-MAX_FUSED_ROWS = 16  # rows of x the fused kernel takes; more go through the scratch matrix
+KERNEL_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_XS)
+# byte offsets of each type's f16 fields (scales, mins) in its block
+F16_FIELDS = {Q.Q8_0: (0,), Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2), Q.Q2_K: (80, 82),
+              Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,), Q.IQ4_XS: (0,)}
+# bytes per block the planes hold beyond the file's (scales unpacked to a byte each)
+EXTRA_BYTES = {Q.Q4_K: 4, Q.Q5_K: 4, Q.Q3_K: 4, Q.IQ4_XS: 2}
 
 
 @dataclass
@@ -60,7 +71,7 @@ def device_bytes(qtype: Q, rows: int, cols: int) -> int:
     """Bytes a QuantizedWeight of this type and shape holds on the device."""
     block_elems, block_bytes = GGML_QUANT_SIZES[qtype]
     blocks = rows * cols // block_elems
-    return blocks * (block_bytes + (4 if qtype in (Q.Q4_K, Q.Q5_K) else 0))
+    return blocks * (block_bytes + EXTRA_BYTES.get(qtype, 0))
 
 
 # -- planes: the blocks' fields, each a contiguous array per row ---------------------------------
@@ -74,6 +85,13 @@ def split_planes(raw: np.ndarray, qtype: Q, cols: int) -> tuple[np.ndarray, ...]
     Q4_K: qs uint8 [r, c/2], (d, dmin) f16 [r, c/256, 2], (scale, min) uint8 [r, c/32, 2]
     Q5_K: as Q4_K, then qh uint8 [r, c/8]
     Q6_K: ql uint8 [r, c/2], d f16 [r, c/256], scales int8 [r, c/16], qh uint8 [r, c/4]
+    Q2_K: qs uint8 [r, c/4], (d, dmin) f16 [r, c/256, 2], scales uint8 [r, c/16] (scale | min << 4)
+    Q3_K: qs uint8 [r, c/4], d f16 [r, c/256], scales int8 [r, c/16] (less 32), hmask uint8 [r, c/8]
+    IQ4_XS: qs uint8 [r, c/2], d f16 [r, c/256], scales int8 [r, c/32] (less 32)
+
+    Q2_K's and Q3_K's sixteen scales per super-block are re-laid so that the four a kernel unit
+    needs sit in one word: new index 4 * (2 * half + g) + j for the file's 8 * half + 2j + g
+    (`UNIT_SCALE_ORDER`), where element 128 half + 32j + 16g + l has scale 8 * half + 2j + g.
     """
     rows = raw.shape[0]
     block_elems, block_bytes = GGML_QUANT_SIZES[qtype]
@@ -106,7 +124,32 @@ def split_planes(raw: np.ndarray, qtype: Q, cols: int) -> tuple[np.ndarray, ...]
         return planes if qtype == Q.Q4_K else planes + (flat(16, 48),)
     if qtype == Q.Q6_K:
         return flat(0, 128), f16(208, 210)[..., 0], flat(192, 208, np.int8), flat(128, 192)
+    if qtype == Q.Q2_K:
+        return flat(16, 80), f16(80, 84), np.ascontiguousarray(b[..., UNIT_SCALE_ORDER]).reshape(rows, -1)
+    if qtype == Q.Q3_K:
+        scales = q3k_scales(b[..., 96:108])[..., UNIT_SCALE_ORDER]
+        return flat(32, 96), f16(108, 110)[..., 0], np.ascontiguousarray(scales).reshape(rows, -1), flat(0, 32)
+    if qtype == Q.IQ4_XS:
+        high = np.ascontiguousarray(b[..., 2:4]).view(np.uint16)  # [rows, blocks, 1]: 2 bits per sub-block
+        low = b[..., 4:8]
+        sub = np.arange(8)
+        scales = ((low[..., sub // 2] >> (4 * (sub % 2))) & 0xF) | (((high >> (2 * sub)) & 3).astype(np.uint8) << 4)
+        return flat(8, 136), f16(0, 2)[..., 0], (scales.astype(np.int16) - 32).astype(np.int8).reshape(rows, -1)
     raise ValueError(f"{qtype.name} has no kernel")
+
+
+# Q2_K/Q3_K: position 4 * (2 * half + g) + j of the re-laid scales holds the file's 8 * half + 2j + g
+UNIT_SCALE_ORDER = np.array([8 * half + 2 * j + g for half in range(2) for g in range(2) for j in range(4)])
+
+
+def q3k_scales(packed: np.ndarray) -> np.ndarray:
+    """Q3_K's twelve bytes of scales [..., 12] -> the sixteen signed scales [..., 16], less 32:
+    scale k has its low four bits in byte k (k < 8) or the high nibble of byte k - 8, and its
+    top two bits at bit 2 * (k // 4) of byte 8 + k % 4."""
+    k = np.arange(16)
+    low = (packed[..., k % 8] >> (4 * (k // 8))) & 0xF
+    high = (packed[..., 8 + k % 4] >> (2 * (k // 4))) & 3
+    return ((low | (high << 4)).astype(np.int16) - 32).astype(np.int8)
 
 
 def quantized_weight(raw: np.ndarray, qtype: Q, cols: int, device: torch.device) -> QuantizedWeight:
@@ -164,28 +207,140 @@ def dequantize_reference(w: QuantizedWeight, rows: torch.Tensor | None = None) -
         sc = scales.float().reshape(r, -1, 2, 4, 2, 1)  # index n * 8 + 2 * quarter + l // 16
         out = d.float().reshape(r, -1, 1, 1, 1, 1) * sc * q.float().reshape(r, -1, 2, 4, 2, 16)
         return out.reshape(r, c)
+    if t in (Q.Q2_K, Q.Q3_K):
+        qs, d, scales = planes[:3]
+        q = (qs.int().reshape(r, -1, 2, 1, 32) >> (2 * torch.arange(4)).reshape(1, 1, 1, 4, 1)) & 3  # [.., half, j, l]
+        # the re-laid scales: [.., half, g, j] -> [.., half, j, g, 1] beside q as [.., half, j, g, 16]
+        sc = scales.reshape(r, -1, 2, 2, 4).permute(0, 1, 2, 4, 3).reshape(r, -1, 2, 4, 2, 1).int()
+        q = q.reshape(r, -1, 2, 4, 2, 16)
+        if t == Q.Q2_K:
+            dm = d.float().reshape(r, -1, 1, 1, 1, 1, 2)
+            out = dm[..., 0] * (sc & 0xF).float() * q.float() - dm[..., 1] * (sc >> 4).float()
+        else:
+            bit = (4 * torch.arange(2).reshape(2, 1) + torch.arange(4)).reshape(1, 1, 2, 4, 1)
+            high = ((planes[3].int().reshape(r, -1, 1, 1, 32) >> bit) & 1).reshape(r, -1, 2, 4, 2, 16)
+            out = d.float().reshape(r, -1, 1, 1, 1, 1) * sc.float() * (q + 4 * high - 4).float()
+        return out.reshape(r, c)
+    if t == Q.IQ4_XS:
+        qs, d, scales = planes
+        values = torch.tensor(IQ4_VALUES, dtype=torch.float32, device=qs.device)
+        q = values[nibbles(qs, 16)].reshape(r, -1, 8, 32)
+        out = d.float().reshape(r, -1, 1, 1) * scales.float().reshape(r, -1, 8, 1) * q
+        return out.reshape(r, c)
     raise ValueError(f"{t.name} has no kernel")
 
 
 # -- the ops -----------------------------------------------------------------------------------------
 
 def linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None,
-           out: torch.Tensor | None = None) -> torch.Tensor:
-    """x [n, cols] @ w.T (+ bias) -> [n, rows] in x's dtype; into `out` if given."""
+           out: torch.Tensor | None = None, xq: qdot.QuantizedRows | None = None) -> torch.Tensor:
+    """x [n, cols] @ w.T (+ bias) -> [n, rows] in x's dtype; into `out` if given. `xq`: x already
+    quantized for the integer path (parts of one product share it)."""
     n = x.shape[0]
     if not use_triton(x):
         y = torch.nn.functional.linear(x, dequantize_reference(w).to(x.dtype), bias)
-    elif n <= MAX_FUSED_ROWS:
-        y = _matvec(x, w, out) if n == 1 and _matvec_wins(w, x.dtype) else _fused_linear(x, w, out)
-        if bias is not None:
-            y += bias
-        return y
+        return y if out is None else out.copy_(y)
+    if out is None:
+        out = torch.empty((n, w.rows), dtype=x.dtype, device=x.device)
+    path = choose(w, n, x)
+    if path == "qdot":
+        qdot.linear(xq if xq is not None else qdot.quantize_rows(x), w, out)
     else:
-        y = torch.nn.functional.linear(x, dequantize(w, x.dtype, scratch=True), bias)
-    if out is not None:
-        out.copy_(y)
-        return out
-    return y
+        PRODUCTS[path](x, w, out)
+    if bias is not None:
+        out += bias
+    return out
+
+
+def quantize_for(x: torch.Tensor, weights) -> qdot.QuantizedRows | None:
+    """x quantized once for the parts of `weights` that take the integer path, or None."""
+    if use_triton(x) and any(isinstance(w, QuantizedWeight) and choose(w, x.shape[0], x) == "qdot" for w in weights):
+        return qdot.quantize_rows(x)
+    return None
+
+
+# Which kernel multiplies n rows with a weight. Every candidate is right; which is fastest depends
+# on the type, the shape, n and the GPU, so the first product of each (type, shape, dtype, rows
+# bucket) times them once, outside any graph capture, and keeps the fastest:
+#   qdot         integer dot products against the rows quantized per 32 (qdot.py), up to 8 rows
+#   matvec       one row, dequantized to float in registers, summed per scale group
+#   tile         a tile of weights dequantized in registers into a tensor-core product, up to 64 rows
+#   dequantized  the whole matrix dequantized into a scratch buffer, then cuBLAS (prefill)
+# SHARDRT_QUANT_PATH=NAME takes that path wherever it is a candidate (to compare, or to test one).
+MAX_TILE_ROWS = 64
+PATHS = ("qdot", "matvec", "tile", "dequantized")
+PATH_ENV = "SHARDRT_QUANT_PATH"
+_choices: dict[tuple, str] = {}
+
+
+def candidates(w: QuantizedWeight, n: int, x: torch.Tensor) -> tuple[str, ...]:
+    if n > MAX_TILE_ROWS:
+        return ("dequantized",)
+    out = ()
+    if n <= qdot.MAX_ROWS and w.qtype in qdot.QDOT_TYPES and qdot.supported(x):
+        out += ("qdot",)
+    if n == 1 and w.qtype in MATVEC_CONFIG:
+        out += ("matvec",)
+    out += ("tile",)
+    return out + (("dequantized",) if n > qdot.MAX_ROWS else ())
+
+
+def choose(w: QuantizedWeight, n: int, x: torch.Tensor) -> str:
+    """The path for n rows like x (see above); during a graph capture, before any timing: the first
+    candidate."""
+    options = candidates(w, n, x)
+    forced = forced_path()
+    if forced in options:
+        return forced
+    if len(options) == 1:
+        return options[0]
+    bucket = 1 << (n - 1).bit_length()
+    key = (w.qtype, w.rows, w.cols, x.dtype, w.device, bucket)
+    if key not in _choices:
+        if not x.is_cuda or torch.cuda.is_current_stream_capturing():
+            return options[0]
+        times = {path: _gpu_time(path, w, bucket, x.dtype) for path in options}
+        _choices[key] = min(times, key=times.get)
+    return _choices[key]
+
+
+def forced_path() -> str | None:
+    value = os.environ.get(PATH_ENV)
+    if value is not None and value not in PATHS:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"{PATH_ENV}: {value!r} is not one of {', '.join(PATHS)}")
+    return value
+
+
+def choices() -> dict[str, str]:
+    """The paths chosen so far, as 'TYPE ROWSxCOLS dtype xN' -> path (for stats)."""
+    return {f"{t.name} {r}x{c} {str(d).removeprefix('torch.')} x{n}": path
+            for (t, r, c, d, _, n), path in sorted(_choices.items(), key=lambda kv: (kv[0][:3], kv[0][5]))}
+
+
+def _gpu_time(path: str, w: QuantizedWeight, n: int, dtype: torch.dtype, reps: int = 20) -> float:
+    """GPU time of `reps` products as the decode graphs run them: captured in one CUDA graph, so
+    a path of two kernels (qdot quantizes x first) pays no more launch cost than it will there."""
+    x = torch.randn(n, w.cols, device=w.device, dtype=dtype)
+    out = torch.empty(n, w.rows, device=w.device, dtype=dtype)
+    op = (lambda: qdot.linear(qdot.quantize_rows(x), w, out)) if path == "qdot" else (lambda: PRODUCTS[path](x, w, out))
+    with torch.cuda.device(w.device):
+        for _ in range(3):
+            op()  # compiles, then warms (and makes the scratch matrix outside the graph's pool)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(reps):
+                op()
+        graph.replay()
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(3):
+            graph.replay()
+        stop.record()
+        stop.synchronize()
+    return start.elapsed_time(stop)
 
 
 def embedding(ids: torch.Tensor, w: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
@@ -222,24 +377,31 @@ def scratch_bytes(device: torch.device) -> int:
 
 
 def _block_k(w: QuantizedWeight) -> int:
-    if w.qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K):
+    if w.qtype in SUPER_BLOCK_TYPES:
         return 256
     return next(b for b in (256, 128, 64, 32) if w.cols % b == 0)
 
 
+SUPER_BLOCK_TYPES = (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_XS)
+
+
 def _planes4(w: QuantizedWeight) -> tuple[torch.Tensor, ...]:
+    if w.qtype == Q.IQ4_XS:  # its fourth pointer: the table of values
+        return w.planes + (qdot.iq4_table(w.device),)
     return w.planes + (w.planes[0],) * (4 - len(w.planes))  # unused pointers: any valid tensor
 
 
 def _fused_linear(x: torch.Tensor, w: QuantizedWeight, out: torch.Tensor | None) -> torch.Tensor:
+    """Up to MAX_TILE_ROWS rows: each program dequantizes a tile of weight rows once and
+    multiplies every row of x with it on the tensor cores."""
     n = x.shape[0]
     if out is None:
         out = torch.empty((n, w.rows), dtype=x.dtype, device=x.device)
     block_n = 32 if w.rows >= 4096 else 16
     _fused_linear_kernel[(triton.cdiv(w.rows, block_n),)](
         x, out, *_planes4(w), n, w.rows, w.cols, x.stride(0), out.stride(0),
-        QTYPE=int(w.qtype), BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=_block_k(w), PRECISION=dot_precision(x.dtype),
-        num_warps=4,
+        QTYPE=int(w.qtype), BLOCK_M=max(16, triton.next_power_of_2(n)), BLOCK_N=block_n, BLOCK_K=_block_k(w),
+        PRECISION=dot_precision(x.dtype), num_warps=4,
     )
     return out
 
@@ -254,7 +416,6 @@ MATVEC_CONFIG = {Q.Q4_K: (16, 4, 8), Q.Q5_K: (16, 4, 8), Q.Q6_K: (4, 8, 4), Q.Q8
 # elements of a row one unit covers: a block (Q8_0, Q4_0..Q5_1), a quarter super-block (Q4_K,
 # Q5_K: two sub-blocks, low and high nibbles), half a super-block (Q6_K)
 MATVEC_UNIT = {Q.Q8_0: 32, Q.Q4_0: 32, Q.Q4_1: 32, Q.Q5_0: 32, Q.Q5_1: 32, Q.Q4_K: 64, Q.Q5_K: 64, Q.Q6_K: 128}
-_matvec_choice: dict[tuple, bool] = {}
 
 
 def _matvec(x: torch.Tensor, w: QuantizedWeight, out: torch.Tensor | None) -> torch.Tensor:
@@ -268,30 +429,15 @@ def _matvec(x: torch.Tensor, w: QuantizedWeight, out: torch.Tensor | None) -> to
     return out
 
 
-def _matvec_wins(w: QuantizedWeight, dtype: torch.dtype) -> bool:
-    """Whether `_matvec` beats `_fused_linear` for one row of this weight's type and shape in
-    `dtype` (timed once per type, shape, dtype and device; off a GPU, or while a graph is being
-    captured, before any timing: the matvec)."""
-    key = (w.qtype, w.rows, w.cols, dtype, w.device)
-    if key not in _matvec_choice:
-        if w.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-            return True
-        _matvec_choice[key] = _gpu_time(_matvec, w, dtype) < _gpu_time(_fused_linear, w, dtype)
-    return _matvec_choice[key]
+def _dequantized_product(x: torch.Tensor, w: QuantizedWeight, out: torch.Tensor) -> torch.Tensor:
+    weight = dequantize(w, x.dtype, scratch=True)
+    if out.is_contiguous():
+        return torch.mm(x, weight.T, out=out)
+    return out.copy_(x @ weight.T)
 
 
-def _gpu_time(op, w: QuantizedWeight, dtype: torch.dtype, reps: int = 20) -> float:
-    x = torch.randn(1, w.cols, device=w.device, dtype=dtype)
-    out = torch.empty(1, w.rows, device=w.device, dtype=dtype)
-    for _ in range(3):
-        op(x, w, out)  # compiles, then warms
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        op(x, w, out)
-    stop.record()
-    stop.synchronize()
-    return start.elapsed_time(stop)
+PRODUCTS = {"matvec": lambda x, w, out: _matvec(x, w, out), "tile": lambda x, w, out: _fused_linear(x, w, out),
+            "dequantized": _dequantized_product}
 
 
 def _launch_dequantize(w: QuantizedWeight, out: torch.Tensor, rows: torch.Tensor | None) -> None:
@@ -350,6 +496,30 @@ if triton is not None:
             sc = tl.load(p2 + at, mask=mask, other=0).to(tl.float32)
             mn = tl.load(p2 + at + 1, mask=mask, other=0).to(tl.float32)
             w = (d * sc)[:, :, None] * q.to(tl.float32) - (dmin * mn)[:, :, None]
+        elif QTYPE == 10 or QTYPE == 11:  # Q2_K, Q3_K: one super-block of 256 per tile
+            qs = tl.load(p0 + r * (K // 4) + k0 // 4 + tl.arange(0, 64)[None, :], mask=mask, other=0).to(tl.int32)
+            q = (tl.reshape(qs, (BLOCK_N, 2, 1, 32)) >> (2 * tl.arange(0, 4))[None, None, :, None]) & 3  # half, j, l
+            sc = tl.load(p2 + r * (K // 16) + k0 // 16 + tl.arange(0, 16)[None, :], mask=mask, other=0).to(tl.int32)
+            sc = tl.reshape(tl.permute(tl.reshape(sc, (BLOCK_N, 2, 2, 4)), (0, 1, 3, 2)), (BLOCK_N, 2, 4, 2, 1))
+            if QTYPE == 10:
+                sb = r * (K // 256) + k0 // 256
+                d = tl.reshape(tl.load(p1 + sb * 2, mask=mask, other=0.0).to(tl.float32), (BLOCK_N, 1, 1, 1, 1))
+                dmin = tl.reshape(tl.load(p1 + sb * 2 + 1, mask=mask, other=0.0).to(tl.float32), (BLOCK_N, 1, 1, 1, 1))
+                w = d * (sc & 0xF).to(tl.float32) * tl.reshape(q, (BLOCK_N, 2, 4, 2, 16)).to(tl.float32) \
+                    - dmin * (sc >> 4).to(tl.float32)
+            else:
+                hm = tl.load(p3 + r * (K // 8) + k0 // 8 + tl.arange(0, 32)[None, :], mask=mask, other=0).to(tl.int32)
+                bit = 4 * tl.arange(0, 2)[:, None] + tl.arange(0, 4)[None, :]
+                high = (tl.reshape(hm, (BLOCK_N, 1, 1, 32)) >> bit[None, :, :, None]) & 1
+                d = tl.reshape(tl.load(p1 + r * (K // 256) + k0 // 256, mask=mask, other=0.0).to(tl.float32),
+                               (BLOCK_N, 1, 1, 1, 1))
+                w = d * sc.to(tl.float32) * tl.reshape(q + 4 * high - 4, (BLOCK_N, 2, 4, 2, 16)).to(tl.float32)
+        elif QTYPE == 23:  # IQ4_XS: one super-block of 256 per tile; p3: the table of values
+            qs = tl.load(p0 + r * (K // 2) + k0 // 2 + tl.arange(0, 128)[None, :], mask=mask, other=0)
+            values = tl.load(p3 + _nibbles(qs, BLOCK_N, 16, 8)).to(tl.float32)  # [BLOCK_N, 8, 32]
+            sc = tl.load(p2 + r * (K // 32) + k0 // 32 + tl.arange(0, 8)[None, :], mask=mask, other=0).to(tl.float32)
+            d = tl.load(p1 + r * (K // 256) + k0 // 256, mask=mask, other=0.0).to(tl.float32)
+            w = (d * sc)[:, :, None] * values
         else:  # Q6_K (14): one super-block of 256 per tile
             ql = tl.load(p0 + r * (K // 2) + k0 // 2 + tl.arange(0, 128)[None, :], mask=mask, other=0).to(tl.int32)
             ql = tl.reshape(ql, (BLOCK_N, 4, 32))  # [half n, (l | l + 32)] flattened, l

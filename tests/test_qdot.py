@@ -1,0 +1,165 @@
+"""The integer-dot path for quantized weights (shardrt.kernels.qdot): activations quantized per
+block of 32, and the kernel that multiplies GGUF blocks into them, against
+dequantize(W) @ dequantize(quantize(x)) computed in float64 from the `gguf` package's own
+dequantization. The kernel runs under Triton's interpreter on the CPU (its PTX dot products
+emulated in integer operations: the same source, indexing and scales) and, on a GPU, as built."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from shardrt.errors import ConfigError
+from shardrt.kernels import qdot, quant
+from shardrt.kernels.quant import Q
+
+from .test_quant import SCALES, gguf_dequantized, random_blocks
+
+try:
+    import triton  # noqa: F401
+    HAVE_TRITON = True
+except ImportError:
+    HAVE_TRITON = False
+
+
+def test_quantized_rows_are_the_nearest_steps_of_each_block():
+    x = torch.randn(3, 256) * torch.logspace(-3, 3, 256)  # blocks of very different size
+    x[1, 32:64] = 0.0  # an all-zero block: scale 0, values 0
+    xq = qdot.quantize_rows_reference(x)
+    q = xq.words.view(torch.int8).reshape(3, 8, 32).float()
+    assert q.abs().max() == 127 and xq.scale[1, 1] == 0 and q[1, 1].abs().max() == 0
+    step = xq.scale[..., None]
+    assert ((q * step - x.reshape(3, 8, 32)).abs() <= step / 2 * (1 + 1e-6)).all()  # rounded to the nearest step
+    assert torch.allclose(xq.sums, q.reshape(3, 16, 16).sum(-1) * xq.scale.repeat_interleave(2, 1))
+    assert torch.allclose(xq.dequantize(), (q * step).reshape(3, 256))
+
+
+def check_types(device: str, types, rows: int = 13, cols: int = 768, counts=(1, 3, 8)) -> dict:
+    """Largest relative error of qdot.linear per type over row counts and scales."""
+    worst = {}
+    for qtype in types:
+        rng = np.random.default_rng(int(qtype))
+        for scale in SCALES.values():
+            raw = random_blocks(qtype, rows, cols, scale, rng)
+            weight = quant.quantized_weight(raw, qtype, cols, torch.device(device))
+            dense = gguf_dequantized(raw, qtype, rows, cols)
+            for m in counts:
+                x = torch.from_numpy(rng.standard_normal((m, cols)).astype(np.float32)).to(device)
+                x = x if device == "cpu" else x.bfloat16()  # the interpreter computes in numpy: no bf16
+                xq = qdot.quantize_rows(x)
+                ref = qdot.quantize_rows_reference(x)
+                assert torch.equal(xq.words.cpu(), ref.words.cpu()) and torch.equal(xq.scale.cpu(), ref.scale.cpu())
+                want = ref.dequantize().double().cpu() @ dense.T
+                out = torch.full((m, rows), float("nan"), device=device)
+                qdot.linear(xq, weight, out, block=(4, 4, 1) if device == "cpu" else None)
+                norm = want.norm().item()
+                error = ((out.double().cpu() - want).norm().item() / norm) if norm else out.abs().max().item()
+                worst[qtype.name] = max(worst.get(qtype.name, 0.0), error)
+    return worst
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not installed")
+def test_the_kernel_source_under_the_interpreter():
+    # rows 13: no multiple of a program's rows; cols 768: three super-blocks, not a multiple of
+    # the units per step; 1, 3 and 8 activation rows; scales from subnormal to 6e4 and zero
+    code = ("import json, sys; sys.path.insert(0, '.'); from tests.test_qdot import check_types; "
+            "from shardrt.kernels.qdot import QDOT_TYPES; "
+            "print(json.dumps(check_types('cpu', QDOT_TYPES, counts=(1, 3))))")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0, done.stderr[-3000:]
+    worst = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(worst) == {t.name for t in qdot.QDOT_TYPES}
+    assert all(error < 1e-5 for error in worst.values()), worst
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.version.cuda is None, reason="needs a CUDA GPU")
+def test_the_kernel_on_the_gpu_with_its_dot_products():
+    worst = check_types("cuda", qdot.QDOT_TYPES, rows=1000, cols=4 * 768, counts=(1, 2, 3, 5, 8))
+    assert all(error < 1e-5 for error in worst.values()), worst
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.version.cuda is None, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("n", [1, 2, 5, 8, 16, 33, 64])
+def test_every_path_linear_may_choose_is_right(n):
+    # `linear` times its candidates and keeps the fastest: each must compute the product
+    rng = np.random.default_rng(n)
+    for qtype in quant.KERNEL_TYPES:
+        rows, cols = 520, 1024
+        raw = random_blocks(qtype, rows, cols, 1e-2, rng)
+        weight = quant.quantized_weight(raw, qtype, cols, torch.device("cuda"))
+        dense = gguf_dequantized(raw, qtype, rows, cols)
+        x = torch.from_numpy(rng.standard_normal((n, cols)).astype(np.float32)).cuda().bfloat16()
+        for path in quant.candidates(weight, n, x):
+            out = torch.empty(n, rows, device="cuda", dtype=torch.bfloat16)
+            if path == "qdot":
+                qdot.linear(qdot.quantize_rows(x), weight, out)
+            else:
+                quant.PRODUCTS[path](x, weight, out)
+            want = x.double().cpu() @ dense.T
+            error = ((out.double().cpu() - want).norm() / want.norm()).item()
+            assert error < 2e-2, (qtype.name, path, error)  # bf16 output, int8 activations for qdot
+
+
+def test_config_files_are_checked(tmp_path, monkeypatch):
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"Q4_K 4096x4096": {"1": [2, 32, 2], "8": [4, 32, 4]}}))
+    assert qdot.read_configs(str(good)) == {"Q4_K 4096x4096": {1: (2, 32, 2), 8: (4, 32, 4)}}
+    for text, why in [("{", "cannot read"), ('{"Q4_K 1x1": {"1": [3, 32, 2]}}', "powers of two"),
+                      ('{"Q4_K 1x1": {"one": [1, 32, 2]}}', "powers of two"), ("[1, 2]", "entry None")]:
+        bad = tmp_path / "bad.json"
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=f"SHARDRT_QDOT_CONFIG: .*{why}"):
+            qdot.read_configs(str(bad))
+    with pytest.raises(ConfigError, match="SHARDRT_QDOT_CONFIG: cannot read '/nonexistent.json'"):
+        qdot.read_configs("/nonexistent.json")
+    monkeypatch.setattr(qdot, "_measured", None)
+    monkeypatch.setenv(qdot.CONFIG_ENV, str(good))
+    assert qdot.config(Q.Q4_K, 4096, 4096, 1) == (2, 32, 2)
+    assert qdot.config(Q.Q4_K, 4096, 4096, 3) == (4, 32, 4)  # the fewest measured rows >= 3
+    # a matrix no sweep measured: its type's default, with fewer rows per program for few rows
+    assert qdot.config(Q.Q6_K, 8192, 512) == qdot.DEFAULT_CONFIG[Q.Q6_K]
+    assert qdot.config(Q.Q4_K, 8192, 512) == (4, 32, 4) and qdot.config(Q.Q4_K, 1000, 512) == (1, 32, 4)
+    monkeypatch.setattr(qdot, "_measured", None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.version.cuda is None, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K", "Q8_0", "Q5_1"])
+@pytest.mark.parametrize("graphs", [True, False])
+def test_a_gpu_stage_with_blocks_follows_the_dense_cpu_stage(tmp_path, qtype, graphs, monkeypatch):
+    """The whole path in a model: `weights: auto` keeps the blocks on the GPU, decode steps take
+    the integer dot products (in a graph or eagerly; forced here: on a model this small a float
+    kernel may time faster), and the logits follow the CPU's float32 ones, teacher-forced over a
+    prompt and eight decode steps."""
+    from shardrt.stage import Stage
+
+    from .synthetic import write_model
+
+    monkeypatch.setenv(quant.PATH_ENV, "qdot")
+    path = write_model(tmp_path / "model.gguf", n_layers=3, dim=256, n_heads=4, n_kv_heads=2, ffn_dim=512,
+                       qtype=qtype, seed=3)
+    cpu = Stage(path, 0, 3, "cpu", max_ctx=64)
+    gpu = Stage(path, 0, 3, "cuda:0", max_ctx=64, graphs=graphs)
+    assert gpu.quantized and gpu.dtype == torch.bfloat16 and gpu.kernels.path == "triton"
+    inputs, base = torch.arange(1, 20), 0
+    for step in range(9):
+        want = cpu.forward(inputs, base).view(-1).double()
+        got = gpu.forward(inputs, base).view(-1).double().cpu()
+        assert torch.nn.functional.cosine_similarity(got, want, dim=0) > 0.999, step
+        assert ((got - want).norm() / want.norm()).item() < 5e-2, step
+        base += inputs.numel()
+        inputs = torch.tensor([int(want.argmax())])
+    assert not graphs or gpu.graph_forwards >= 8
+
+
+def test_a_forced_path_must_be_one_of_the_paths(monkeypatch):
+    monkeypatch.setenv(quant.PATH_ENV, "cublas")
+    with pytest.raises(ConfigError, match="SHARDRT_QUANT_PATH: 'cublas' is not one of qdot, matvec, tile, dequantized"):
+        quant.forced_path()
