@@ -102,8 +102,8 @@ def missing_bias(dir):
 
 
 def unsupported_tensor_type(dir):
-    path = write_model(dir / "iq4nl.gguf", "llama", tensor_types={"blk.1.attn_q.weight": 20})  # IQ4_NL
-    return path, ["'blk.1.attn_q.weight'", "IQ4_NL", "Q4_K"]
+    path = write_model(dir / "q8_1.gguf", "llama", tensor_types={"blk.1.attn_q.weight": 9})  # Q8_1: llama.cpp's own scratch type
+    return path, ["'blk.1.attn_q.weight'", "Q8_1", "Q4_K"]
 
 
 def unsupported_ternary_type(dir):
@@ -196,9 +196,9 @@ def test_missing_file(tmp_path):
 
 def test_damage_outside_a_stage_does_not_stop_it(tmp_path):
     # a stage reads only its own tensors: a bad type in layer 1 fails [1, 2) but not [0, 1)
-    path = write_model(tmp_path / "m.gguf", "llama", tensor_types={"blk.1.attn_q.weight": 20})
+    path = write_model(tmp_path / "m.gguf", "llama", tensor_types={"blk.1.attn_q.weight": 9})
     assert not Stage(path, 0, 1, max_ctx=16).has_head
-    with pytest.raises(ModelFormatError, match="'blk.1.attn_q.weight' has type IQ4_NL"):
+    with pytest.raises(ModelFormatError, match="'blk.1.attn_q.weight' has type Q8_1"):
         Stage(path, 1, 2, max_ctx=16)
 
 

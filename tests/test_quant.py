@@ -130,3 +130,24 @@ def test_stacking_one_type_concatenates_rows():
     assert stacked.shape == (8, 256)
     want = torch.cat([gguf_dequantized(raw, Q.Q4_K, raw.shape[0], 256) for raw in raws])
     assert torch.allclose(quant.dequantize_reference(stacked).double(), want, rtol=1e-6, atol=0)
+
+
+def test_matrices_of_a_type_without_a_kernel_load_dense_and_are_counted(tmp_path):
+    """An IQ2/IQ3 matrix beside K-quant blocks: dequantized (the stage says so once), the rest kept."""
+    from shardrt.gguf_file import GGUFFile
+    from shardrt.gguf_loader import LayerSpan, StageWeights
+    from shardrt.model import ModelConfig
+
+    from .synthetic import write_model
+
+    path = write_model(tmp_path / "mixed.gguf", n_layers=2, dim=256, ffn_dim=512, qtype="Q4_K",
+                       tensor_types={"blk.0.attn_v.weight": Q.IQ2_XXS, "blk.1.ffn_down.weight": Q.IQ3_S})
+    meta = torch.device("meta")  # shapes and types as a GPU stage holds them, no GPU needed
+    with GGUFFile(path) as gguf:
+        weights = StageWeights(gguf, ModelConfig.from_gguf(gguf), LayerSpan.of(0, 2, 2), quantized=True)
+        first, second = (weights.load_block(i, meta, torch.bfloat16) for i in range(2))
+    q, k, v = first["attn_qkv"]  # q and k stay Q4_K blocks, v is dense
+    assert isinstance(q, quant.QuantizedWeight) and q.qtype == Q.Q4_K and isinstance(v, torch.Tensor)
+    assert isinstance(second["ffn_down"], torch.Tensor) and second["ffn_down"].dtype == torch.bfloat16
+    assert isinstance(second["ffn_gate_up"], quant.QuantizedWeight)
+    assert weights.without_kernel == {"IQ2_XXS": 1, "IQ3_S": 1}

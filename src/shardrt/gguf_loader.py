@@ -26,9 +26,11 @@ log = logging.getLogger(__name__)
 
 MIB = 1 << 20
 # Types the gguf package can dequantize and shardrt has checked; anything else is refused by name.
+# The IQ1/IQ2/IQ3 types have no kernel: they load dequantized, on GPUs too.
 SUPPORTED_TYPES = frozenset(
     GGMLQuantizationType[name]
-    for name in ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+    for name in ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+                 "IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S")
 )
 
 
@@ -183,6 +185,7 @@ class StageWeights:
         for name in self.names:
             check_shape(gguf, cfg, name)
         self.bytes_read = 0
+        self.without_kernel: dict[str, int] = {}  # type -> matrices held dense only for want of a kernel
         for start, end in self.cover.spans if prefetch else ():
             gguf.prefetch(start, end)
 
@@ -196,9 +199,12 @@ class StageWeights:
         their types differ."""
         infos = [require_tensor(self.gguf, name) for name in names]
         self.bytes_read += sum(info.n_bytes for info in infos)
-        if self.quantized and device.type != "cpu" and len(infos[0].shape) == 2 \
-                and any(quant.has_kernel(info.qtype) for info in infos):
-            return self._quantized(infos, device, dtype)
+        if self.quantized and device.type != "cpu" and len(infos[0].shape) == 2:
+            for info in infos:
+                if not quant.has_kernel(info.qtype) and info.qtype not in PLAIN_TYPES:
+                    self.without_kernel[info.qtype.name] = self.without_kernel.get(info.qtype.name, 0) + 1
+            if any(quant.has_kernel(info.qtype) for info in infos):
+                return self._quantized(infos, device, dtype)
         parts = [host_tensor(self.gguf, info) for info in infos]
         out = torch.empty((sum(p.shape[0] for p in parts), *parts[0].shape[1:]), dtype=dtype, device=device)
         row = 0

@@ -88,6 +88,10 @@ class Stage:
                 raise ConfigError(f"{self.device}: out of memory loading layers {self.span} with max_ctx {max_ctx} "
                                   f"({str(exc).splitlines()[0]}); see `shardrt plan` for what it needs") from None
             self.bytes_read = loader.bytes_read
+            if loader.without_kernel:  # said once per stage: these matrices take 2-4x their file bytes
+                log.warning("layers %s on %s: %s have no quantized kernel and are dequantized to %s", self.span,
+                            self.device, ", ".join(f"{n} matrices of {t}" for t, n in sorted(loader.without_kernel.items())),
+                            str(self.dtype).removeprefix("torch."))
         self.lengths = [0] * max_seqs  # tokens each sequence holds in the KV cache, valid in every layer
         self._partial_end = 0  # end of the last early-exit (stop_after) write, in sequence 0
         self.snapshots: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}

@@ -34,20 +34,20 @@ from gguf import GGMLQuantizationType
 from ._triton import tl, triton
 
 Q = GGMLQuantizationType
-QDOT_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_XS)
+QDOT_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS)
 MAX_ROWS = 8  # activation rows one kernel takes (one accumulator each); more go to the paths in `quant`
 # elements of a weight row one unit covers (see each type's branch in `_qdot_kernel`)
 UNIT = {Q.Q8_0: 32, Q.Q4_0: 32, Q.Q4_1: 32, Q.Q5_0: 32, Q.Q5_1: 32, Q.Q4_K: 64, Q.Q5_K: 64, Q.Q6_K: 64,
-        Q.Q2_K: 64, Q.Q3_K: 64, Q.IQ4_XS: 32}
+        Q.Q2_K: 64, Q.Q3_K: 64, Q.IQ4_NL: 32, Q.IQ4_XS: 32}
 # (rows per program, units per step, warps) per type where no sweep measured the matrix: the
 # config that won most often on an H200. `MEASURED` (qdot_configs.py, that sweep) and
 # SHARDRT_QDOT_CONFIG (a file from scripts/bench_matvec.py --write-config) name the fastest per matrix.
 DEFAULT_CONFIG = {Q.Q8_0: (1, 128, 4), Q.Q6_K: (1, 32, 1), Q.Q2_K: (1, 32, 1), Q.Q3_K: (1, 32, 1)}
-DEFAULT_4BIT = (4, 32, 4)  # Q4_0..Q5_1, Q4_K, Q5_K, IQ4_XS
+DEFAULT_4BIT = (4, 32, 4)  # Q4_0..Q5_1, Q4_K, Q5_K, IQ4_NL, IQ4_XS
 CONFIG_ENV = "SHARDRT_QDOT_CONFIG"
 # the planes (`quant.split_planes`) the kernel reads as int32 words; the others keep their dtype
 WORD_PLANES = {Q.Q8_0: (0,), Q.Q4_0: (0,), Q.Q4_1: (0,), Q.Q5_0: (0,), Q.Q5_1: (0,), Q.Q4_K: (0, 2),
-               Q.Q5_K: (0, 2, 3), Q.Q6_K: (0, 3), Q.Q2_K: (0, 2), Q.Q3_K: (0, 2, 3), Q.IQ4_XS: (0,)}
+               Q.Q5_K: (0, 2, 3), Q.Q6_K: (0, 3), Q.Q2_K: (0, 2), Q.Q3_K: (0, 2, 3), Q.IQ4_NL: (0,), Q.IQ4_XS: (0,)}
 IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
 
@@ -360,6 +360,9 @@ if triton is not None:
                     ((q >> 6) & 0x03030303) | (((hm >> 3) & 0x01010101) << 2), \
                     d * ((sc << 24) >> 24).to(tl.float32), d * ((sc << 16) >> 24).to(tl.float32), \
                     d * ((sc << 8) >> 24).to(tl.float32), d * (sc >> 24).to(tl.float32)
+        elif QTYPE == 20:  # IQ4_NL: unit = block; qs as Q4_0's, values from IQ4's table; d f16 [r, K/32]
+            lo, hi = _iq4_values(tl.load(p0 + r3 * (K // 8) + u3 * 4 + w, mask=ok3, other=0), table_ptr, EMULATE)
+            return lo, hi, tl.load(p1 + r2 * NU + u2, mask=ok2, other=0.0).to(tl.float32)
         else:  # IQ4_XS (23): unit = sub-block of 32; qs as Q4_0's; scales int8 [r, K/32] (less 32); d f16 [r, K/256]
             q = tl.load(p0 + r3 * (K // 8) + u3 * 4 + w, mask=ok3, other=0)
             lo, hi = _iq4_values(q, table_ptr, EMULATE)

@@ -33,10 +33,10 @@ from ._triton import dot_precision, tl, triton, use_triton
 from .qdot import IQ4_VALUES
 
 Q = GGMLQuantizationType
-KERNEL_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_XS)
+KERNEL_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS)
 # byte offsets of each type's f16 fields (scales, mins) in its block
 F16_FIELDS = {Q.Q8_0: (0,), Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2), Q.Q2_K: (80, 82),
-              Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,), Q.IQ4_XS: (0,)}
+              Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,), Q.IQ4_NL: (0,), Q.IQ4_XS: (0,)}
 # bytes per block the planes hold beyond the file's (scales unpacked to a byte each)
 EXTRA_BYTES = {Q.Q4_K: 4, Q.Q5_K: 4, Q.Q3_K: 4, Q.IQ4_XS: 2}
 
@@ -87,6 +87,7 @@ def split_planes(raw: np.ndarray, qtype: Q, cols: int) -> tuple[np.ndarray, ...]
     Q6_K: ql uint8 [r, c/2], d f16 [r, c/256], scales int8 [r, c/16], qh uint8 [r, c/4]
     Q2_K: qs uint8 [r, c/4], (d, dmin) f16 [r, c/256, 2], scales uint8 [r, c/16] (scale | min << 4)
     Q3_K: qs uint8 [r, c/4], d f16 [r, c/256], scales int8 [r, c/16] (less 32), hmask uint8 [r, c/8]
+    IQ4_NL: qs uint8 [r, c/2], d f16 [r, c/32] (Q4_0's layout; values from IQ4's table)
     IQ4_XS: qs uint8 [r, c/2], d f16 [r, c/256], scales int8 [r, c/32] (less 32)
 
     Q2_K's and Q3_K's sixteen scales per super-block are re-laid so that the four a kernel unit
@@ -105,7 +106,7 @@ def split_planes(raw: np.ndarray, qtype: Q, cols: int) -> tuple[np.ndarray, ...]
 
     if qtype == Q.Q8_0:
         return flat(2, 34, np.int8), f16(0, 2)[..., 0]
-    if qtype == Q.Q4_0:
+    if qtype in (Q.Q4_0, Q.IQ4_NL):
         return flat(2, 18), f16(0, 2)[..., 0]
     if qtype == Q.Q4_1:
         return flat(4, 20), f16(0, 4)
@@ -221,6 +222,10 @@ def dequantize_reference(w: QuantizedWeight, rows: torch.Tensor | None = None) -
             high = ((planes[3].int().reshape(r, -1, 1, 1, 32) >> bit) & 1).reshape(r, -1, 2, 4, 2, 16)
             out = d.float().reshape(r, -1, 1, 1, 1, 1) * sc.float() * (q + 4 * high - 4).float()
         return out.reshape(r, c)
+    if t == Q.IQ4_NL:
+        qs, d = planes
+        values = torch.tensor(IQ4_VALUES, dtype=torch.float32, device=qs.device)
+        return (values[nibbles(qs, 16)].reshape(r, -1, 32) * d.float()[..., None]).reshape(r, c)
     if t == Q.IQ4_XS:
         qs, d, scales = planes
         values = torch.tensor(IQ4_VALUES, dtype=torch.float32, device=qs.device)
@@ -386,8 +391,8 @@ SUPER_BLOCK_TYPES = (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_XS)
 
 
 def _planes4(w: QuantizedWeight) -> tuple[torch.Tensor, ...]:
-    if w.qtype == Q.IQ4_XS:  # its fourth pointer: the table of values
-        return w.planes + (qdot.iq4_table(w.device),)
+    if w.qtype in (Q.IQ4_NL, Q.IQ4_XS):  # the fourth pointer: the table of values
+        return w.planes + (w.planes[0],) * (3 - len(w.planes)) + (qdot.iq4_table(w.device),)
     return w.planes + (w.planes[0],) * (4 - len(w.planes))  # unused pointers: any valid tensor
 
 
@@ -514,6 +519,12 @@ if triton is not None:
                 d = tl.reshape(tl.load(p1 + r * (K // 256) + k0 // 256, mask=mask, other=0.0).to(tl.float32),
                                (BLOCK_N, 1, 1, 1, 1))
                 w = d * sc.to(tl.float32) * tl.reshape(q + 4 * high - 4, (BLOCK_N, 2, 4, 2, 16)).to(tl.float32)
+        elif QTYPE == 20:  # IQ4_NL: blocks of 32 as Q4_0's; p3: the table of values
+            NB: tl.constexpr = BLOCK_K // 32
+            qs = tl.load(p0 + r * (K // 2) + k0 // 2 + tl.arange(0, BLOCK_K // 2)[None, :], mask=mask, other=0)
+            values = tl.load(p3 + _nibbles(qs, BLOCK_N, 16, NB)).to(tl.float32)  # [BLOCK_N, NB, 32]
+            d = tl.load(p1 + r * (K // 32) + k0 // 32 + tl.arange(0, NB)[None, :], mask=mask, other=0.0).to(tl.float32)
+            w = d[:, :, None] * values
         elif QTYPE == 23:  # IQ4_XS: one super-block of 256 per tile; p3: the table of values
             qs = tl.load(p0 + r * (K // 2) + k0 // 2 + tl.arange(0, 128)[None, :], mask=mask, other=0)
             values = tl.load(p3 + _nibbles(qs, BLOCK_N, 16, 8)).to(tl.float32)  # [BLOCK_N, 8, 32]
