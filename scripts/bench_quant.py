@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
                     "decode_tokens": args.decode_tokens, "types": {}}
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         for type_name in args.types.split(","):
-            model = (args.keep or Path(tmp)) / f"random-{args.shape}-{type_name}.gguf"
+            # named for what it holds, so a kept file is reused only for the same shape and layers
+            model = (args.keep or Path(tmp)) / f"random-{args.shape}-{shape.layers}l-{type_name}.gguf"
             if not model.is_file():
                 make_gguf.write(model, shape, type_name, args.tokenizer_from or demo_model_path(progress=False), seed=0,
                                 progress=False)
@@ -102,9 +103,13 @@ def llama_bench(binary: Path, model: Path, prompt_tokens: int, decode_tokens: in
     prompt's tokens already in the cache (its -d), every layer on the GPU, flash attention."""
     cmd = [str(binary), "-m", str(model), "-ngl", "99", "-fa", "1", "-p", str(prompt_tokens), "-n", str(decode_tokens),
            "-d", f"0,{prompt_tokens}", "-r", "3", "-o", "jsonl"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
     if done.returncode != 0:
-        return {"error": f"exit {done.returncode}: {done.stderr.strip().splitlines()[-1:] }"}
+        last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "no output"
+        return {"error": f"exit {done.returncode}: {last}"}
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     out = {"command": " ".join(cmd[:1] + ["-m", model.name] + cmd[3:])}
     for row in rows:

@@ -24,12 +24,14 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from urllib.parse import urlsplit
 
-READY_S = 180
+READY_S = 600  # a 70B file takes minutes to load
 REQUEST_S = 300
 DEFAULT_SERVE = ["--target-gpus", "cpu:0,cpu:1", "--max-ctx", "1024"]
 QUESTIONS = [
@@ -149,15 +151,12 @@ def measure(host: str, port: int, proc: subprocess.Popen | None, levels: list[in
                 proc.wait(10)
 
 
-def model_of(serve_args: list[str]) -> str | None:
-    """The GGUF that the serve flags name (positional or --model), else None (the demo model)."""
-    for i, arg in enumerate(serve_args):
-        if arg == "--model" and i + 1 < len(serve_args):
-            return serve_args[i + 1]
-        if arg.startswith("--model="):
-            return arg.split("=", 1)[1]
-    return next((a for i, a in enumerate(serve_args) if a.endswith(".gguf") and
-                 (i == 0 or serve_args[i - 1] not in ("--draft-model", "--pflash-model"))), None)
+def model_of(serve_args: list[str]) -> str:
+    """The GGUF that `shardrt serve` runs with these flags (positional, --model or the YAML's
+    `model`; the demo model when none), read by shardrt's own parser."""
+    from shardrt.cli import _resolve, build_parser
+
+    return str(_resolve(build_parser().parse_args(["serve", *serve_args]))[1])
 
 
 def main() -> None:
@@ -186,10 +185,6 @@ def main() -> None:
         if args.url:
             parser.error("--llama-server: measures a server it starts beside its own shardrt serve, not --url")
         peer_model = args.llama_model or model_of(args.serve_args)
-        if peer_model is None:
-            from shardrt.demo_model import demo_model_path
-
-            peer_model = str(demo_model_path(progress=False))
     proc = None
     if args.url:
         parts = urlsplit(args.url)
@@ -214,12 +209,19 @@ def main() -> None:
         peer_port = free_port()
         command = [args.llama_server, "-m", peer_model, "-ngl", "99", "-fa", "on", "-np", str(slots),
                    "-c", str(slots * args.llama_ctx), "--host", "127.0.0.1", "--port", str(peer_port)]
-        peer = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        peer_report = measure("127.0.0.1", peer_port, peer, levels, args.requests, args.max_tokens)
-        out["llama_server"] = {"command": " ".join(command[:1] + command[3:-4]), "levels": peer_report}
-        out["over_llama_server"] = {
-            str(a["concurrency"]): round(a["throughput_tokens_per_s"] / b["throughput_tokens_per_s"], 2)
-            if b["throughput_tokens_per_s"] else None for a, b in zip(report, peer_report)}
+        log = Path(tempfile.gettempdir()) / f"llama-server-{peer_port}.log"
+        with open(log, "w") as sink:
+            peer = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT)
+        out["llama_server"] = {"command": " ".join(command[:1] + command[3:-4]), "log": str(log)}
+        try:
+            peer_report = measure("127.0.0.1", peer_port, peer, levels, args.requests, args.max_tokens)
+        except SystemExit as exc:  # it did not come up: keep shardrt's numbers, say why
+            out["llama_server"]["error"] = str(exc)
+        else:
+            out["llama_server"]["levels"] = peer_report
+            out["over_llama_server"] = {
+                str(a["concurrency"]): round(a["throughput_tokens_per_s"] / b["throughput_tokens_per_s"], 2)
+                if b["throughput_tokens_per_s"] else None for a, b in zip(report, peer_report)}
     print(json.dumps(out))
 
 

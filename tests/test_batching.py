@@ -91,9 +91,10 @@ def test_slots_keep_their_own_snapshots_and_truncation(demo_model, solo):
 
 
 @pytest.mark.parametrize("seqs, positions, needle", [
-    ([0, 0], [4, 4], "names a sequence twice"),
+    ([0, 0], [4, 4], "positions: 4 for sequence 0 does not follow the row before it, at 4,"),
+    ([0, 0], [4, 6], "positions: 6 for sequence 0 does not follow the row before it, at 4,"),
     ([0, 3], [4, 4], "seqs: sequence 3 is outside 0..2"),
-    ([0, 1], [4, 9], "positions: 9 is outside the 4 tokens cached for sequence 1"),
+    ([0, 1], [4, 9], "positions: 9 for sequence 1 does not follow the 4 tokens cached"),
     ([0], [4, 4], "batch: 2 inputs for 1 sequences"),
 ])
 def test_bad_batches_are_refused_and_change_nothing(demo_model, seqs, positions, needle):
@@ -129,7 +130,7 @@ def test_batched_decode_through_daemons_equals_each_alone(demo_model, solo):
         tokens = pipeline.decode_batch([7, 8], [0, 1], [3, 3], argmax=True)
         assert isinstance(tokens, list) and len(tokens) == 2
         remote = pipeline.stages[1]
-        with pytest.raises(IpcError, match="positions: 50 is outside"):
+        with pytest.raises(IpcError, match="positions: 50 for sequence 2 does not follow"):
             remote.run_batch(torch.zeros(1, pipeline.cfg.dim), [2], [50])
         with pytest.raises(IpcError, match="sequence 4 is outside 0..3"):
             remote.run_batch(torch.zeros(1, pipeline.cfg.dim), [4], [0])
@@ -156,7 +157,7 @@ def test_scheduler_lets_requests_join_leave_and_be_cancelled(demo_model, demo_to
     want = [generate(alone, demo_tokenizer, ids, p).tokens for ids, p in zip(prompts, kinds)]
 
     scheduler = BatchScheduler(Pipeline([Stage(demo_model, 0, 30, "cpu", max_ctx=MAX_CTX, max_seqs=3)]),
-                               demo_tokenizer, prefill_chunk=3)
+                               demo_tokenizer, max_batch_tokens=5)  # prompts in small chunks beside the decode rows
     jobs = [Job(None, ids, p) for ids, p in zip(prompts[:3], kinds[:3])]
     for job in jobs:
         scheduler.admit(job)
@@ -187,3 +188,106 @@ def test_scheduler_lets_requests_join_leave_and_be_cancelled(demo_model, demo_to
     assert done[id(late)].tokens == want[3]
     step()
     assert scheduler.free_slots == 3
+
+
+def test_prompt_chunks_and_decode_rows_in_one_forward_equal_each_alone(demo_model, solo):
+    """A mixed step: the whole prompt of one sequence, the first part of another's and one decode
+    token of a third, in one forward; then the rest of the second prompt beside two decode rows.
+    The logits of each sequence's last row equal what it gets alone."""
+    prompts, want = solo
+    stage = Stage(demo_model, 0, 30, "cpu", max_ctx=MAX_CTX, max_seqs=3)
+    pipeline = Pipeline([stage])
+    a, b, c = prompts[0], prompts[1], prompts[2]
+    first = pipeline.run(torch.tensor(c), 0, seq=2)[0][-1]  # c is decoding already
+    assert int(first.argmax()) == want[2][0][0]
+    half = len(b) // 2
+    rows = [(0, p, t) for p, t in enumerate(a)] + [(1, p, t) for p, t in enumerate(b[:half])] + \
+        [(2, len(c), want[2][0][0])]
+    seqs, positions, tokens = map(list, zip(*rows))
+    outputs = [len(a) - 1, len(rows) - 1]  # a's last prompt row and c's decode row; b is mid-prompt
+    logits = pipeline.decode_batch(tokens, seqs, positions, outputs=outputs)
+    assert logits.shape[0] == 2
+    assert (logits[0] - want[0][1][0]).abs().max() < 1e-4 and (logits[1] - want[2][1][1]).abs().max() < 1e-4
+    assert stage.lengths == [len(a), half, len(c) + 1]
+    rows = [(0, len(a), want[0][0][0])] + [(1, half + p, t) for p, t in enumerate(b[half:])] + \
+        [(2, len(c) + 1, want[2][0][1])]
+    seqs, positions, tokens = map(list, zip(*rows))
+    tokens_out = pipeline.decode_batch(tokens, seqs, positions, argmax=True, outputs=[0, len(rows) - 2, len(rows) - 1])
+    assert tokens_out == [want[0][0][1], want[1][0][0], want[2][0][2]]
+    assert stage.lengths == [len(a) + 1, len(b), len(c) + 2]
+
+
+def test_a_sequence_takes_another_ones_prefix_by_copy(demo_model, solo):
+    prompts, want = solo
+    stage = Stage(demo_model, 0, 30, "cpu", max_ctx=MAX_CTX, max_seqs=3)
+    pipeline = Pipeline([stage])
+    ids = prompts[0]
+    pipeline.run(torch.tensor(ids + [want[0][0][0]]), 0, seq=1)  # seq 1: the prompt and one token more
+    assert pipeline.kv_copy(1, 2, len(ids) - 1) == len(ids) - 1
+    logits = pipeline.run(torch.tensor(ids[-1:]), len(ids) - 1, seq=2)[0]  # only the prompt's last token runs
+    assert (logits[-1] - want[0][1][0]).abs().max() < 1e-4
+    with pytest.raises(ConfigError, match="kv_copy: 40 is outside the 0 tokens cached for sequence 0"):
+        pipeline.kv_copy(0, 2, 40)
+    with pytest.raises(ConfigError, match="src_seq: sequence 5 is outside"):
+        pipeline.kv_copy(5, 2, 1)
+    assert stage.lengths == [0, len(ids) + 1, len(ids)]
+
+
+def run_scheduler(scheduler, jobs, limit: int = 400) -> dict:
+    done = {}
+    for job in jobs:
+        scheduler.admit(job)
+    for _ in range(limit):
+        for run, result in scheduler.step():
+            done[id(run.job)] = result
+        if not scheduler.running:
+            break
+    return done
+
+
+def test_requests_that_arrive_together_prefill_in_one_forward(demo_model, demo_tokenizer):
+    from shardrt.generate import generate
+    from shardrt.sampling import SamplingParams
+    from shardrt.server.batch import BatchScheduler
+    from shardrt.server.engine import Job
+
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    prompts = [demo_tokenizer.encode(p) for p in PROMPTS[:3]]
+    alone = Pipeline([Stage(demo_model, 0, 30, "cpu", max_ctx=MAX_CTX)])
+    want = [generate(alone, demo_tokenizer, ids, params).tokens for ids in prompts]
+    stage = Stage(demo_model, 0, 30, "cpu", max_ctx=MAX_CTX, max_seqs=3)
+    scheduler = BatchScheduler(Pipeline([stage]), demo_tokenizer)
+    jobs = [Job(None, ids, params) for ids in prompts]
+    for job in jobs:
+        scheduler.admit(job)
+    scheduler.step()
+    assert stage.forwards == 1 and all(r.prefill_done is not None for r in scheduler.running)  # three prompts, one forward
+    done = run_scheduler(scheduler, [])
+    assert [done[id(j)].tokens for j in jobs] == want
+    assert stage.forwards == params.max_tokens  # then one step for all three per token
+
+
+def test_a_shared_system_prompt_is_prefilled_once(demo_model, demo_tokenizer):
+    """Four requests with one long system prompt: the first prefills it, the other three wait for
+    it, copy its KV and prefill only their own question; each gets what it gets alone."""
+    from shardrt.generate import generate
+    from shardrt.sampling import SamplingParams
+    from shardrt.server.batch import BatchScheduler
+    from shardrt.server.engine import Job
+    from shardrt.spec.prefix_cache import common_prefix
+
+    system = "You are a careful assistant. Answer in one short sentence, plainly, without lists. " * 2
+    prompts = [demo_tokenizer.encode(system + q) for q in ("Where is Paris?", "Name a colour.", "What is 2+2?",
+                                                           "Who wrote Hamlet?")]
+    params = SamplingParams(max_tokens=5, ignore_eos=True)
+    alone = Pipeline([Stage(demo_model, 0, 30, "cpu", max_ctx=MAX_CTX)])
+    want = [generate(alone, demo_tokenizer, ids, params).tokens for ids in prompts]
+    stage = Stage(demo_model, 0, 30, "cpu", max_ctx=MAX_CTX, max_seqs=4)
+    scheduler = BatchScheduler(Pipeline([stage]), demo_tokenizer)
+    jobs = [Job(None, ids, params) for ids in prompts]
+    done = run_scheduler(scheduler, jobs)
+    assert [done[id(j)].tokens for j in jobs] == want
+    shared = [min(common_prefix(prompts[0], p), len(p) - 1) for p in prompts[1:]]
+    assert min(shared) >= 30
+    assert (scheduler.shared.requests, scheduler.shared.tokens) == (3, sum(shared))
+    assert [done[id(j)].reused_tokens for j in jobs] == [0] + shared

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from shardrt.devices import gfx_name
 from shardrt.kernels.support import kernel_path
 from shardrt.memory import planned_kernels
 from shardrt.placement import DeviceSpec
@@ -32,6 +33,12 @@ def test_the_path_follows_what_triton_builds_for(backend, capability, arch, path
 def test_no_triton_or_the_torch_choice_takes_the_references():
     assert kernel_path("cuda", (9, 0), have_triton=False).reason == "Triton is not installed beside this torch"
     assert kernel_path("cuda", (9, 0), choice="torch").reason == "SHARDRT_KERNELS=torch"
+
+
+@pytest.mark.parametrize("version, name", [(90010, "gfx90a"), (90006, "gfx906"), (90402, "gfx942"), (110000, "gfx1100"),
+                                           (0, "")])
+def test_kfd_target_versions_name_the_architecture(version, name):
+    assert gfx_name(version) == name
 
 
 def test_the_plan_assumes_the_kernels_where_it_cannot_look():

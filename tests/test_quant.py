@@ -1,8 +1,8 @@
 """Quantized weights kept in their GGUF blocks (shardrt.kernels.quant), against the `gguf`
 package's own dequantization: the planes the loader splits a tensor into, and every op that
-reads them (the fused matrix product for up to 16 rows, the dequantize-then-multiply path for
-more, the embedding rows), over odd shapes and random blocks with extreme scales. On the CPU the
-ops run their torch reference; on a GPU the Triton kernels (run these through the device)."""
+reads them (the products `linear` chooses among, the embedding rows, the whole matrix), over odd
+shapes and random blocks with extreme scales. On the CPU the ops run their torch reference; on a
+GPU the Triton kernels (run these through the device; tests/test_qdot.py has the integer path)."""
 
 from __future__ import annotations
 
@@ -146,8 +146,9 @@ def test_matrices_of_a_type_without_a_kernel_load_dense_and_are_counted(tmp_path
     with GGUFFile(path) as gguf:
         weights = StageWeights(gguf, ModelConfig.from_gguf(gguf), LayerSpan.of(0, 2, 2), quantized=True)
         first, second = (weights.load_block(i, meta, torch.bfloat16) for i in range(2))
-    q, k, v = first["attn_qkv"]  # q and k stay Q4_K blocks, v is dense
-    assert isinstance(q, quant.QuantizedWeight) and q.qtype == Q.Q4_K and isinstance(v, torch.Tensor)
+    qk, v = first["attn_qkv"]  # q and k stay Q4_K blocks, stacked into one; v is dense
+    assert isinstance(qk, quant.QuantizedWeight) and qk.qtype == Q.Q4_K and isinstance(v, torch.Tensor)
+    assert qk.rows == first["attn_output"].rows + v.shape[0]  # q's rows (as many as the output's) and k's (as v's)
     assert isinstance(second["ffn_down"], torch.Tensor) and second["ffn_down"].dtype == torch.bfloat16
     assert isinstance(second["ffn_gate_up"], quant.QuantizedWeight)
     assert weights.without_kernel == {"IQ2_XXS": 1, "IQ3_S": 1}

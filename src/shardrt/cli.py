@@ -49,7 +49,7 @@ def _add_placement_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-graphs", action="store_true",
                    help="run GPU stages eagerly, without captured graphs (for debugging and comparison)")
     p.add_argument("--weights", default=None, metavar="HOW",
-                   help="auto (default: GPU stages keep GGUF blocks of Q4_0..Q8_0, Q2_K..Q6_K and IQ4_XS where "
+                   help="auto (default: GPU stages keep GGUF blocks of Q4_0..Q8_0, Q2_K..Q6_K, IQ4_NL and IQ4_XS where "
                         "the quantized kernels run, CPU stages dequantize), quantized (blocks on every GPU) or "
                         "dequantized (every weight in the compute dtype)")
 
@@ -96,8 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_placement_args(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; others need --allow-remote)")
     serve.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
-    serve.add_argument("--max-queue", type=int, default=16, metavar="N",
-                       help="requests that may wait for the engine; more get 503 with Retry-After (default 16)")
+    serve.add_argument("--max-queue", type=int, default=None, metavar="N",
+                       help="requests that may wait beyond the free sequence slots; more get 503 with Retry-After "
+                            "(default: 4 x --max-seqs, at least 16)")
+    serve.add_argument("--max-batch-tokens", type=int, default=None, metavar="N",
+                       help="rows of one batched step: every running sequence's token, then chunks of waiting "
+                            "prompts while there is room (default 512)")
     serve.add_argument("--allow-remote", action="store_true",
                        help="allow a non-loopback --host (the API has no authentication)")
     serve.add_argument("--served-model-name", metavar="NAME", help="the model name clients give (default: the GGUF file name)")
@@ -231,10 +235,12 @@ def _print_plan(model, cfg, config, table: list[dict], pools: dict, unchecked: d
 
 
 def cmd_serve(args) -> int:
+    from .server.batch import MAX_BATCH_TOKENS
     from .server.serve import ServeOptions, check_address, serve
 
     options = ServeOptions(host=args.host, port=args.port, max_queue=args.max_queue, allow_remote=args.allow_remote,
-                           model_name=args.served_model_name)
+                           model_name=args.served_model_name,
+                           max_batch_tokens=MAX_BATCH_TOKENS if args.max_batch_tokens is None else args.max_batch_tokens)
     check_address(options)  # before the model is fetched or loaded
     config, model = _resolve(args)
     if config.max_seqs is None:  # decode requests together (a drafter drafts for a request alone)

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError, PlacementError
-from .ipc.protocol import MAX_BATCH
+from .ipc.protocol import MAX_BATCH_SEQS
 from .placement import BACKENDS, DeviceSpec, parse_device, parse_devices, parse_host, parse_layer_split
 
 MIN_SHARED_BYTES = 64 * 1024
@@ -150,9 +150,9 @@ class LaunchConfig:
 
 
 def _max_seqs(value: Any, where: str) -> int:
-    """1..MAX_BATCH: every running sequence may go in one forward_batch."""
-    if type(value) is not int or not 1 <= value <= MAX_BATCH:
-        raise PlacementError(f"{where}: {value!r} is not a number of sequences in 1..{MAX_BATCH}")
+    """1..MAX_BATCH_SEQS: every running sequence may go in one forward_batch."""
+    if type(value) is not int or not 1 <= value <= MAX_BATCH_SEQS:
+        raise PlacementError(f"{where}: {value!r} is not a number of sequences in 1..{MAX_BATCH_SEQS}")
     return value
 
 

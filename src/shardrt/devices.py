@@ -33,16 +33,17 @@ class DeviceInfo:
     free_bytes: int
     integrated: bool
     display: bool = False  # drives a monitor: leave room for the desktop
+    arch: str = ""  # CUDA compute capability ("9.0") or ROCm architecture ("gfx90a"); "" unknown
 
     def to_json(self) -> dict:
         kind = "host" if not self.spec.is_gpu else "integrated" if self.integrated else "discrete"
         return {"device": str(self.spec), "name": self.name, "total_bytes": self.total_bytes,
-                "free_bytes": self.free_bytes, "kind": kind, "display": self.display}
+                "free_bytes": self.free_bytes, "kind": kind, "display": self.display, "arch": self.arch}
 
     @classmethod
     def from_json(cls, d: dict) -> "DeviceInfo":
         return cls(parse_device(d["device"], "probe"), str(d["name"]), int(d["total_bytes"]), int(d["free_bytes"]),
-                   d["kind"] == "integrated", bool(d.get("display", False)))
+                   d["kind"] == "integrated", bool(d.get("display", False)), str(d.get("arch", "")))
 
 
 def nvidia_devices() -> list[DeviceInfo]:
@@ -62,8 +63,12 @@ def nvidia_devices() -> list[DeviceInfo]:
                 display = bool(pynvml.nvmlDeviceGetDisplayActive(handle))
             except Exception:  # not supported on this board: assume no desktop
                 display = False
+            try:
+                arch = "%d.%d" % pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+            except Exception:
+                arch = ""
             found.append(DeviceInfo(DeviceSpec("cuda", i), name if isinstance(name, str) else name.decode(),
-                                    int(mem.total), int(mem.free), integrated=False, display=display))
+                                    int(mem.total), int(mem.free), integrated=False, display=display, arch=arch))
         return found
     finally:
         pynvml.nvmlShutdown()
@@ -82,8 +87,9 @@ def amd_devices() -> list[DeviceInfo]:
             info = amdsmi.amdsmi_get_gpu_asic_info(handle)
             total = amdsmi.amdsmi_get_gpu_memory_total(handle, amdsmi.AmdSmiMemoryType.VRAM)
             used = amdsmi.amdsmi_get_gpu_memory_usage(handle, amdsmi.AmdSmiMemoryType.VRAM)
+            arch = str(info.get("target_graphics_version", "") or "")
             found.append(DeviceInfo(DeviceSpec("hip", i), str(info.get("market_name", "AMD GPU")), int(total),
-                                    int(total - used), integrated=False))
+                                    int(total - used), integrated=False, arch=arch if arch.startswith("gfx") else ""))
         return found
     except Exception as exc:
         log.warning("amdsmi failed (%s); reading the KFD topology instead", exc)
@@ -112,9 +118,31 @@ def _kfd_devices() -> list[DeviceInfo]:
             bank_props = dict(line.split()[:2] for line in bank.read_text().splitlines() if line.strip())
             total += int(bank_props.get("size_in_bytes", 0))
         integrated = int(props.get("cpu_cores_count", 0)) > 0
-        found.append(DeviceInfo(DeviceSpec("hip", len(found)), f"AMD gfx{props.get('gfx_target_version', '?')}",
-                                total, total, integrated))
+        arch = gfx_name(int(props.get("gfx_target_version", 0) or 0))
+        found.append(DeviceInfo(DeviceSpec("hip", len(found)), f"AMD {arch or 'GPU'}", total, total, integrated,
+                                arch=arch))
     return found
+
+
+def gfx_name(version: int) -> str:
+    """KFD's gfx_target_version (major * 10000 + minor * 100 + stepping) -> 'gfx90a'; '' for 0."""
+    if version <= 0:
+        return ""
+    return f"gfx{version // 10000}{(version // 100) % 100:x}{version % 100:x}"
+
+
+_ARCHS: dict[DeviceSpec, str] = {}
+
+
+def gpu_arch(spec: DeviceSpec) -> str:
+    """This machine's arch string for a GPU (DeviceInfo.arch), asked of NVML, amdsmi or KFD once;
+    no GPU context is created."""
+    if spec not in _ARCHS:
+        found = nvidia_devices() if spec.backend == "cuda" else amd_devices() if spec.backend == "hip" else []
+        for info in found:
+            _ARCHS.setdefault(info.spec, info.arch)
+        _ARCHS.setdefault(spec, "")
+    return _ARCHS[spec]
 
 
 def cpu_device() -> DeviceInfo:

@@ -223,11 +223,18 @@ class StageWeights:
                 parts.append(quant.quantized_weight(raw, info.qtype, cols, device))
             else:
                 parts.append(host_tensor(self.gguf, info).to(device=device, dtype=dtype))
-        if len(parts) == 1:
-            return parts[0]
-        if all(isinstance(p, quant.QuantizedWeight) and p.qtype == parts[0].qtype for p in parts):
-            return quant.stack(parts)
-        return tuple(parts)
+        # consecutive matrices of one type stack into one (Q4_K_M's Q4_K q and k: one product, its
+        # Q6_K v another)
+        runs: list[list] = []
+        for part in parts:
+            last = runs[-1][-1] if runs else None
+            if isinstance(part, quant.QuantizedWeight) and isinstance(last, quant.QuantizedWeight) \
+                    and last.qtype == part.qtype:
+                runs[-1].append(part)
+            else:
+                runs.append([part])
+        merged = [quant.stack(run) if len(run) > 1 else run[0] for run in runs]
+        return merged[0] if len(merged) == 1 else tuple(merged)
 
     def load_block(self, layer: int, device, dtype) -> dict[str, torch.Tensor]:
         """A Block's weights, q/k/v and gate/up stacked (see model.BLOCK_WEIGHTS)."""

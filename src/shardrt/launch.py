@@ -60,7 +60,7 @@ class Placement:
     pools: dict[DeviceSpec, str]
 
     def refusal(self) -> str | None:
-        return refusal(self.rows, self.memory, self.pools)
+        return refusal(self.rows, self.memory, self.pools, self.config.weights)
 
 
 def check_same_vocabulary(target: Path, draft: Path) -> None:
@@ -147,8 +147,9 @@ def plan_placement(config: LaunchConfig, gguf: GGUFFile, cfg: ModelConfig, found
     caps = capacities(gguf, cfg, config.devices, budget, pools, config.dtype, config.weights, config.kv_tokens)
     held = ", ".join(f"{d} {c:.1f}" for d, c in zip(config.devices, caps))
     raise PlacementError(f"--layer-split auto: {','.join(map(str, config.devices))} hold {sum(int(c) for c in caps)} of "
-                         f"the model's {cfg.n_layers} layers at max_ctx {config.max_ctx} ({held}); lower --max-ctx, use "
-                         f"--weights quantized, add a device, or --allow-cpu-overflow")
+                         f"the model's {cfg.n_layers} layers at max_ctx {config.max_ctx} ({held}); lower --max-ctx, "
+                         + ("use --weights auto, " if config.weights == "dequantized" else "")
+                         + "add a device, or --allow-cpu-overflow")
 
 
 def cpu_threads(config: LaunchConfig, runs: list[list[ShardRow]]) -> int | None:

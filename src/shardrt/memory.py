@@ -25,7 +25,9 @@ from .errors import PlacementError
 from .gguf_file import GGUFFile
 from .gguf_loader import LayerSpan, device_weight_bytes, stage_tensor_names
 from .kernels import quant
-from .kernels.support import KernelPath, device_kernel_path, kernel_path
+from .devices import gpu_arch
+from .kernels._triton import kernels_choice
+from .kernels.support import KernelPath, kernel_path
 from .model import ModelConfig
 from .placement import DeviceSpec
 
@@ -119,16 +121,17 @@ def holds_blocks(spec: DeviceSpec, weights: str) -> bool:
 
 
 def planned_kernels(spec: DeviceSpec) -> KernelPath:
-    """The kernel path a stage on `spec` will run (kernels.support): asked of torch where this
-    process sees the device with the matching build, else the Triton kernels (their loader
-    decides again, and a stage that then holds dense weights is planned for less than it needs)."""
-    import torch
-
-    build = "hip" if torch.version.hip is not None else "cuda"
-    if spec.is_gpu and not spec.remote and spec.backend == build and torch.cuda.is_available() \
-            and spec.index < torch.cuda.device_count():
-        return device_kernel_path(torch.device("cuda", spec.index))
-    return kernel_path(spec.backend if spec.is_gpu else "cpu")
+    """The kernel path a stage on `spec` will run (kernels.support), from the GPU's compute
+    capability or architecture as NVML / amdsmi / KFD report it (no GPU context in this process);
+    where they cannot tell (another host, no driver here), the Triton kernels: the stage's loader
+    decides again, and one that then holds dense weights is planned for less than it needs."""
+    if not spec.is_gpu:
+        return kernel_path("cpu")
+    arch = "" if spec.remote else gpu_arch(spec)
+    capability = tuple(int(v) for v in arch.split(".")) if spec.backend == "cuda" and arch else None
+    # Triton is assumed where the stage runs (a daemon's interpreter is not this one)
+    return kernel_path(spec.backend, capability, arch if spec.backend == "hip" and arch else None,
+                       choice=kernels_choice())
 
 
 def reserve_for(spec: DeviceSpec, display: bool, override: int | None) -> int:
@@ -247,7 +250,8 @@ def capacities(gguf: GGUFFile, cfg: ModelConfig, devices: tuple[DeviceSpec, ...]
     return out
 
 
-def refusal(rows: list, memory: dict[str, DeviceMemory], pool: dict[DeviceSpec, str]) -> str | None:
+def refusal(rows: list, memory: dict[str, DeviceMemory], pool: dict[DeviceSpec, str],
+            weights: str = "auto") -> str | None:
     """One line per memory pool whose shards do not fit, with what they need and what is there;
     None when everything fits."""
     needs: dict[str, list] = {}
@@ -267,5 +271,6 @@ def refusal(rows: list, memory: dict[str, DeviceMemory], pool: dict[DeviceSpec, 
                          f"({mem.free / GIB:.2f} free less a {mem.reserve / GIB:.2f} reserve)")
     if not lines:
         return None
+    blocks = "--weights auto (quantized blocks on GPUs), " if weights == "dequantized" else ""
     return ("the placement does not fit; lower --max-ctx (or --max-ctx auto), use --layer-split auto, "
-            "--weights quantized, or more devices:\n  " + "\n  ".join(lines))
+            f"{blocks}or more devices:\n  " + "\n  ".join(lines))

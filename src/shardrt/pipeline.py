@@ -71,13 +71,15 @@ class Pipeline:
         return tokens, captured + caps
 
     def decode_batch(self, tokens: list[int], seqs: list[int], positions: list[int], *,
-                     argmax: bool = False) -> torch.Tensor | list[int]:
-        """One step of several sequences at once: token i of sequence seqs[i] at positions[i].
-        float32 logits [b, vocab], or their argmax (token ids from a remote head) with argmax=True."""
+                     argmax: bool = False, outputs: list[int] | None = None) -> torch.Tensor | list[int]:
+        """One step of several sequences at once: token i of sequence seqs[i] at positions[i] (the
+        rows of one sequence at consecutive positions: a decode token, or a prompt chunk). float32
+        logits of the rows `outputs` (default all), or their argmax (token ids from a remote head)
+        with argmax=True."""
         x = torch.tensor(tokens, dtype=torch.long)
         for stage in self.stages[:-1]:
             x = stage.run_batch(x, seqs, positions)
-        return self.stages[-1].run_batch(x, seqs, positions, tokens=argmax)
+        return self.stages[-1].run_batch(x, seqs, positions, tokens=argmax, outputs=outputs)
 
     def greedy(self, ids: torch.Tensor, base_pos: int) -> int:
         return self.greedy_all(ids, base_pos)[0][-1]
@@ -107,6 +109,10 @@ class Pipeline:
     def reset(self, seq: int | None = None) -> None:
         for stage in self.stages:
             stage.reset(seq)
+
+    def kv_copy(self, src: int, seq: int, n: int) -> int:
+        """Sequence `seq` takes the first n tokens of sequence `src`, in every stage."""
+        return [stage.kv_copy(src, seq, n) for stage in self.stages][-1]
 
     def kv_snapshot(self, slot: int, seq: int = 0) -> int:
         return [stage.kv_snapshot(slot, seq) for stage in self.stages][-1]

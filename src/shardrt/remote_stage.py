@@ -83,17 +83,20 @@ class RemoteStage:
         return self._tokens(reply), self._captures(reply, frames)
 
     def run_batch(self, x: torch.Tensor, seqs: list[int], positions: list[int], *,
-                  tokens: bool = False) -> torch.Tensor | list[int]:
-        return self.start_batch(x, seqs, positions, tokens=tokens)()
+                  tokens: bool = False, outputs: list[int] | None = None) -> torch.Tensor | list[int]:
+        return self.start_batch(x, seqs, positions, tokens=tokens, outputs=outputs)()
 
     # -- started now, finished later: the daemon computes while this process does other work --
 
     def start_batch(self, x: torch.Tensor, seqs: list[int], positions: list[int], *,
-                    tokens: bool = False) -> Callable[[], torch.Tensor | list[int]]:
+                    tokens: bool = False, outputs: list[int] | None = None) -> Callable[[], torch.Tensor | list[int]]:
         """Send a `run_batch`; the returned function waits for its result. One request at a time:
         finish it before anything else is asked of this stage."""
-        sent = self._submit_tensor({"op": "forward_batch", "seqs": list(seqs), "positions": list(positions),
-                                    "want": self._want(tokens)}, x)
+        message = {"op": "forward_batch", "seqs": list(seqs), "positions": list(positions), "want": self._want(tokens)}
+        if outputs is not None:
+            message["outputs"] = list(outputs)
+        sent = self._submit_tensor(message, x)
+        rows = len(seqs) if outputs is None else len(outputs)
 
         def finish():
             reply, frames = self.collect(sent)
@@ -102,20 +105,9 @@ class RemoteStage:
             if not tokens:
                 return self._tensor(reply.get("output"), reply, frames, "forward_batch.output")
             found = self._tokens(reply)
-            if len(found) != len(seqs):
-                raise IpcError(f"{self.description}: forward_batch replied {len(found)} tokens for {len(seqs)} sequences")
+            if len(found) != rows:
+                raise IpcError(f"{self.description}: forward_batch replied {len(found)} tokens for {rows} rows")
             return found
-        return finish
-
-    def start_run(self, x: torch.Tensor, base_pos: int, *, seq: int = 0,
-                  tokens: bool = False) -> Callable[[], torch.Tensor | list[int]]:
-        """Send a `run` (or `run_argmax` with tokens=True) of one sequence; the returned function
-        waits for its output."""
-        replied = self._start_forward(x, base_pos, self._want(tokens), False, (), None, seq)
-
-        def finish():
-            reply, frames = replied()
-            return self._tokens(reply) if tokens else self._tensor(reply.get("output"), reply, frames, "forward.output")
         return finish
 
     def _want(self, tokens: bool) -> str:
@@ -131,6 +123,10 @@ class RemoteStage:
     @property
     def length(self) -> int:
         return self.lengths[0]
+
+    def kv_copy(self, src: int, seq: int, n: int) -> int:
+        self.lengths[seq] = self.request(_in_seq({"op": "kv_copy", "src_seq": src, "n": n}, seq))[0]["length"]
+        return self.lengths[seq]
 
     def kv_snapshot(self, slot: int, seq: int = 0) -> int:
         return self.request(_in_seq({"op": "kv_snapshot", "slot": slot}, seq))[0]["length"]

@@ -58,6 +58,21 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float16
 
 
+def batch_ends(seqs: list[int], positions: list[int], lengths: list[int], max_ctx: int) -> dict[int, int]:
+    """The length each sequence of a batch will hold after it, checking its rows: consecutive
+    positions in order, the first at most what the sequence holds, the last inside max_ctx."""
+    ends: dict[int, int] = {}
+    for seq, pos in zip(seqs, positions):
+        if not 0 <= seq < len(lengths):
+            raise ConfigError(f"seqs: sequence {seq} is outside 0..{len(lengths) - 1} (max_seqs {len(lengths)})")
+        want = ends.get(seq)
+        if want is None and not 0 <= pos <= lengths[seq] or want is not None and pos != want or pos >= max_ctx:
+            held = f"the {lengths[seq]} tokens cached" if want is None else f"the row before it, at {want - 1},"
+            raise ConfigError(f"positions: {pos} for sequence {seq} does not follow {held} (max_ctx {max_ctx})")
+        ends[seq] = pos + 1
+    return ends
+
+
 class Stage:
     def __init__(self, model_path: str | Path, start: int, stop: int, device: str | torch.device = "cpu",
                  max_ctx: int = 4096, dtype: torch.dtype | None = None, graphs: bool = True,
@@ -80,6 +95,10 @@ class Stage:
             self.kernels = device_kernel_path(self.device)
             self.quantized = self.device.type != "cpu" and (
                 weights == "quantized" or (weights == "auto" and self.kernels.path == "triton"))
+            if self.quantized and self.kernels.path != "triton":
+                log.warning("%s: --weights quantized on a GPU that runs the torch references (%s): every product "
+                            "dequantizes its matrix in float32; --weights auto holds them dense", self.device,
+                            self.kernels.reason)
             loader = StageWeights(gguf, self.cfg, self.span, quantized=self.quantized)
             self.cover = loader.cover
             try:
@@ -172,22 +191,22 @@ class Stage:
 
     @torch.inference_mode()
     def run_batch(self, inputs: torch.Tensor, seqs: list[int], positions: list[int], *,
-                  tokens: bool = False) -> torch.Tensor | list[int]:
-        """One new token for each of several sequences (batched decode): inputs [b] token ids on the
-        embedding stage, else a boundary activation [b, dim]; row i is sequence seqs[i]'s token at
-        positions[i] (at most its cached length: a position before the end overwrites). Returns the
-        activation [b, dim], or on the stage with the head float32 logits [b, vocab] (their argmax
-        with tokens=True). On a GPU it replays the smallest captured batch graph that holds b rows."""
-        return self._timed(self._run_batch, inputs, seqs, positions, tokens)
+                  tokens: bool = False, outputs: list[int] | None = None) -> torch.Tensor | list[int]:
+        """Tokens of several sequences in one forward: inputs [b] token ids on the embedding stage,
+        else a boundary activation [b, dim]; row i is sequence seqs[i]'s token at positions[i]. The
+        rows of one sequence have consecutive positions, in order, the first at most its cached
+        length (a position before the end overwrites): one row each for a decode step, many for a
+        prompt chunk, both in one step. Returns the activation [b, dim], or on the stage with the
+        head float32 logits (their argmax with tokens=True) of the rows `outputs` (default all).
+        On a GPU it replays the smallest captured batch graph that holds b rows; larger steps run
+        eagerly, padded to a power of two."""
+        return self._timed(self._run_batch, inputs, seqs, positions, tokens, outputs)
 
     # the interface of a RemoteStage, whose daemon computes while its caller goes on: here the
     # work is done at once and the returned function gives its result
-    def start_batch(self, inputs: torch.Tensor, seqs: list[int], positions: list[int], *, tokens: bool = False):
-        out = self.run_batch(inputs, seqs, positions, tokens=tokens)
-        return lambda: out
-
-    def start_run(self, inputs: torch.Tensor, base_pos: int, *, seq: int = 0, tokens: bool = False):
-        out = (self.run_argmax if tokens else self.run)(inputs, base_pos, seq=seq)[0]
+    def start_batch(self, inputs: torch.Tensor, seqs: list[int], positions: list[int], *, tokens: bool = False,
+                    outputs: list[int] | None = None):
+        out = self.run_batch(inputs, seqs, positions, tokens=tokens, outputs=outputs)
         return lambda: out
 
     def _timed(self, run, inputs, *args):
@@ -205,32 +224,46 @@ class Stage:
         if not 0 <= seq < self.max_seqs:
             raise ConfigError(f"{field}: sequence {seq} is outside 0..{self.max_seqs - 1} (max_seqs {self.max_seqs})")
 
-    def _run_batch(self, inputs, seqs, positions, tokens):
+    def _run_batch(self, inputs, seqs, positions, tokens, outputs):
         b = inputs.shape[0]
         if b == 0 or len(seqs) != b or len(positions) != b:
             raise ConfigError(f"batch: {b} inputs for {len(seqs)} sequences and {len(positions)} positions")
-        if len(set(seqs)) != b:
-            raise ConfigError(f"seqs: {seqs} names a sequence twice")
         if tokens and not self.span.head:
             raise ConfigError(f"argmax: stage {self.span} does not hold the head")
-        for seq, pos in zip(seqs, positions):
-            self._check_seq(seq, "seqs")
-            if not 0 <= pos <= self.lengths[seq] or pos >= self.max_ctx:
-                raise ConfigError(f"positions: {pos} is outside the {self.lengths[seq]} tokens cached for sequence "
-                                  f"{seq} (max_ctx {self.max_ctx})")
+        ends = batch_ends(seqs, positions, self.lengths, self.max_ctx)
+        if outputs is not None and (not outputs or sorted(set(outputs)) != list(outputs) or not 0 <= outputs[0]
+                                    or outputs[-1] >= b):
+            raise ConfigError(f"outputs: {list(outputs)[:8]} are not increasing rows of the {b} in the batch")
         bucket = self.runner.batch_bucket(b) if self.runner is not None else None
         if bucket is not None:
             graphed = self.runner.replay_batch(inputs, seqs, positions, bucket)
             self.graph_forwards += 1
+            rows = slice(0, b) if outputs is None else torch.tensor(outputs, device=self.device)
         else:
-            graphed = self.step_outputs(inputs, Step.batched(positions, seqs, self.device), every_layer=False)
-        for seq, pos in zip(seqs, positions):
-            self._set_length(seq, pos + 1)
+            graphed, rows = self._eager_batch(inputs, seqs, positions, outputs), slice(None)  # head ran on `outputs`
+        for seq, end in ends.items():
+            self._set_length(seq, end)
         if not self.span.head:  # a graph's output is overwritten by its next replay
-            return graphed.hidden[-1][:b].clone() if bucket else graphed.hidden[-1]
+            return graphed.hidden[-1][:b].clone() if bucket else graphed.hidden[-1][:b]
         if tokens:
-            return graphed.tokens[:b].tolist()
-        return graphed.logits[:b].clone() if bucket else graphed.logits
+            return graphed.tokens[rows].tolist()
+        return graphed.logits[rows].clone() if bucket else graphed.logits[rows]
+
+    def _eager_batch(self, inputs, seqs, positions, outputs):
+        """A step too large for a batch graph. On a GPU its rows are padded to a power of two (up to
+        1024, the prefill buckets the stage ran at load, so cuBLAS meets no new shape): padding rows
+        sit at position -1, where they write no KV and see no keys. Only the rows of `outputs` go
+        through the head."""
+        b = inputs.shape[0]
+        pad = 0
+        if self.device.type != "cpu":
+            pad = min(max(b, 1 << (b - 1).bit_length()), max(b, PREFILL_BUCKETS[-1])) - b
+        if pad:
+            filler = inputs[:1].expand(pad, *inputs.shape[1:]) if inputs.dim() > 1 else inputs.new_zeros(pad)
+            inputs = torch.cat([inputs.to(self.device), filler.to(self.device)])
+            seqs, positions = list(seqs) + [0] * pad, list(positions) + [-1] * pad
+        rows = None if outputs is None else torch.tensor(outputs, device=self.device)
+        return self.step_outputs(inputs, Step.batched(positions, seqs, self.device), every_layer=False, rows=rows)
 
     def _run(self, inputs, base_pos, all_logits, capture, stop_after, tokens, seq):
         n = inputs.shape[0]
@@ -307,10 +340,11 @@ class Stage:
         hidden[last] = x
         return hidden
 
-    def step_outputs(self, inputs: torch.Tensor, step: Step, every_layer: bool = True) -> "StepOutputs":
+    def step_outputs(self, inputs: torch.Tensor, step: Step, every_layer: bool = True,
+                     rows: torch.Tensor | None = None) -> "StepOutputs":
         """The whole stage as the graph runner captures it: every layer's hidden state (or only
-        the last), and on the stage with the head the logits of every row and their argmax. The
-        step's slots name the sequence of each row."""
+        the last), and on the stage with the head the logits of every row (or of `rows`) and their
+        argmax. The step's slots name the sequence of each row."""
         from .runner import StepOutputs
 
         x, hidden = self._embed(inputs), []
@@ -318,7 +352,7 @@ class Stage:
             x = block(x, self.rope, self.k_cache[i], self.v_cache[i], step)
             if every_layer or i == len(self.blocks) - 1:
                 hidden.append(x)
-        logits = self._project(x) if self.span.head else None
+        logits = self._project(x if rows is None else x[rows]) if self.span.head else None
         return StepOutputs(hidden, logits, logits.argmax(-1) if logits is not None else None)
 
     def forward(self, inputs: torch.Tensor, base_pos: int, all_logits: bool = False, seq: int = 0) -> torch.Tensor:
@@ -362,6 +396,19 @@ class Stage:
         else:
             self.truncate(0, seq)
 
+    def kv_copy(self, src: int, seq: int, n: int) -> int:
+        """Make sequence `seq` hold the first n tokens of sequence `src` (a prompt prefix that
+        another running request has prefilled); returns n."""
+        self._check_seq(src, "src_seq")
+        self._check_seq(seq)
+        if not 0 <= n <= self.lengths[src]:
+            raise ConfigError(f"kv_copy: {n} is outside the {self.lengths[src]} tokens cached for sequence {src}")
+        if src != seq:
+            self.k_cache[:, seq, :, :n] = self.k_cache[:, src, :, :n]
+            self.v_cache[:, seq, :, :n] = self.v_cache[:, src, :, :n]
+        self._set_length(seq, n)
+        return n
+
     # -- KV snapshots: numbered slots kept in this process, for prefix reuse and rollback --------
 
     def kv_snapshot(self, slot: int, seq: int = 0) -> int:
@@ -397,6 +444,8 @@ class Stage:
         out = {"forwards": self.forwards, "forward_seconds": self.forward_seconds, "length": self.length,
                "lengths": list(self.lengths), "cover": [str(self.cover)], "graph_forwards": self.graph_forwards,
                "weight_bytes": self.weight_bytes, "quantized": self.quantized, "kernels": self.kernels.describe()}
+        if self.quantized:  # which product path each matrix and row count took (this process's)
+            out["quantized_paths"] = kernels.quant.choices()
         if self.runner is not None:
             out["graphs"] = self.runner.describe()
         if self.device.type == "cuda":
@@ -413,5 +462,5 @@ class Stage:
             graphs = f", graphs for {','.join(map(str, self.runner.buckets))} tokens"
             if self.runner.batch_buckets:
                 graphs += f" and batches of {','.join(map(str, self.runner.batch_buckets))}"
-        weights = f"weights {self.weight_bytes / MIB:.1f} MiB" + (" (quantized blocks)" if self.quantized else "")
+        weights = f"weights {self.weight_bytes / MIB:.1f} MiB"
         return f"layers {self.span} on {self.device} ({self.dtype}), {self.cover}, {weights}, {self.kernels_line()}{graphs}"

@@ -1,7 +1,7 @@
 """`Wavefront`: several forwards in flight through the stages of a pipeline at once.
 
-A forward (a `Work`: one decode step of a group of sequences, or a chunk of one sequence's
-prompt) runs stage by stage. A stage in a daemon computes while this process does other work:
+A forward (a `Work`: one step of a group of sequences, their decode tokens and prompt chunks
+together) runs stage by stage. A stage in a daemon computes while this process does other work:
 the wavefront sends each waiting forward to a free daemon at once, runs the stages of this
 process on what waits for them meanwhile, and only then waits for the daemon that was asked
 first. With S stages and S groups of sequences every stage is busy at once, as in any pipeline
@@ -23,23 +23,23 @@ import torch
 
 @dataclass
 class Work:
-    """One forward: `positions` for a decode step of `rows` (one token each), or `base_pos` for a
-    prompt chunk of the one sequence in `rows`; `argmax`: token ids, not logits, from the head."""
+    """One forward: rows of several sequences (a decode token each, or a chunk of a prompt), row i
+    sequence seqs[i]'s token x[i] at positions[i]; the stage with the head returns the rows
+    `outputs`, as token ids with `argmax`, else as logits. `rows` and `group` are the caller's."""
 
     rows: list
     seqs: list[int]
     x: torch.Tensor
-    positions: list[int] | None = None
-    base_pos: int | None = None
+    positions: list[int]
+    outputs: list[int]
     argmax: bool = False
+    group: int = 0
     stage: int = 0  # the next stage it runs in
     output: object = None  # what the last stage gave: logits, or token ids
 
     def start(self, stage, last: bool) -> Callable[[], object]:
-        tokens = last and self.argmax
-        if self.positions is not None:
-            return stage.start_batch(self.x, self.seqs, self.positions, tokens=tokens)
-        return stage.start_run(self.x, self.base_pos, seq=self.seqs[0], tokens=tokens)
+        return stage.start_batch(self.x, self.seqs, self.positions, tokens=last and self.argmax,
+                                 outputs=self.outputs if last else None)
 
 
 @dataclass

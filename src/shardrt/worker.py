@@ -195,6 +195,9 @@ class ShardServer:
             for stage in self.stages:
                 stage.truncate(message["n"], seq or 0)
             return {"id": rid, "ok": True}, [], False
+        if op == "kv_copy":
+            counts = [stage.kv_copy(message["src_seq"], seq or 0, message["n"]) for stage in self.stages]
+            return {"id": rid, "ok": True, "length": counts[-1]}, [], False
         if op in ("kv_snapshot", "kv_restore"):
             counts = [getattr(stage, op)(message["slot"], seq or 0) for stage in self.stages]
             return {"id": rid, "ok": True, "length": counts[-1]}, [], False
@@ -275,13 +278,14 @@ class ShardServer:
         return x
 
     def _forward_batch(self, message: dict, frames: list) -> tuple[dict, list, bool]:
-        """One token of each of several sequences through every stage of this daemon."""
+        """Rows of several sequences (decode tokens, prompt chunks) through every stage of this
+        daemon; the last returns the rows `outputs` (default all)."""
         x = self._checked_input(message, frames)
-        seqs, positions, want = message["seqs"], message["positions"], message["want"]
+        seqs, positions, want, outputs = message["seqs"], message["positions"], message["want"], message.get("outputs")
         t0 = time.perf_counter()
         for i, stage in enumerate(self.stages):
             last = i == len(self.stages) - 1
-            x = stage.run_batch(x, seqs, positions, tokens=last and want == "argmax")
+            x = stage.run_batch(x, seqs, positions, tokens=last and want == "argmax", outputs=outputs if last else None)
         self.forwards += 1
         self.forward_seconds += time.perf_counter() - t0
         if want == "argmax":

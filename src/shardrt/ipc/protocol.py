@@ -10,12 +10,13 @@ from typing import Any
 
 from ..errors import IpcError
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 MAX_TOKENS_PER_FORWARD = 1 << 16
 MAX_CAPTURE_LAYERS = 64
 MAX_KV_SLOTS = 1 << 12
 MAX_SEQS = 1 << 12  # sequence slots of a stage's KV cache (`seq`)
-MAX_BATCH = 1 << 10  # sequences in one forward_batch
+MAX_BATCH = 1 << 13  # rows in one forward_batch (decode tokens and prompt chunks of several sequences)
+MAX_BATCH_SEQS = 1 << 10  # sequences decoding together (--max-seqs): each may put a row in every step
 
 # op -> {field: (type, required)}
 OPS: dict[str, dict[str, tuple[type, bool]]] = {
@@ -23,9 +24,10 @@ OPS: dict[str, dict[str, tuple[type, bool]]] = {
     "forward": {"base_pos": (int, True), "n": (int, True), "input": (dict, True), "want": (str, True),
                 "all_logits": (bool, False), "capture": (list, False), "stop_after": (int, False), "seq": (int, False)},
     "forward_batch": {"n": (int, True), "seqs": (list, True), "positions": (list, True), "input": (dict, True),
-                      "want": (str, True)},
+                      "want": (str, True), "outputs": (list, False)},
     "project": {"n": (int, True), "input": (dict, True), "want": (str, True)},
     "kv_truncate": {"n": (int, True), "seq": (int, False)},
+    "kv_copy": {"src_seq": (int, True), "n": (int, True), "seq": (int, False)},
     "kv_snapshot": {"slot": (int, True), "seq": (int, False)},
     "kv_restore": {"slot": (int, True), "seq": (int, False)},
     "kv_free": {"slot": (int, True)},
@@ -91,8 +93,9 @@ def check_request(message: dict) -> str:
                                            f"{MAX_CAPTURE_LAYERS} layer ids")
     if "slot" in message and not message["slot"] < MAX_KV_SLOTS:
         raise ProtocolError("bad_request", f"{op}.slot: {message['slot']} is outside 0..{MAX_KV_SLOTS - 1}")
-    if "seq" in message and not message["seq"] < MAX_SEQS:
-        raise ProtocolError("bad_request", f"{op}.seq: {message['seq']} is outside 0..{MAX_SEQS - 1}")
+    for name in ("seq", "src_seq"):
+        if name in message and not message[name] < MAX_SEQS:
+            raise ProtocolError("bad_request", f"{op}.{name}: {message[name]} is outside 0..{MAX_SEQS - 1}")
     if op == "forward_batch":
         _check_batch(message)
     return op
@@ -107,8 +110,17 @@ def _check_batch(message: dict) -> None:
         if len(values) != n or not all(type(v) is int and 0 <= v < bound for v in values):
             raise ProtocolError("bad_request", f"forward_batch.{name}: {values[:8]!r} is not a list of "
                                                f"forward_batch.n={n} integers in 0..{bound - 1}")
-    if len(set(message["seqs"])) != n:
-        raise ProtocolError("bad_request", f"forward_batch.seqs: {message['seqs'][:8]!r} names a sequence twice")
+    follows: dict[int, int] = {}  # the rows of one sequence sit at consecutive positions, in order
+    for seq, pos in zip(message["seqs"], message["positions"]):
+        if seq in follows and pos != follows[seq] + 1:
+            raise ProtocolError("bad_request", f"forward_batch.positions: {pos} for sequence {seq} does not follow "
+                                               f"its row before, at {follows[seq]}")
+        follows[seq] = pos
+    outputs = message.get("outputs")
+    if outputs is not None and (not outputs or not all(type(o) is int for o in outputs)
+                                or sorted(set(outputs)) != outputs or not 0 <= outputs[0] or outputs[-1] >= n):
+        raise ProtocolError("bad_request", f"forward_batch.outputs: {outputs[:8]!r} is not a list of increasing "
+                                           f"rows in 0..{n - 1}")
 
 
 _MISSING = object()

@@ -13,6 +13,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from ._triton import dot_precision, tl, triton, use_triton
 
@@ -29,15 +30,30 @@ def attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k_cache[None], v_cache[None],
                                              attn_mask=seen[None, None], scale=scale, enable_gqa=n_heads != n_kv_heads)
         return out[0].transpose(0, 1)
-    # each query over its own sequence's live prefix, one at a time (on a CPU, faster than
-    # gathering the sequences' caches for one masked batch)
+    # each run of consecutive rows of one sequence (a decode token, or a prompt chunk) over that
+    # sequence's live prefix, causal within the run (on a CPU, faster than gathering the
+    # sequences' caches for one masked batch)
     out = torch.zeros_like(q)
-    for i, (slot, end) in enumerate(zip(slots.tolist(), (positions + 1).tolist())):
-        if end > 0:
-            out[i] = F.scaled_dot_product_attention(
-                q[None, i, :, None], k_cache[None, slot, :, :end], v_cache[None, slot, :, :end], scale=scale,
-                enable_gqa=n_heads != n_kv_heads)[0, :, 0]
+    for start, stop, slot, end in _runs(slots.tolist(), (positions + 1).tolist()):
+        mask = causal_lower_right(stop - start, end) if stop - start > 1 else None
+        out[start:stop] = F.scaled_dot_product_attention(
+            q[start:stop].transpose(0, 1)[None], k_cache[None, slot, :, :end], v_cache[None, slot, :, :end],
+            attn_mask=mask, scale=scale, enable_gqa=n_heads != n_kv_heads)[0].transpose(0, 1)
     return out
+
+
+def _runs(slots: list[int], ends: list[int]) -> list[tuple[int, int, int, int]]:
+    """(first row, row after the last, slot, keys seen by the last row) of each run of rows of one
+    slot at consecutive positions; padding rows (nothing seen) are left out."""
+    runs: list[list[int]] = []
+    for i, (slot, end) in enumerate(zip(slots, ends)):
+        if end <= 0:
+            continue
+        if runs and runs[-1][1] == i and runs[-1][2] == slot and runs[-1][3] + 1 == end:
+            runs[-1][1], runs[-1][3] = i + 1, end
+        else:
+            runs.append([i, i + 1, slot, end])
+    return [tuple(r) for r in runs]
 
 
 def kernel_takes(q: torch.Tensor) -> bool:

@@ -17,8 +17,9 @@ contiguous array per row), as int32 words: one program takes BLOCK_N weight rows
 row in UNITS units per step, a unit being the smallest run of words that shares its scales
 (`UNIT` elements). Up to `MAX_ROWS` activation rows share each weight load.
 
-The inline `dp4a` is PTX: this path runs on CUDA builds of torch on compute capability 6.1 and
-later. ROCm builds, older GPUs and float32 products take the float kernels in `quant`.
+The inline `dp4a` is PTX: this path runs on CUDA builds of torch (compute capability 7.0 and
+later, where Triton runs at all: kernels/support.py). ROCm builds and float32 products take the
+float kernels in `quant`.
 """
 
 from __future__ import annotations
@@ -72,17 +73,15 @@ class QuantizedRows:
 
 
 def supported(x: torch.Tensor) -> bool:
-    """Whether the integer path runs for activations like x: a CUDA (not ROCm) GPU of compute
-    capability 6.1 or later, half-precision activations, Triton there."""
+    """Whether the integer path runs for activations like x: half precision on a CUDA (not ROCm)
+    GPU that runs the Triton kernels (dp4a exists from compute capability 6.1; Triton needs 7.0)."""
     if triton is None or not x.is_cuda or torch.version.hip is not None:
         return False
-    if x.dtype not in (torch.bfloat16, torch.float16):
-        return False  # float32 products stay exact: the float kernels
-    return torch.cuda.get_device_capability(x.device) >= (6, 1)
+    return x.dtype in (torch.bfloat16, torch.float16)  # float32 products stay exact: the float kernels
 
 
 def quantize_rows_reference(x: torch.Tensor) -> QuantizedRows:
-    """The torch formulation of `quantize_rows`, with the same float32 operations."""
+    """The torch formulation of `quantize_rows`, with the same float32 roundings."""
     m, cols = x.shape
     blocks = x.float().reshape(m, cols // 32, 32)
     amax = blocks.abs().amax(dim=2)
@@ -105,7 +104,7 @@ def quantize_rows(x: torch.Tensor) -> QuantizedRows:
     sums = torch.empty((m, cols // 16), dtype=torch.float32, device=x.device)
     blocks = 16
     _quantize_rows_kernel[(m, triton.cdiv(cols // 32, blocks))](
-        x, words, scale, sums, cols // 32, x.stride(0), BLOCKS=blocks, num_warps=2)
+        x, words, scale, sums, cols // 32, x.stride(0), BLOCKS=blocks, EMULATE=interpreted(), num_warps=2)
     return QuantizedRows(words, scale, sums)
 
 
@@ -192,7 +191,8 @@ def iq4_table(device: torch.device) -> torch.Tensor:
 
 if triton is not None:
     @triton.jit
-    def _quantize_rows_kernel(x_ptr, words_ptr, scale_ptr, sums_ptr, NB, stride_x, BLOCKS: tl.constexpr):
+    def _quantize_rows_kernel(x_ptr, words_ptr, scale_ptr, sums_ptr, NB, stride_x, BLOCKS: tl.constexpr,
+                              EMULATE: tl.constexpr):
         row = tl.program_id(0)
         b = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)
         ok = b < NB
@@ -201,8 +201,13 @@ if triton is not None:
         amax = tl.max(tl.abs(x), axis=1)
         scale = tl.math.div_rn(amax, 127.0)
         inverse = tl.where(amax > 0, tl.math.div_rn(127.0, tl.where(amax > 0, amax, 1.0)), 0.0)
-        # round to nearest, ties to even, as torch.round: |x * inverse| <= 127, far under 2^22
-        q = ((x * inverse[:, None] + 12582912.0) - 12582912.0).to(tl.int32)
+        # the product rounded to float32, then to the nearest integer, ties to even, as torch.round
+        # does (rint: no add after the multiply that the compiler could fuse into one rounding;
+        # the interpreter, which has no libdevice and fuses nothing, adds and takes 1.5 * 2^23)
+        if EMULATE:
+            q = ((x * inverse[:, None] + 12582912.0) - 12582912.0).to(tl.int32)
+        else:
+            q = tl.extra.cuda.libdevice.rint(x * inverse[:, None]).to(tl.int32)
         halves = tl.sum(tl.reshape(q, (BLOCKS, 2, 16)), axis=2).to(tl.float32) * scale[:, None]
         packed = tl.sum(tl.reshape((q & 0xFF).to(tl.uint32), (BLOCKS, 8, 4)) << (8 * tl.arange(0, 4)).to(tl.uint32)[None, None, :],
                         axis=2).to(tl.int32, bitcast=True)

@@ -16,7 +16,7 @@ by timing them once (`choose`):
 
 `embedding(ids, w)` dequantizes just the rows asked for. Each op has a torch reference over the
 same planes (the CPU path of the tests; the CPU itself runs dequantized weights). Types with a
-kernel: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS.
+kernel: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS.
 """
 
 from __future__ import annotations
@@ -411,11 +411,10 @@ def _fused_linear(x: torch.Tensor, w: QuantizedWeight, out: torch.Tensor | None)
     return out
 
 
-# One row (plain decode) also has a kernel of its own, `_matvec`: it walks each weight row in
-# units of the block layout and sums elementwise, without the 16-row tile of tensor-core dots.
-# Which of the two is faster depends on the type, the shape and the GPU, so the first one-row
-# product of each (type, shape) times both (outside any graph capture) and keeps the faster.
-# (rows per program, units per loop step, warps) per type, from a sweep on an H200.
+# The float path for one row (float32 activations, ROCm), `_matvec`: it walks each weight row in
+# units of the block layout and sums per scale group, without the 16-row tile of tensor-core
+# dots; `choose` times it against the others. (rows per program, units per loop step, warps) per
+# type, from a sweep on an H200.
 MATVEC_CONFIG = {Q.Q4_K: (16, 4, 8), Q.Q5_K: (16, 4, 8), Q.Q6_K: (4, 8, 4), Q.Q8_0: (32, 4, 8),
                  Q.Q4_0: (16, 8, 8), Q.Q4_1: (16, 8, 8), Q.Q5_0: (16, 8, 8), Q.Q5_1: (16, 8, 8)}
 # elements of a row one unit covers: a block (Q8_0, Q4_0..Q5_1), a quarter super-block (Q4_K,

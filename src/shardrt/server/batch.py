@@ -1,15 +1,21 @@
 """Continuous batching: the sequences `serve` decodes together.
 
 `BatchScheduler` owns the sequence slots of every stage's KV cache (`--max-seqs` of them).
-Requests join between steps, each in a free slot. A new request's prompt is prefilled in chunks
-of `prefill_chunk` tokens, one chunk in flight at a time, so the streams already running keep
-flowing. Decoding sequences sit in as many groups as the pipeline has stages; each group's step
-is one batched forward (one token of each of its sequences, each at its own position and over
-its own cache), and the groups move through the stages as a wavefront (wavefront.py), so that
-with the model split over S processes all S work at once. A sequence leaves when it ends, is
-cancelled, or its client goes away, and its slot takes the next request. Prefix-cache snapshots
-are shared by every slot: a request may reuse what another one left. A generation that began
-alone (speculative, in slot 0) joins the batch where it stopped (`adopt`).
+Requests join between steps, each in a free slot. Decoding sequences sit in as many groups as
+the pipeline has stages; each group's step is one forward of at most `max_batch_tokens` rows:
+one token of each of its decoding sequences, then chunks of the prompts waiting to be prefilled,
+in arrival order, as many as the budget holds (several prompts in one forward). Every row sits
+at its own position over its own sequence's cache, so a burst of new requests prefills together
+while the streams already running take a token every step: a long prompt cannot starve them.
+The groups move through the stages as a wavefront (wavefront.py), so that with the model split
+over S processes all S work at once. A sequence leaves when it ends, is cancelled, or its client
+goes away, and its slot takes the next request.
+
+Prefixes are prefilled once: a joining request whose prompt shares at least `MIN_SHARED` tokens
+with a running one (a system prompt) copies that prefix of its KV (`kv_copy`, inside each
+stage), waiting first if the other one has not prefilled that far; prefix-cache snapshots are
+shared by every slot, so a request may also reuse what an earlier one left. A generation that
+began alone (speculative, in slot 0) joins the batch where it stopped (`adopt`).
 """
 
 from __future__ import annotations
@@ -22,9 +28,19 @@ import torch
 from ..errors import ConfigError
 from ..generate import Decoding, Generation, Handover
 from ..sampling import Sampler
+from ..spec.prefix_cache import common_prefix
 from ..wavefront import Wavefront, Work
 
-PREFILL_CHUNK = 256  # prompt tokens run per step while other sequences decode
+MAX_BATCH_TOKENS = 512  # rows of one step (decode tokens and prompt chunks), --max-batch-tokens
+MIN_SHARED = 16  # prompt tokens another running request must share for its KV to be copied
+
+
+@dataclass
+class ShareStats:
+    """Prompts that took their prefix from a running request, and the tokens that saved."""
+
+    requests: int = 0
+    tokens: int = 0
 
 
 @dataclass
@@ -39,6 +55,8 @@ class Running:
     prefilled: int  # prompt tokens sent into the cache (the last chunk may still be in flight)
     next_token: int | None = None  # sampled and committed, to be fed at the next decode step
     in_flight: bool = False  # a forward of this sequence is in the wavefront
+    donor: "Running | None" = None  # a running request whose prompt prefix this one waits to copy
+    shared: int = 0  # how much of it
     started: float = field(default_factory=time.perf_counter)
     prefill_done: float | None = None
 
@@ -53,15 +71,20 @@ class Running:
 
 
 class BatchScheduler:
-    def __init__(self, pipeline, tokenizer, prefix_cache=None, prefill_chunk: int = PREFILL_CHUNK):
+    def __init__(self, pipeline, tokenizer, prefix_cache=None, max_batch_tokens: int = MAX_BATCH_TOKENS):
+        if isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
+            raise ConfigError(f"--max-batch-tokens: {max_batch_tokens!r} is not a whole number >= 1")
         self.pipeline, self.tokenizer, self.prefix_cache = pipeline, tokenizer, prefix_cache
-        self.prefill_chunk = prefill_chunk
+        self.max_batch_tokens = max_batch_tokens
         self.wave = Wavefront(pipeline.stages)
-        self.running: list[Running] = []  # every sequence with a slot
+        self.running: list[Running] = []  # every sequence with a slot, in arrival order
         self.groups: list[list[Running]] = [[] for _ in pipeline.stages]  # decoding, by wavefront group
+        self._busy = [False] * len(pipeline.stages)  # a group's step is in the wavefront
         self._joining: list[Running] = []  # admitted, their slot not set up yet
         self._leaving: list[Running] = []  # ended, their slot not yet given back
+        self._copying: list[Running] = []  # their donor has prefilled what they share: copy at the next settle
         self._free = list(range(pipeline.max_seqs))
+        self.shared = ShareStats()
 
     @property
     def free_slots(self) -> int:
@@ -92,8 +115,9 @@ class BatchScheduler:
     def drop_all(self) -> list[Running]:
         """Every sequence, taken out (their stages failed or are closing)."""
         running = self.running
-        self.running, self._joining, self._leaving = [], [], []
+        self.running, self._joining, self._leaving, self._copying = [], [], [], []
         self.groups = [[] for _ in self.pipeline.stages]
+        self._busy = [False] * len(self.pipeline.stages)
         self.wave.clear()
         self._free = list(range(self.pipeline.max_seqs))
         return running
@@ -102,7 +126,7 @@ class BatchScheduler:
         """Slots set up and given back, then the next forwards in flight; returns what finished."""
         gone = [r for r in self.running if r.job.cancelled() and not r.in_flight and r not in self._joining]
         finished = [self._end(r, "cancelled") for r in gone]
-        if self._joining or self._leaving:
+        if self._joining or self._leaving or self._copying:
             finished += self.settle()
         self._put_work()
         for work in self.wave.advance():
@@ -118,11 +142,14 @@ class BatchScheduler:
         for work in self.wave.drain():
             finished += self._returned(work)
         leaving, self._leaving = self._leaving, []
+        self._copy_shared(leaving)  # a leaving donor's KV is still whole until its slot is given back
         for run in leaving:
             self._store_prefix(run)
             self._free.append(run.seq)
         joining, self._joining = self._joining, []
+        pending = set(map(id, joining))  # not set up yet: no donor for another
         for run in joining:
+            pending.discard(id(run))
             if self.prefix_cache is not None:
                 run.reused = run.prefilled = self.prefix_cache.restore(run.prompt, run.seq)
             else:
@@ -131,7 +158,48 @@ class BatchScheduler:
                 finished.append(self._end(run, "cancelled"))
             elif run.sampler.params.max_tokens == 0:
                 finished.append(self._end(run, "length"))
+            else:
+                self._find_donor(run, pending)
+        self._copy_shared(leaving)
         return finished
+
+    # -- prefixes shared with running requests ----------------------------------------------------
+
+    def _find_donor(self, run: Running, pending: set[int]) -> None:
+        """The running request whose prompt shares the most with this one's, if it shares more
+        than the prefix cache gave; copied now if it is prefilled that far, else waited for.
+        Requests waiting for a donor, and those not set up yet (`pending` ids), are no donors."""
+        best, shared = None, 0
+        for other in self.running:
+            if other is run or other.donor is not None or id(other) in pending:
+                continue
+            n = common_prefix(other.prompt, run.prompt)
+            if n > shared:
+                best, shared = other, n
+        shared = min(shared, len(run.prompt) - 1)  # at least one token must run, for the next logits
+        if best is None or shared - run.prefilled < MIN_SHARED:
+            return
+        run.donor, run.shared = best, shared
+        if min(best.prefilled, self.pipeline.length_of(best.seq)) >= shared:
+            self._copying.append(run)
+
+    def _copy_shared(self, leaving: list[Running]) -> None:
+        """Copy the shared prefix into every request whose donor has prefilled it (or is leaving:
+        then as much as it holds). Only while nothing is in flight."""
+        for run in [r for r in self.running if r.donor is not None and r.donor in leaving]:
+            run.shared = min(run.shared, self.pipeline.length_of(run.donor.seq))
+            if run not in self._copying:
+                self._copying.append(run)
+        copying, self._copying = self._copying, []
+        for run in copying:
+            donor, n = run.donor, run.shared
+            run.donor = None
+            if run not in self.running or n - run.prefilled < MIN_SHARED:
+                continue  # ended meanwhile, or too little left to copy: it prefills by itself
+            self.pipeline.kv_copy(donor.seq, run.seq, n)
+            self.shared.requests += 1
+            self.shared.tokens += n - run.prefilled
+            run.reused = run.prefilled = n
 
     def _store_prefix(self, run: Running) -> None:
         if self.prefix_cache is None or run.prefill_done is None:
@@ -144,57 +212,79 @@ class BatchScheduler:
     # -- forwards into the wavefront, and what comes back ----------------------------------------
 
     def _put_work(self) -> None:
-        if not any(r.in_flight and r.prefill_done is None for r in self.running):
-            run = next((r for r in self.running if r.prefilled < len(r.prompt) and r not in self._leaving
-                        and not r.job.cancelled()), None)
-            if run is not None:
-                start = run.prefilled
-                chunk = run.prompt[start : start + self.prefill_chunk]
-                run.prefilled = start + len(chunk)  # in flight: the next chunk waits for this one
-                last = run.prefilled == len(run.prompt)
-                self._send([run], torch.tensor(chunk, dtype=torch.long), base_pos=start,
-                           argmax=not last or run.sampler.params.greedy)
-        for group in self.groups:
-            rows = [r for r in group if r.next_token is not None]
-            if rows and not any(r.in_flight for r in group):
-                self._send(rows, torch.tensor([r.next_token for r in rows], dtype=torch.long),
-                           positions=[r.position for r in rows], argmax=all(r.sampler.params.greedy for r in rows))
+        """A step for every group with none in flight: its decode tokens, then prompt chunks of the
+        waiting requests (arrival order) while the step has room."""
+        waiting = [r for r in self.running if r.prefilled < len(r.prompt) and not r.in_flight and r.donor is None
+                   and r not in self._leaving and r not in self._copying and not r.job.cancelled()]
+        for g, group in enumerate(self.groups):
+            if self._busy[g]:
+                continue
+            decode = [r for r in group if r.next_token is not None]
+            room, chunks = self.max_batch_tokens - len(decode), []
+            while waiting and room > 0:
+                run = waiting.pop(0)
+                chunks.append((run, min(room, len(run.prompt) - run.prefilled)))
+                room -= chunks[-1][1]
+            if decode or chunks:
+                self._send(g, decode, chunks)
 
-    def _send(self, rows: list[Running], x: torch.Tensor, **where) -> None:
+    def _send(self, group: int, decode: list[Running], chunks: list[tuple[Running, int]]) -> None:
+        tokens, seqs, positions, outputs, rows = [], [], [], [], []
+        for run in decode:
+            tokens.append(run.next_token)
+            seqs.append(run.seq)
+            positions.append(run.position)
+            outputs.append(len(tokens) - 1)
+            rows.append(run)
+        for run, take in chunks:
+            start = run.prefilled
+            tokens += run.prompt[start : start + take]
+            seqs += [run.seq] * take
+            positions += range(start, start + take)
+            run.prefilled = start + take  # in flight: its next chunk waits for this one
+            if run.prefilled == len(run.prompt):  # the prompt's last row gives the first token
+                outputs.append(len(tokens) - 1)
+            rows.append(run)
+        sampled = [rows[i] for i in range(len(rows)) if rows[i] in decode or rows[i].prefilled == len(rows[i].prompt)]
         for run in rows:
             run.in_flight = True
-        self.wave.put(Work(rows, [r.seq for r in rows], x, **where))
+        self._busy[group] = True
+        self.wave.put(Work(rows, seqs, torch.tensor(tokens, dtype=torch.long), positions,
+                           outputs or [len(tokens) - 1], argmax=all(r.sampler.params.greedy for r in sampled),
+                           group=group))
 
     def _returned(self, work: Work) -> list[tuple[Running, Generation]]:
+        self._busy[work.group] = False
         for run in work.rows:
             run.in_flight = False
-        if work.positions is None:
-            return self._prefilled(work)
-        finished = []
-        for i, run in enumerate(work.rows):
+        finished, out = [], 0
+        for run in work.rows:
+            gives = run.prefill_done is not None or run.prefilled == len(run.prompt)
+            row, out = out, out + gives  # this run's row among the outputs
             if run.job.cancelled():
                 finished.append(self._end(run, "cancelled"))
                 continue
-            token = self._token(run, work.output, i, work.argmax)
-            if run.out.commit(token):
-                run.next_token = token
-            else:
+            if not gives:
+                self._donor_progress(run)
+                continue
+            first = run.prefill_done is None
+            if first:
+                run.prefill_done = time.perf_counter()
+                self._donor_progress(run)
+            token = self._token(run, work.output, row, work.argmax)
+            if not run.out.commit(token):
                 finished.append(self._end(run, run.out.finish))
+                continue
+            run.next_token = token
+            if first:
+                min(self.groups, key=len).append(run)
         return finished
 
-    def _prefilled(self, work: Work) -> list[tuple[Running, Generation]]:
-        (run,) = work.rows
-        if run.job.cancelled():
-            return [self._end(run, "cancelled")]
-        if run.prefilled < len(run.prompt):
-            return []
-        run.prefill_done = time.perf_counter()
-        token = self._token(run, work.output, -1, work.argmax)
-        if not run.out.commit(token):
-            return [self._end(run, run.out.finish)]
-        run.next_token = token
-        min(self.groups, key=len).append(run)
-        return []
+    def _donor_progress(self, donor: Running) -> None:
+        """The requests waiting for this one's prefix: ready to copy once it has prefilled it."""
+        for run in self.running:
+            if run.donor is donor and donor.prefilled >= run.shared and run not in self._copying:
+                self._copying.append(run)
 
     @staticmethod
     def _token(run: Running, output, row: int, argmax: bool) -> int:

@@ -100,9 +100,10 @@ class StageInfo:
 
 
 class Engine:
-    def __init__(self, config: LaunchConfig, model_path: Path, metrics: ServerMetrics, max_queue: int, timeouts=None):
+    def __init__(self, config: LaunchConfig, model_path: Path, metrics: ServerMetrics, max_queue: int, timeouts=None,
+                 max_batch_tokens: int | None = None):
         self.config, self.model_path, self.metrics = config, Path(model_path), metrics
-        self.max_queue, self.timeouts = max_queue, timeouts
+        self.max_queue, self.timeouts, self.max_batch_tokens = max_queue, timeouts, max_batch_tokens
         self.tokenizer: SharedTokenizer | None = None
         self.cluster = None
         self.state = "starting"  # starting | ready | stage_died | restarting | failed | stopped
@@ -176,8 +177,10 @@ class Engine:
         if self.config.seqs > 1:
             from .batch import BatchScheduler
 
-            self._scheduler = BatchScheduler(cluster.pipeline, self.tokenizer, cluster.prefix_cache)
+            self._scheduler = BatchScheduler(cluster.pipeline, self.tokenizer, cluster.prefix_cache,
+                                             **({"max_batch_tokens": self.max_batch_tokens} if self.max_batch_tokens else {}))
         self._prefix_base = (0, 0, 0)
+        self._shared_base = (0, 0)
         self._stats_base: dict[str, tuple[int, float]] = {}
 
     def _ready(self) -> None:
@@ -231,13 +234,21 @@ class Engine:
             if self.state == "failed":
                 raise ApiError(f"server: the stages are down ({self.failure['error'] if self.failure else '?'}); "
                                "restarting them", status=503, code="stages_down", retry_after=5)
-            if len(self._queue) >= self.max_queue:
+            if len(self._queue) >= self.max_queue + self._free_slots():
                 self.metrics.queue_rejected.inc()
-                raise ApiError(f"server: the queue is full ({self.max_queue} requests waiting, --max-queue); "
-                               "retry later", status=503, code="queue_full", retry_after=1)
+                raise ApiError(f"server: every sequence slot is taken and the queue is full ({self.max_queue} "
+                               "requests waiting, --max-queue); retry later", status=503, code="queue_full",
+                               retry_after=1)
             self._queue.append(job)
             self.metrics.queue_depth.set(len(self._queue))
             self._cond.notify_all()
+
+    def _free_slots(self) -> int:
+        """Sequence slots no request holds (a request in the queue takes one at the next step)."""
+        scheduler = self._scheduler
+        if scheduler is None:
+            return 0 if self._running is not None else 1
+        return scheduler.free_slots
 
     def withdraw(self, job: Job) -> None:
         """The client went away: cancel the job and free its place in the queue."""
@@ -424,6 +435,11 @@ class Engine:
         for counter, new, old in zip((m.prefix_hits, m.prefix_misses, m.prefix_reused), now, self._prefix_base):
             counter.inc(new - old)
         self._prefix_base = now
+        if self._scheduler is not None:
+            shared = (self._scheduler.shared.requests, self._scheduler.shared.tokens)
+            m.prefix_shared.inc(shared[0] - self._shared_base[0])
+            m.prefix_shared_tokens.inc(shared[1] - self._shared_base[1])
+            self._shared_base = shared
         try:
             self._record_stages()
         except (StageDied, IpcError) as exc:

@@ -116,6 +116,10 @@ class ServerMetrics:
         self.prefix_hits = Counter(r, "shardrt_prefix_cache_hits_total", "Prompts that reused a cached prefix")
         self.prefix_misses = Counter(r, "shardrt_prefix_cache_misses_total", "Prompts with no cached prefix")
         self.prefix_reused = Counter(r, "shardrt_prefix_cache_reused_tokens_total", "Prompt tokens not prefilled")
+        self.prefix_shared = Counter(r, "shardrt_prefix_shared_requests_total",
+                                     "Prompts that copied their prefix from a running request's KV")
+        self.prefix_shared_tokens = Counter(r, "shardrt_prefix_shared_tokens_total",
+                                            "Prompt tokens copied from a running request instead of prefilled")
         self.stage_forwards = Counter(r, "shardrt_stage_forwards_total", "Forward calls per stage", ("stage",))
         self.stage_seconds = Counter(r, "shardrt_stage_forward_seconds_total", "Time in forward per stage", ("stage",))
         self.spec_drafted = Counter(r, "shardrt_spec_drafted_tokens_total", "Speculative tokens proposed")

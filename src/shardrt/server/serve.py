@@ -16,11 +16,15 @@ from pathlib import Path
 
 from ..config import LaunchConfig
 from ..errors import ConfigError
+from ..ipc.protocol import MAX_BATCH
+from .batch import MAX_BATCH_TOKENS
 from .engine import Engine
 from .http import App, Server
 from .metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
+
+MIN_QUEUE, QUEUE_PER_SLOT = 16, 4  # the default queue bound: 4 requests per sequence slot, at least 16
 
 EXIT_INTERRUPTED = 130
 MAIN_WAKE_S = 0.5  # the main thread wakes this often to see that the engine still runs
@@ -30,15 +34,24 @@ MAIN_WAKE_S = 0.5  # the main thread wakes this often to see that the engine sti
 class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8000
-    max_queue: int = 16
+    max_queue: int | None = None  # None: QUEUE_PER_SLOT x the sequence slots, at least MIN_QUEUE
     allow_remote: bool = False
     model_name: str | None = None  # the `model` clients name; default: the GGUF file's stem
+    max_batch_tokens: int = MAX_BATCH_TOKENS
 
     def __post_init__(self):
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 1 <= self.port <= 65535:
             raise ConfigError(f"--port: {self.port!r} is not a TCP port in 1..65535")
-        if isinstance(self.max_queue, bool) or not isinstance(self.max_queue, int) or self.max_queue < 1:
+        if self.max_queue is not None and (isinstance(self.max_queue, bool) or not isinstance(self.max_queue, int)
+                                           or self.max_queue < 1):
             raise ConfigError(f"--max-queue: {self.max_queue!r} is not a whole number >= 1")
+        if isinstance(self.max_batch_tokens, bool) or not isinstance(self.max_batch_tokens, int) \
+                or not 1 <= self.max_batch_tokens <= MAX_BATCH:
+            raise ConfigError(f"--max-batch-tokens: {self.max_batch_tokens!r} is not a whole number in 1..{MAX_BATCH}")
+
+    def queue_for(self, slots: int) -> int:
+        """The queue bound for a server of `slots` sequence slots."""
+        return self.max_queue if self.max_queue is not None else max(MIN_QUEUE, QUEUE_PER_SLOT * slots)
         if not self.host or not self.host.strip():
             raise ConfigError(f"--host: {self.host!r} is not an address")
         if self.model_name is not None and not self.model_name.strip():
@@ -81,7 +94,7 @@ def serve(config: LaunchConfig, model_path: Path, options: ServeOptions) -> int:
     address = check_address(options)
     url = address.url(options.host, options.port)
     metrics = ServerMetrics()
-    engine = Engine(config, model_path, metrics, options.max_queue)
+    engine = Engine(config, model_path, metrics, options.queue_for(config.seqs), max_batch_tokens=options.max_batch_tokens)
     name = options.model_name or Path(model_path).name.removesuffix(".gguf")
     app = App(engine, metrics, name, created=int(Path(model_path).stat().st_mtime))
     try:
