@@ -11,6 +11,7 @@ GGUF file (every layer on the GPU, flash attention, `--llama-slots` parallel slo
 load, and the line carries both reports and shardrt's throughput over llama.cpp's per level.
 
     python scripts/bench_serve.py [--concurrency 1,4,16] [--requests N] [--max-tokens 32] [--url URL]
+    python scripts/bench_serve.py --burst --concurrency 64 --shared-prefix 1000 -- --max-seqs 64   # all at once, one system prompt
     python scripts/bench_serve.py -- --target-gpus cpu:0 --draft ngram
     python scripts/bench_serve.py --concurrency 1,16 --llama-server PATH/llama-server -- model.gguf --target-gpus cuda:0 --max-seqs 64
 """
@@ -71,9 +72,18 @@ def wait_ready(host: str, port: int, proc: subprocess.Popen | None) -> None:
     sys.exit(f"bench_serve: the server was not ready within {READY_S}s")
 
 
-def one_request(host: str, port: int, model: str, question: str, max_tokens: int) -> dict:
+SYSTEM_SENTENCE = "You answer questions about a library's catalogue briefly and only from what you are told. "
+
+
+def system_prompt(tokens: int) -> str:
+    """A system prompt of roughly `tokens` tokens (the sentence is ~16), the same for every request."""
+    return SYSTEM_SENTENCE * max(1, tokens // 16)
+
+
+def one_request(host: str, port: int, model: str, question: str, max_tokens: int, system: str = "") -> dict:
     """A streamed chat request: time to the first content chunk, then tokens and time to the end."""
-    body = json.dumps({"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+    body = json.dumps({"model": model, "messages": messages, "max_tokens": max_tokens,
                        "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}})
     t0 = time.perf_counter()
     first = None
@@ -112,18 +122,20 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered) + 0.5) - 1))] if ordered else 0.0
 
 
-def run_level(host: str, port: int, model: str, concurrency: int, requests: int, max_tokens: int) -> dict:
+def run_level(host: str, port: int, model: str, concurrency: int, requests: int, max_tokens: int,
+              system: str = "") -> dict:
     t0 = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        results = list(pool.map(lambda i: one_request(host, port, model, QUESTIONS[i % len(QUESTIONS)], max_tokens),
-                                range(requests)))
+        results = list(pool.map(lambda i: one_request(host, port, model, f"{QUESTIONS[i % len(QUESTIONS)]} ({i})",
+                                                      max_tokens, system), range(requests)))
     wall = time.perf_counter() - t0
     ok = [r for r in results if "error" not in r]
     errors = [r["error"] for r in results if "error" in r]
+    refused = sum(e.startswith("HTTP 503") for e in errors)
     ttft = [r["ttft"] for r in ok]
     gaps = [g for r in ok for g in r["gaps"]]
     return {
-        "concurrency": concurrency, "requests": requests, "errors": len(errors),
+        "concurrency": concurrency, "requests": requests, "errors": len(errors), "refused_503": refused,
         "first_error": errors[0] if errors else None, "wall_s": round(wall, 2),
         "throughput_tokens_per_s": round(sum(r["tokens"] for r in ok) / wall, 2),
         "requests_per_s": round(len(ok) / wall, 3),
@@ -134,13 +146,24 @@ def run_level(host: str, port: int, model: str, concurrency: int, requests: int,
 
 
 def measure(host: str, port: int, proc: subprocess.Popen | None, levels: list[int], requests: int | None,
-            max_tokens: int) -> list[dict]:
-    """Every level against the server at host:port (started as `proc`, which is stopped after)."""
+            max_tokens: int, burst: bool = False, system: str = "") -> list[dict]:
+    """Every level against the server at host:port (started as `proc`, which is stopped after);
+    `burst`: each level's requests all at once. A shardrt server's prefix-sharing counters are
+    reported per level."""
     try:
         wait_ready(host, port, proc)
         model = json.loads(get(host, port, "/v1/models")[1])["data"][0]["id"]
         one_request(host, port, model, "Hello", 2)  # warm-up, not counted
-        return [run_level(host, port, model, c, requests or max(4, 2 * c), max_tokens) for c in levels]
+        report = []
+        for c in levels:
+            before = shared_counters(host, port)
+            n = c if burst else requests or max(4, 2 * c)
+            level = run_level(host, port, model, n if burst else c, n, max_tokens, system)
+            after = shared_counters(host, port)
+            if before and after:
+                level.update({k: after[k] - before[k] for k in after})
+            report.append(level)
+        return report
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
@@ -149,6 +172,24 @@ def measure(host: str, port: int, proc: subprocess.Popen | None, levels: list[in
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
+
+
+SHARED_METRICS = ("shardrt_prefix_shared_requests_total", "shardrt_prefix_shared_tokens_total",
+                  "shardrt_prefix_cache_reused_tokens_total")
+
+
+def shared_counters(host: str, port: int) -> dict:
+    """shardrt's prefix-reuse counters from /metrics ({} for a server without them)."""
+    try:
+        status, text = get(host, port, "/metrics")
+    except OSError:
+        return {}
+    found = {}
+    for line in text.decode(errors="replace").splitlines() if status == 200 else ():
+        name, _, value = line.partition(" ")
+        if name in SHARED_METRICS:
+            found[name.removeprefix("shardrt_").removesuffix("_total")] = float(value)
+    return found
 
 
 def model_of(serve_args: list[str]) -> str:
@@ -165,6 +206,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, help="requests per level (default: 2 x the level, at least 4)")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--url", help="measure a running server instead of starting one")
+    parser.add_argument("--burst", action="store_true", help="each level: that many requests, all at once")
+    parser.add_argument("--shared-prefix", type=int, default=0, metavar="TOKENS",
+                        help="every request carries the same system prompt of about this many tokens")
     parser.add_argument("--llama-server", help="llama.cpp's llama-server: also measure it on the same GGUF")
     parser.add_argument("--llama-slots", type=int, help="its parallel slots, -np (default: the largest level)")
     parser.add_argument("--llama-ctx", type=int, default=2048, help="context per slot (default 2048)")
@@ -177,6 +221,8 @@ def main() -> None:
         parser.error(f"--concurrency: {args.concurrency!r} is not a comma-separated list of numbers")
     if not levels or not all(1 <= c <= 1000 for c in levels):
         parser.error("--concurrency: every level must be in 1..1000")
+    if not 0 <= args.shared_prefix <= 100_000:
+        parser.error(f"--shared-prefix: {args.shared_prefix} is outside 0..100000 tokens")
     if args.requests is not None and not 1 <= args.requests <= 10_000:
         parser.error("--requests: must be in 1..10000")
 
@@ -192,13 +238,14 @@ def main() -> None:
     else:
         host, port = "127.0.0.1", free_port()
         flags = args.serve_args or DEFAULT_SERVE
-        proc = subprocess.Popen([sys.executable, "-m", "shardrt.cli", "serve", "--port", str(port),
-                                 "--max-queue", str(max(levels)), *flags], stdin=subprocess.DEVNULL)
-    report = measure(host, port, proc, levels, args.requests, args.max_tokens)
+        proc = subprocess.Popen([sys.executable, "-m", "shardrt.cli", "serve", "--port", str(port), *flags],
+                                stdin=subprocess.DEVNULL)
+    system = system_prompt(args.shared_prefix) if args.shared_prefix else ""
+    report = measure(host, port, proc, levels, args.requests, args.max_tokens, args.burst, system)
 
     base = report[0]["throughput_tokens_per_s"]
     out = {
-        "max_tokens": args.max_tokens, "levels": report,
+        "max_tokens": args.max_tokens, "burst": args.burst, "shared_prefix_tokens": args.shared_prefix, "levels": report,
         "throughput_vs_first": {str(r["concurrency"]): round(r["throughput_tokens_per_s"] / base, 2) if base else None
                                 for r in report},
         "errors": sum(r["errors"] for r in report),
@@ -214,7 +261,7 @@ def main() -> None:
             peer = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT)
         out["llama_server"] = {"command": " ".join(command[:1] + command[3:-4]), "log": str(log)}
         try:
-            peer_report = measure("127.0.0.1", peer_port, peer, levels, args.requests, args.max_tokens)
+            peer_report = measure("127.0.0.1", peer_port, peer, levels, args.requests, args.max_tokens, args.burst, system)
         except SystemExit as exc:  # it did not come up: keep shardrt's numbers, say why
             out["llama_server"]["error"] = str(exc)
         else:

@@ -121,3 +121,45 @@ def test_a_drafting_server_speculates_alone_and_hands_over_to_the_batch(server, 
         assert [streamed, *together] == want
         assert drafting.metric("shardrt_spec_handovers_total") == 1
         assert "Traceback" not in drafting.stderr()
+
+
+WIDE = 64
+
+
+@pytest.fixture(scope="module")
+def wide(demo_model, tmp_path_factory):
+    """64 slots and the default queue; no prefix cache, so a shared prompt can only be copied from
+    a running request."""
+    with serving(demo_model, tmp_path_factory.mktemp("serve-wide") / "stderr.txt", "--max-seqs", str(WIDE),
+                 "--prefix-cache-slots", "0") as served:
+        yield served
+
+
+def test_as_many_clients_as_slots_are_all_served_each_as_alone(wide):
+    prompts = [f"Item {i}: the number after {i * 3} is" for i in range(WIDE)]
+    alone = [complete(wide, p, max_tokens=4) for p in prompts[:8]]
+    with ThreadPoolExecutor(WIDE) as pool:  # all at once: every request must find a slot, none a 503
+        together = list(pool.map(lambda p: complete(wide, p, max_tokens=4), prompts))
+    assert together[:8] == alone
+    assert wide.metric("shardrt_queue_rejected_total") == 0
+    assert wide.metric("shardrt_generations_total", finish_reason="length") >= WIDE + 8
+
+
+def test_a_burst_sharing_a_system_prompt_prefills_it_once(wide):
+    system = "You are the assistant of a small library. Answer each question in one short sentence. " * 3
+    questions = [f"Question {i}: is book {i} on the shelf?" for i in range(16)]
+
+    def ask(q):
+        out = wide.client.chat.completions.create(
+            model=wide.model, messages=[{"role": "system", "content": system}, {"role": "user", "content": q}],
+            max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+        return out.choices[0].message.content
+
+    alone = [ask(q) for q in questions[:3]]
+    before = wide.metric("shardrt_prefix_shared_requests_total"), wide.metric("shardrt_prefix_shared_tokens_total")
+    with ThreadPoolExecutor(len(questions)) as pool:
+        together = list(pool.map(ask, questions))
+    assert together[:3] == alone
+    shared = wide.metric("shardrt_prefix_shared_requests_total") - before[0]
+    tokens = wide.metric("shardrt_prefix_shared_tokens_total") - before[1]
+    assert shared >= len(questions) // 2 and tokens >= 50 * shared  # the system prompt: ~60 tokens each

@@ -90,12 +90,13 @@ def serve_args(model, port: int, *extra: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def serving(model, err: Path, *flags: str):
-    """A `shardrt serve` of `model` on cpu:0,cpu:1 with `flags`, ready (/health 200); SIGTERM at the end."""
+def serving(model, err: Path, *flags: str, env: dict | None = None):
+    """A `shardrt serve` of `model` on cpu:0,cpu:1 with `flags` (and `env` added to the
+    environment), ready (/health 200); SIGTERM at the end."""
     port = free_port()
     with open(err, "wb") as sink:
         proc = subprocess.Popen(serve_args(model, port, *flags), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=sink)
+                                stderr=sink, env={**os.environ, **(env or {})})
     served = Served(proc, port, err, model.name.removesuffix(".gguf"))
 
     def ready():

@@ -29,7 +29,7 @@ DAEMON_MODULE = "shardrt.daemons.target_shard"
 LOG_TAIL_BYTES = 4096
 
 
-def _env_seconds(name: str, default: float) -> float:
+def env_seconds(name: str, default: float) -> float:
     raw = os.environ.get(name)
     if raw is None:
         return default
@@ -55,9 +55,9 @@ class Timeouts:
         from .ipc.doorbell import spin_seconds
 
         return cls(
-            ready=_env_seconds("SHARDRT_READY_TIMEOUT", cls.ready),
-            request=_env_seconds("SHARDRT_REQUEST_TIMEOUT", cls.request),
-            heartbeat=_env_seconds("SHARDRT_HEARTBEAT_TIMEOUT", cls.heartbeat),
+            ready=env_seconds("SHARDRT_READY_TIMEOUT", cls.ready),
+            request=env_seconds("SHARDRT_REQUEST_TIMEOUT", cls.request),
+            heartbeat=env_seconds("SHARDRT_HEARTBEAT_TIMEOUT", cls.heartbeat),
             stop=cls.stop,
             spin=spin_seconds(),  # daemons read the same variable from the environment they inherit
         )

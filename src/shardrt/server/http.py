@@ -13,6 +13,7 @@ import queue
 import select
 import socket
 import sys
+import threading
 import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,6 +28,10 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1 << 20
 IDLE_TIMEOUT_S = 120  # a kept-alive connection that sends nothing this long is closed
+# a request's line and headers, and then its body, must each arrive within this long, however
+# slowly they trickle in (a slowloris client holds a thread otherwise); idle keep-alive included
+REQUEST_DEADLINE_S = 60.0
+REAP_S = 0.5  # how often the deadlines are looked at
 WATCH_S = 0.1  # how often a waiting request checks that its client is still there
 CLIENT_GONE = 499  # the status recorded for a request whose client went away (as nginx logs it)
 
@@ -72,7 +77,15 @@ class Handler(BaseHTTPRequestHandler):
 
     do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = do_GET
 
+    def handle_one_request(self) -> None:
+        self.server.watch(self.connection)  # until its headers are in
+        try:
+            super().handle_one_request()
+        finally:
+            self.server.unwatch(self.connection)
+
     def _dispatch(self) -> None:
+        self.server.unwatch(self.connection)
         self._status, self._recorded, self._peer_talks = None, False, False
         path = urlsplit(self.path).path
         endpoint = _endpoint(path)
@@ -242,7 +255,11 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True  # its bytes stay unread
             raise ApiError(f"body: {length} bytes is more than the {MAX_BODY_BYTES} bytes (1 MiB) accepted", None,
                            code="body_too_large")
-        raw = self.rfile.read(length)
+        self.server.watch(self.connection)  # the body has its own deadline
+        try:
+            raw = self.rfile.read(length)
+        finally:
+            self.server.unwatch(self.connection)
         if len(raw) < length:
             raise ClientGone()
         content_type = self.headers.get("Content-Type")
@@ -314,13 +331,48 @@ def _refuse_constant(name: str):
 
 
 class Server(ThreadingHTTPServer):
-    daemon_threads = True  # a thread still writing to a stalled client does not hold up shutdown
-    request_queue_size = 64
+    """One thread per connection; a reaper closes connections that take longer than
+    REQUEST_DEADLINE_S to send a request's headers or its body."""
 
-    def __init__(self, address: tuple, family: int, app: App):
+    daemon_threads = True  # a thread still writing to a stalled client does not hold up shutdown
+    request_queue_size = 1024  # a burst of connects waits in the backlog, not refused
+
+    def __init__(self, address: tuple, family: int, app: App, deadline_s: float = REQUEST_DEADLINE_S):
         self.address_family = family
         self.app = app
+        self.deadline_s = deadline_s
+        self._deadlines: dict[socket.socket, float] = {}
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
         super().__init__(address, Handler)
+        self._reaper = threading.Thread(target=self._reap, name="shardrt-http-reaper", daemon=True)
+        self._reaper.start()
+
+    def watch(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._deadlines[conn] = time.monotonic() + self.deadline_s
+
+    def unwatch(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._deadlines.pop(conn, None)
+
+    def server_close(self) -> None:
+        self._closed.set()
+        super().server_close()
+
+    def _reap(self) -> None:
+        while not self._closed.wait(REAP_S):
+            now = time.monotonic()
+            with self._lock:
+                late = [conn for conn, until in self._deadlines.items() if until < now]
+                for conn in late:
+                    del self._deadlines[conn]
+            for conn in late:
+                log.info("closing a connection that sent its request too slowly (over %.0fs)", self.deadline_s)
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)  # its handler's read returns and the thread ends
+                except OSError:
+                    pass
 
     def handle_error(self, request, client_address):
         exc = sys.exc_info()[1]

@@ -18,13 +18,15 @@ from ..config import LaunchConfig
 from ..errors import ConfigError
 from ..ipc.protocol import MAX_BATCH
 from .batch import MAX_BATCH_TOKENS
+from ..lifecycle import env_seconds
 from .engine import Engine
-from .http import App, Server
+from .http import REQUEST_DEADLINE_S, App, Server
 from .metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
 
 MIN_QUEUE, QUEUE_PER_SLOT = 16, 4  # the default queue bound: 4 requests per sequence slot, at least 16
+DEADLINE_ENV = "SHARDRT_REQUEST_DEADLINE"  # seconds a client has to send a request's headers, then its body
 
 EXIT_INTERRUPTED = 130
 MAIN_WAKE_S = 0.5  # the main thread wakes this often to see that the engine still runs
@@ -92,13 +94,14 @@ def _log_thread_error(args) -> None:
 def serve(config: LaunchConfig, model_path: Path, options: ServeOptions) -> int:
     """Run the server until a signal; the exit code (0 after SIGTERM, 130 after Ctrl-C)."""
     address = check_address(options)
+    deadline = env_seconds(DEADLINE_ENV, REQUEST_DEADLINE_S)
     url = address.url(options.host, options.port)
     metrics = ServerMetrics()
     engine = Engine(config, model_path, metrics, options.queue_for(config.seqs), max_batch_tokens=options.max_batch_tokens)
     name = options.model_name or Path(model_path).name.removesuffix(".gguf")
     app = App(engine, metrics, name, created=int(Path(model_path).stat().st_mtime))
     try:
-        server = Server(address.sockaddr, address.family, app)
+        server = Server(address.sockaddr, address.family, app, deadline_s=deadline)
     except OSError as exc:
         raise ConfigError(f"--port: cannot listen on {options.host}:{options.port}: {exc.strerror}") from None
     if not address.loopback:
