@@ -291,3 +291,27 @@ def test_a_shared_system_prompt_is_prefilled_once(demo_model, demo_tokenizer):
     assert min(shared) >= 30
     assert (scheduler.shared.requests, scheduler.shared.tokens) == (3, sum(shared))
     assert [done[id(j)].reused_tokens for j in jobs] == [0] + shared
+
+
+def test_a_long_prompt_does_not_stall_a_running_stream(demo_model, demo_tokenizer):
+    """While a long prompt is prefilled in budget-sized chunks, the request already decoding
+    takes a token at every step."""
+    from shardrt.sampling import SamplingParams
+    from shardrt.server.batch import BatchScheduler
+    from shardrt.server.engine import Job
+
+    stage = Stage(demo_model, 0, 30, "cpu", max_ctx=MAX_CTX, max_seqs=2)
+    scheduler = BatchScheduler(Pipeline([stage]), demo_tokenizer, max_batch_tokens=16)
+    running = Job(None, demo_tokenizer.encode(PROMPTS[0]), SamplingParams(max_tokens=40, ignore_eos=True))
+    scheduler.admit(running)
+    while not any(r.next_token is not None for r in scheduler.running):
+        scheduler.step()
+    long_prompt = demo_tokenizer.encode(" ".join(PROMPTS) * 4)[:100]
+    scheduler.admit(Job(None, long_prompt, SamplingParams(max_tokens=2, ignore_eos=True)))
+    first = scheduler.running[0]
+    counts = []
+    while any(r.prefill_done is None for r in scheduler.running):
+        scheduler.step()
+        counts.append(len(first.out.tokens))
+    assert len(counts) >= 100 // 16  # the prompt took several steps
+    assert counts == list(range(counts[0], counts[0] + len(counts)))  # one token each step meanwhile
