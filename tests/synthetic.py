@@ -87,6 +87,20 @@ def _k_quant_bytes(rows: int, cols: int, qtype: Q, std: float, rng: np.random.Ge
     return blocks.reshape(rows, -1)
 
 
+def add_tokenizer(w: GGUFWriter) -> int:
+    """The minimal byte-level tokenizer's metadata; returns its vocabulary size."""
+    tokens, merges, token_types, eos_id = tokenizer_vocab()
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_merges(merges)
+    w.add_token_types(token_types)
+    w.add_eos_token_id(eos_id)
+    w.add_bos_token_id(eos_id)
+    w.add_add_bos_token(False)
+    return len(tokens)
+
+
 def encode_weight(w: np.ndarray, qtype: Q, rng: np.random.Generator) -> tuple[np.ndarray, Q | None]:
     """(array to hand to add_tensor, raw_dtype) for a float32 matrix w [rows, cols] stored as qtype."""
     block_elems, _ = GGML_QUANT_SIZES[qtype]
@@ -167,14 +181,7 @@ def write_model(
     ftype = LlamaFileType.ALL_F32 if qtype == Q.F32 else file_types.get(f"MOSTLY_{qtype.name}", LlamaFileType.GUESSED)
     w.add_file_type(int(ftype))
     if tokenizer:
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("default")
-        w.add_token_list(tokens)
-        w.add_token_merges(merges)
-        w.add_token_types(token_types)
-        w.add_eos_token_id(eos_id)
-        w.add_bos_token_id(eos_id)
-        w.add_add_bos_token(False)
+        add_tokenizer(w)
     for key in drop_keys:
         for kv in w.kv_data:
             kv.pop(key, None)

@@ -144,6 +144,9 @@ def expected_shape(cfg: ModelConfig, name: str) -> tuple[int, ...] | None:
         "attn_output.weight": (dim, q), "attn_q.bias": (q,), "attn_k.bias": (kv,), "attn_v.bias": (kv,),
         "attn_q_norm.weight": (cfg.head_dim,), "attn_k_norm.weight": (cfg.head_dim,),
         "ffn_gate.weight": (ffn, dim), "ffn_up.weight": (ffn, dim), "ffn_down.weight": (dim, ffn),
+        "ffn_gate_inp.weight": (cfg.n_experts, dim), "ffn_gate_exps.weight": (cfg.n_experts, cfg.expert_ffn_dim, dim),
+        "ffn_up_exps.weight": (cfg.n_experts, cfg.expert_ffn_dim, dim),
+        "ffn_down_exps.weight": (cfg.n_experts, dim, cfg.expert_ffn_dim),
         "token_embd.weight": (cfg.vocab_size, dim), "output.weight": (cfg.vocab_size, dim),
         "rope_freqs.weight": (cfg.rope_dim // 2,),
     }.get(short)
@@ -237,6 +240,26 @@ class StageWeights:
         return merged[0] if len(merged) == 1 else tuple(merged)
 
     def load_block(self, layer: int, device, dtype) -> dict[str, torch.Tensor]:
-        """A Block's weights, q/k/v and gate/up stacked (see model.BLOCK_WEIGHTS)."""
-        return {key: self.load_stacked(tuple(f"blk.{layer}.{t}" for t in parts), device, dtype)
+        """A Block's weights, q/k/v and gate/up stacked (see model.BLOCK_WEIGHTS); experts' gate and
+        up stacked per expert."""
+        return {key: (self.load_experts if key.endswith("_exps") else self.load_stacked)(
+                    tuple(f"blk.{layer}.{t}" for t in parts), device, dtype)
                 for key, parts in block_weights(self.cfg).items()}
+
+    def load_experts(self, names: tuple[str, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """Stacked expert tensors [E, rows, cols] side by side along each expert's rows, in one new
+        tensor on `device` (dequantized: the experts have no quantized kernel yet)."""
+        infos = [require_tensor(self.gguf, name) for name in names]
+        self.bytes_read += sum(info.n_bytes for info in infos)
+        if self.quantized and device.type != "cpu":
+            for info in infos:
+                if info.qtype not in PLAIN_TYPES:
+                    self.without_kernel[info.qtype.name] = self.without_kernel.get(info.qtype.name, 0) + 1
+        parts = [host_tensor(self.gguf, info) for info in infos]
+        out = torch.empty((parts[0].shape[0], sum(p.shape[1] for p in parts), *parts[0].shape[2:]), dtype=dtype,
+                          device=device)
+        row = 0
+        for part in parts:
+            out[:, row : row + part.shape[1]].copy_(part)
+            row += part.shape[1]
+        return out

@@ -1,4 +1,5 @@
-"""The decoder-only transformer of the llama family (llama, mistral, qwen2, qwen3) on one screen.
+"""The decoder-only transformer of the llama family (llama, mistral, qwen2, qwen3, and qwen3moe with
+mixture-of-experts feed-forwards) on one screen.
 
 `ModelConfig` reads every shape and rope parameter from GGUF metadata; `Block` is one
 transformer layer over a preallocated KV cache, its ops from `kernels` (Triton on GPUs, the
@@ -21,7 +22,8 @@ from .errors import ModelFormatError
 from .gguf_file import GGUFFile
 
 # architecture -> rope style its GGUF weights are laid out for
-ROPE_STYLE = {"llama": "interleaved", "mistral": "interleaved", "qwen2": "neox", "qwen3": "neox"}
+ROPE_STYLE = {"llama": "interleaved", "mistral": "interleaved", "qwen2": "neox", "qwen3": "neox", "qwen3moe": "neox"}
+MOE_ARCHS = ("qwen3moe",)  # a router and stacked experts instead of one feed-forward
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,14 @@ class ModelConfig:
     qkv_bias: bool
     qk_norm: bool
     tied_embeddings: bool
+    n_experts: int = 0  # mixture of experts: experts per layer (0: a dense feed-forward)
+    n_experts_used: int = 0  # the top k each token goes through
+    expert_ffn_dim: int = 0
+    expert_weights_norm: bool = True  # the top k's probabilities renormalized to sum to one
+
+    @property
+    def moe(self) -> bool:
+        return self.n_experts > 0
 
     @classmethod
     def from_gguf(cls, gguf: GGUFFile) -> "ModelConfig":
@@ -73,6 +83,15 @@ class ModelConfig:
         if "token_embd.weight" not in gguf.tensors:
             raise ModelFormatError(f"model: {gguf.path.name!r} lacks tensor 'token_embd.weight'")
         vocab = int(key("vocab_size", gguf.tensors["token_embd.weight"].shape[1]))
+        moe = arch in MOE_ARCHS
+        experts = {}
+        if moe:
+            experts = {"n_experts": int(key("expert_count")), "n_experts_used": int(key("expert_used_count")),
+                       "expert_ffn_dim": int(key("expert_feed_forward_length"))}
+            if not 0 < experts["n_experts_used"] <= experts["n_experts"] or experts["expert_ffn_dim"] <= 0:
+                raise ModelFormatError(f"model: {arch}.expert_used_count {experts['n_experts_used']} and "
+                                       f"expert_count {experts['n_experts']} are not 0 < used <= count, or "
+                                       f"expert_feed_forward_length {experts['expert_ffn_dim']} is not positive")
         return cls(
             arch=arch,
             n_layers=int(key("block_count")),
@@ -80,7 +99,7 @@ class ModelConfig:
             n_heads=n_heads,
             n_kv_heads=n_kv_heads,
             head_dim=head_dim,
-            ffn_dim=int(key("feed_forward_length")),
+            ffn_dim=int(key("feed_forward_length", 0 if moe else None)),
             vocab_size=vocab,
             norm_eps=float(key("attention.layer_norm_rms_epsilon")),
             context_length=int(key("context_length", 2048)),
@@ -92,6 +111,7 @@ class ModelConfig:
             qkv_bias="blk.0.attn_q.bias" in gguf.tensors,
             qk_norm="blk.0.attn_q_norm.weight" in gguf.tensors,
             tied_embeddings="output.weight" not in gguf.tensors,
+            **experts,
         )
 
 
@@ -134,7 +154,12 @@ class Block:
         self.attn_norm, self.ffn_norm = weights["attn_norm"], weights["ffn_norm"]
         self.attn_qkv, self.attn_qkv_bias = weights["attn_qkv"], weights.get("attn_qkv_bias")
         self.q_norm, self.k_norm = weights.get("attn_q_norm"), weights.get("attn_k_norm")
-        self.attn_output, self.ffn_gate_up, self.ffn_down = weights["attn_output"], weights["ffn_gate_up"], weights["ffn_down"]
+        self.attn_output = weights["attn_output"]
+        if cfg.moe:
+            self.router, self.experts_gate_up, self.experts_down = \
+                weights["ffn_gate_inp"], weights["ffn_gate_up_exps"], weights["ffn_down_exps"]
+        else:
+            self.ffn_gate_up, self.ffn_down = weights["ffn_gate_up"], weights["ffn_down"]
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
 
     def __call__(self, x, rope: tuple[torch.Tensor, torch.Tensor], k_cache, v_cache, step: Step) -> torch.Tensor:
@@ -148,7 +173,13 @@ class Block:
                                   self.q_norm, self.k_norm, cfg.norm_eps, step.slots)
         attn = self.attend(q, k_cache, v_cache, step).reshape(n, cfg.n_heads * cfg.head_dim)
         x, h = kernels.add_rms_norm(x, kernels.linear(attn, self.attn_output), self.ffn_norm, cfg.norm_eps)
-        return x + kernels.linear(kernels.silu_mul(kernels.linear(h, self.ffn_gate_up)), self.ffn_down)
+        return x + self.feed_forward(h)
+
+    def feed_forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.cfg.moe:
+            return kernels.moe(h, self.router, self.experts_gate_up, self.experts_down, self.cfg.n_experts_used,
+                               self.cfg.expert_weights_norm)
+        return kernels.linear(kernels.silu_mul(kernels.linear(h, self.ffn_gate_up)), self.ffn_down)
 
     def attend(self, q, k_cache, v_cache, step: Step) -> torch.Tensor:
         """q [n, heads, head_dim] over the cache: the cached-attention kernel for a few tokens, a
@@ -176,11 +207,18 @@ BLOCK_WEIGHTS = {
     "ffn_gate_up": ("ffn_gate.weight", "ffn_up.weight"), "ffn_down": ("ffn_down.weight",),
 }
 BIAS_WEIGHTS = {"attn_qkv_bias": ("attn_q.bias", "attn_k.bias", "attn_v.bias")}
+# a mixture of experts instead of ffn_gate_up / ffn_down: the router, and each expert's gate and up
+# stacked per expert ([E, 2 * ff, dim]) and its down ([E, dim, ff])
+MOE_WEIGHTS = {"ffn_gate_inp": ("ffn_gate_inp.weight",), "ffn_gate_up_exps": ("ffn_gate_exps.weight", "ffn_up_exps.weight"),
+               "ffn_down_exps": ("ffn_down_exps.weight",)}
 QK_NORM_WEIGHTS = {"attn_q_norm": ("attn_q_norm.weight",), "attn_k_norm": ("attn_k_norm.weight",)}
 
 
 def block_weights(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
     weights = dict(BLOCK_WEIGHTS)
+    if cfg.moe:
+        del weights["ffn_gate_up"], weights["ffn_down"]
+        weights.update(MOE_WEIGHTS)
     if cfg.qkv_bias:
         weights.update(BIAS_WEIGHTS)
     if cfg.qk_norm:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .kernels.moe import GATHER_ROWS
 from .model import Step
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # decode, speculative verifies of up to 15 draft tokens, short prompts
@@ -46,8 +47,10 @@ def batch_buckets(max_seqs: int) -> tuple[int, ...]:
 class GraphRunner:
     def __init__(self, stage, buckets: tuple[int, ...] = BUCKETS, batches: tuple[int, ...] = ()):
         self.stage, self.device = stage, stage.device
-        self.buckets = tuple(b for b in sorted(buckets) if b <= stage.max_ctx)
-        self.batch_buckets = tuple(sorted(batches))
+        # a mixture of experts is graph-safe only for the rows it gathers experts for (kernels.moe)
+        most = GATHER_ROWS // stage.cfg.n_experts_used if stage.cfg.moe else None
+        self.buckets = tuple(b for b in sorted(buckets) if b <= stage.max_ctx and (most is None or b <= most))
+        self.batch_buckets = tuple(b for b in sorted(batches) if most is None or b <= most)
         top = max(self.buckets + self.batch_buckets)
         self.profile: dict | None = None
         with torch.cuda.device(self.device), torch.inference_mode():

@@ -1,0 +1,55 @@
+"""Mixture-of-experts feed-forward: a router picks the top k of E experts for each row, and the row
+goes through those experts' SwiGLU, their outputs weighted by the router's probabilities.
+
+The experts are stacked 3-D tensors, as GGUF stores them: gate and up together
+`[E, 2 * ff, dim]` (gate rows first), down `[E, dim, ff]`. Two ways through them, the same function:
+
+- a few rows (decode, a short verify, small batches on a GPU): the chosen experts' matrices are
+  gathered and multiplied in one batched product per matrix. No host sync, so it runs inside a
+  captured graph, and only the chosen experts' weights are read;
+- more rows (prefill, and always on a CPU): each expert that some row chose takes its rows at once
+  (the host learns which experts those are), as transformers does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .activation import silu_mul
+
+GATHER_ROWS = 64  # rows x top-k up to which a GPU gathers the chosen experts' weights
+
+
+def route(x: torch.Tensor, router: torch.Tensor, k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights [n, k] in x's dtype, experts [n, k]): softmax over the router's logits (float32),
+    the top k, renormalized to sum to one with `normalize`."""
+    probs = F.linear(x, router).float().softmax(dim=-1)
+    weights, experts = probs.topk(k, dim=-1)
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights.to(x.dtype), experts
+
+
+def gathers(x: torch.Tensor, k: int) -> bool:
+    """Whether `moe` takes the gathered (graph-safe) path for rows like x."""
+    return x.device.type != "cpu" and x.shape[0] * k <= GATHER_ROWS
+
+
+def moe(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, k: int,
+        normalize: bool = True) -> torch.Tensor:
+    """x [n, dim] -> [n, dim]."""
+    weights, experts = route(x, router, k, normalize)
+    n, dim = x.shape
+    if gathers(x, k):
+        chosen = experts.reshape(-1)
+        rows = x.repeat_interleave(k, dim=0)[:, :, None]  # [n * k, dim, 1]
+        hidden = silu_mul(torch.bmm(gate_up[chosen], rows)[..., 0])  # [n * k, ff]
+        out = torch.bmm(down[chosen], hidden[:, :, None])[..., 0].view(n, k, dim)
+        return (out * weights[..., None]).sum(dim=1)
+    out = torch.zeros_like(x)
+    for expert in experts.unique().tolist():
+        rows, slot = (experts == expert).nonzero(as_tuple=True)
+        y = F.linear(silu_mul(F.linear(x[rows], gate_up[expert])), down[expert])
+        out.index_add_(0, rows, y * weights[rows, slot, None])
+    return out

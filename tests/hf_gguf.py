@@ -1,0 +1,81 @@
+"""Tiny random transformers models (from_config, seeded) written to GGUF as llama.cpp's converter
+writes them (its tensor names and metadata keys), so shardrt and transformers run the very same
+weights: the independent implementation the families are checked against. Float32 tensors; the
+minimal byte-level tokenizer of tests/synthetic.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGUFWriter
+
+from .synthetic import add_tokenizer, tokenizer_vocab
+
+VOCAB = len(tokenizer_vocab()[0])
+
+
+def tiny_qwen3_moe(seed: int = 0, layers: int = 3):
+    """Qwen3-30B-A3B's design at toy size: 8 experts, top 2 renormalized, q/k norms."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    cfg = Qwen3MoeConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, max_position_embeddings=512,
+                         rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False, initializer_range=0.2,
+                         decoder_sparse_step=1, mlp_only_layers=[])
+    torch.manual_seed(seed)
+    return Qwen3MoeForCausalLM(cfg).eval()
+
+
+def rope_theta(cfg) -> float:
+    """transformers 5 keeps it in rope_parameters; earlier versions as an attribute."""
+    parameters = getattr(cfg, "rope_parameters", None) or {}
+    return float(parameters.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
+
+
+def write_qwen3_moe(model, path: Path) -> Path:
+    cfg = model.config
+    w = GGUFWriter(path, "qwen3moe")
+    w.add_name("tiny-qwen3moe")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    w.add_expert_count(cfg.num_experts)
+    w.add_expert_used_count(cfg.num_experts_per_tok)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_rope_freq_base(rope_theta(cfg))
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(add_tokenizer(w))
+    state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    ff = cfg.moe_intermediate_size
+
+    def add(name: str, array: np.ndarray) -> None:
+        w.add_tensor(name, np.ascontiguousarray(array, dtype=np.float32))
+
+    add("token_embd.weight", state["model.embed_tokens.weight"])
+    for i in range(cfg.num_hidden_layers):
+        hf, blk = f"model.layers.{i}.", f"blk.{i}."
+        add(blk + "attn_norm.weight", state[hf + "input_layernorm.weight"])
+        for ours, theirs in (("attn_q", "q_proj"), ("attn_k", "k_proj"), ("attn_v", "v_proj"), ("attn_output", "o_proj"),
+                             ("attn_q_norm", "q_norm"), ("attn_k_norm", "k_norm")):
+            add(f"{blk}{ours}.weight", state[f"{hf}self_attn.{theirs}.weight"])
+        add(blk + "ffn_norm.weight", state[hf + "post_attention_layernorm.weight"])
+        add(blk + "ffn_gate_inp.weight", state[hf + "mlp.gate.weight"])
+        gate_up = state[hf + "mlp.experts.gate_up_proj"]  # [E, 2 ff, dim]: gate rows first
+        add(blk + "ffn_gate_exps.weight", gate_up[:, :ff])
+        add(blk + "ffn_up_exps.weight", gate_up[:, ff:])
+        add(blk + "ffn_down_exps.weight", state[hf + "mlp.experts.down_proj"])
+    add("output_norm.weight", state["model.norm.weight"])
+    add("output.weight", state["lm_head.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
