@@ -79,3 +79,73 @@ def write_qwen3_moe(model, path: Path) -> Path:
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def tiny_gemma3(seed: int = 0, layers: int = 7, window: int = 8):
+    """Gemma 3's design at toy size: five local layers (a window of `window`, rope base 10000) to
+    one global (base 1e6), GeGLU, the extra norms, tied and scaled embeddings."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+                           sliding_window=window, max_position_embeddings=512, rms_norm_eps=1e-6,
+                           tie_word_embeddings=True, initializer_range=0.2, pad_token_id=0, bos_token_id=VOCAB - 1,
+                           eos_token_id=VOCAB - 1, rope_parameters={
+                               "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+                               "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}})
+    torch.manual_seed(seed)
+    model = Gemma3ForCausalLM(cfg).eval()
+    # re-drawn so that greedy text varies: the tied head reads the embedding that the input row
+    # carries 8x scaled, so large embeddings make the model repeat its input; norms initialize to
+    # zero (Gemma applies 1 + w), which would leave them nothing to do
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "embed" in name:
+                p.normal_(0.0, 0.1)
+            elif "norm" in name:
+                p.normal_(0.0, 0.3)
+            else:
+                p.normal_(0.0, 2.0 / p.shape[-1] ** 0.5)
+    return model
+
+
+def write_gemma3(model, path: Path) -> Path:
+    cfg = model.config
+    w = GGUFWriter(path, "gemma3")
+    w.add_name("tiny-gemma3")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope_parameters["full_attention"]["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_sliding_window(cfg.sliding_window)
+    w.add_vocab_size(add_tokenizer(w))
+    state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+
+    def add(name: str, array: np.ndarray, norm: bool = False) -> None:
+        # llama.cpp's converter stores Gemma's norm weights as 1 + w, the factor they apply
+        w.add_tensor(name, np.ascontiguousarray(array + 1 if norm else array, dtype=np.float32))
+
+    add("token_embd.weight", state["model.embed_tokens.weight"])
+    for i in range(cfg.num_hidden_layers):
+        hf, blk = f"model.layers.{i}.", f"blk.{i}."
+        for ours, theirs in (("attn_q", "q_proj"), ("attn_k", "k_proj"), ("attn_v", "v_proj"), ("attn_output", "o_proj")):
+            add(f"{blk}{ours}.weight", state[f"{hf}self_attn.{theirs}.weight"])
+        add(blk + "attn_q_norm.weight", state[hf + "self_attn.q_norm.weight"], norm=True)
+        add(blk + "attn_k_norm.weight", state[hf + "self_attn.k_norm.weight"], norm=True)
+        for ours, theirs in (("attn_norm", "input_layernorm"), ("post_attention_norm", "post_attention_layernorm"),
+                             ("ffn_norm", "pre_feedforward_layernorm"), ("post_ffw_norm", "post_feedforward_layernorm")):
+            add(f"{blk}{ours}.weight", state[f"{hf}{theirs}.weight"], norm=True)
+        for ours, theirs in (("ffn_gate", "gate_proj"), ("ffn_up", "up_proj"), ("ffn_down", "down_proj")):
+            add(f"{blk}{ours}.weight", state[f"{hf}mlp.{theirs}.weight"])
+    add("output_norm.weight", state["model.norm.weight"], norm=True)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -143,6 +143,7 @@ def expected_shape(cfg: ModelConfig, name: str) -> tuple[int, ...] | None:
         "attn_q.weight": (q, dim), "attn_k.weight": (kv, dim), "attn_v.weight": (kv, dim),
         "attn_output.weight": (dim, q), "attn_q.bias": (q,), "attn_k.bias": (kv,), "attn_v.bias": (kv,),
         "attn_q_norm.weight": (cfg.head_dim,), "attn_k_norm.weight": (cfg.head_dim,),
+        "post_attention_norm.weight": (dim,), "post_ffw_norm.weight": (dim,),
         "ffn_gate.weight": (ffn, dim), "ffn_up.weight": (ffn, dim), "ffn_down.weight": (dim, ffn),
         "ffn_gate_inp.weight": (cfg.n_experts, dim), "ffn_gate_exps.weight": (cfg.n_experts, cfg.expert_ffn_dim, dim),
         "ffn_up_exps.weight": (cfg.n_experts, cfg.expert_ffn_dim, dim),

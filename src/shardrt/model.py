@@ -1,5 +1,5 @@
-"""The decoder-only transformer of the llama family (llama, mistral, qwen2, qwen3, and qwen3moe with
-mixture-of-experts feed-forwards) on one screen.
+"""The decoder-only transformer of the llama family (llama, mistral, qwen2, qwen3, qwen3moe with
+mixture-of-experts feed-forwards, and gemma3 with its local/global layers) on one screen.
 
 `ModelConfig` reads every shape and rope parameter from GGUF metadata; `Block` is one
 transformer layer over a preallocated KV cache, its ops from `kernels` (Triton on GPUs, the
@@ -22,7 +22,12 @@ from .errors import ModelFormatError
 from .gguf_file import GGUFFile
 
 # architecture -> rope style its GGUF weights are laid out for
-ROPE_STYLE = {"llama": "interleaved", "mistral": "interleaved", "qwen2": "neox", "qwen3": "neox", "qwen3moe": "neox"}
+ROPE_STYLE = {"llama": "interleaved", "mistral": "interleaved", "qwen2": "neox", "qwen3": "neox", "qwen3moe": "neox",
+              "gemma3": "neox"}
+# Gemma 3: embeddings scaled by sqrt(dim), GeGLU, norms after attention and after the feed-forward
+# (the GGUF's norm weights hold 1 + w, as Gemma's norms apply them), and five local layers (a
+# sliding window, rope base 10000) to every global one (the file's rope base and scaling)
+GEMMA3_LOCAL_ROPE_BASE, GEMMA3_PATTERN = 10000.0, 6
 MOE_ARCHS = ("qwen3moe",)  # a router and stacked experts instead of one feed-forward
 
 
@@ -50,10 +55,22 @@ class ModelConfig:
     n_experts_used: int = 0  # the top k each token goes through
     expert_ffn_dim: int = 0
     expert_weights_norm: bool = True  # the top k's probabilities renormalized to sum to one
+    embed_scale: float = 1.0  # token embeddings are multiplied by this
+    activation: str = "silu"  # the gated feed-forward's: silu (SwiGLU) or gelu (GeGLU, tanh)
+    post_norms: bool = False  # RMSNorms on the attention's and the feed-forward's outputs
+    attention_scale: float = 0.0  # q.k scale; 0: 1 / sqrt(head_dim)
+    sliding_window: int = 0  # local layers see the last this many positions; 0: every layer global
+    global_every: int = 0  # with a window: layer i is global when (i + 1) % global_every == 0
+    local_rope_base: float = 0.0  # the local layers' rope base
+    logit_softcap: float = 0.0  # the head's logits l -> c tanh(l / c); 0: none
 
     @property
     def moe(self) -> bool:
         return self.n_experts > 0
+
+    def local(self, layer: int) -> bool:
+        """Whether `layer` attends through the sliding window (a local layer)."""
+        return self.sliding_window > 0 and (layer + 1) % self.global_every != 0
 
     @classmethod
     def from_gguf(cls, gguf: GGUFFile) -> "ModelConfig":
@@ -84,7 +101,24 @@ class ModelConfig:
             raise ModelFormatError(f"model: {gguf.path.name!r} lacks tensor 'token_embd.weight'")
         vocab = int(key("vocab_size", gguf.tensors["token_embd.weight"].shape[1]))
         moe = arch in MOE_ARCHS
-        experts = {}
+        extra = {}
+        if arch == "gemma3":
+            window = int(key("attention.sliding_window"))
+            if window <= 0:
+                raise ModelFormatError(f"model: {arch}.attention.sliding_window = {window} is not a positive window")
+            n_layers = int(key("block_count"))
+            # llama.cpp's rule: the 27B (62 layers) scales by its dim / heads, the others by head_dim
+            per_head = dim / n_heads if n_layers == 62 else head_dim
+            extra = {"embed_scale": math.sqrt(dim), "activation": "gelu", "attention_scale": 1.0 / math.sqrt(per_head),
+                     "sliding_window": window, "global_every": GEMMA3_PATTERN, "local_rope_base": GEMMA3_LOCAL_ROPE_BASE,
+                     "post_norms": True}
+        softcap = float(key("final_logit_softcapping", 0.0))
+        if softcap:
+            extra["logit_softcap"] = softcap
+        if float(key("attn_logit_softcapping", 0.0)):
+            raise ModelFormatError(f"model: {arch}.attn_logit_softcapping is not supported (Gemma 2's attention "
+                                   "soft-capping)")
+        experts: dict = {}
         if moe:
             experts = {"n_experts": int(key("expert_count")), "n_experts_used": int(key("expert_used_count")),
                        "expert_ffn_dim": int(key("expert_feed_forward_length"))}
@@ -112,12 +146,18 @@ class ModelConfig:
             qk_norm="blk.0.attn_q_norm.weight" in gguf.tensors,
             tied_embeddings="output.weight" not in gguf.tensors,
             **experts,
+            **extra,
         )
 
 
 def rope_tables(cfg: ModelConfig, max_ctx: int, device, rope_freqs: torch.Tensor | None = None):
-    """cos and sin, each [max_ctx, rope_dim/2], float32."""
-    return kernels.rope_tables(cfg.rope_base, cfg.rope_dim, max_ctx, device, cfg.rope_linear_factor, rope_freqs)
+    """(global, local): cos and sin, each [max_ctx, rope_dim/2] float32, for the global layers
+    (the file's base and scaling) and the local ones (their own base, unscaled; the global
+    tables again where the model has no local layers)."""
+    full = kernels.rope_tables(cfg.rope_base, cfg.rope_dim, max_ctx, device, cfg.rope_linear_factor, rope_freqs)
+    if not cfg.sliding_window:
+        return full, full
+    return full, kernels.rope_tables(cfg.local_rope_base, cfg.rope_dim, max_ctx, device)
 
 
 @dataclass(frozen=True)
@@ -149,9 +189,12 @@ class Block:
     `attn_qkv` (rows q, then k, then v) and gate/up into `ffn_gate_up`, as the loader builds them;
     a matrix is dense or quantized (kernels.QuantizedWeight), whichever the loader kept."""
 
-    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor]):
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], layer: int = 0):
         self.cfg = cfg
+        self.local = cfg.local(layer)  # a sliding-window layer, with the local rope tables
+        self.window = cfg.sliding_window if self.local else 0
         self.attn_norm, self.ffn_norm = weights["attn_norm"], weights["ffn_norm"]
+        self.post_attention_norm, self.post_ffw_norm = weights.get("post_attention_norm"), weights.get("post_ffw_norm")
         self.attn_qkv, self.attn_qkv_bias = weights["attn_qkv"], weights.get("attn_qkv_bias")
         self.q_norm, self.k_norm = weights.get("attn_q_norm"), weights.get("attn_k_norm")
         self.attn_output = weights["attn_output"]
@@ -160,26 +203,34 @@ class Block:
                 weights["ffn_gate_inp"], weights["ffn_gate_up_exps"], weights["ffn_down_exps"]
         else:
             self.ffn_gate_up, self.ffn_down = weights["ffn_gate_up"], weights["ffn_down"]
-        self.scale = 1.0 / math.sqrt(cfg.head_dim)
+        self.scale = cfg.attention_scale or 1.0 / math.sqrt(cfg.head_dim)
 
-    def __call__(self, x, rope: tuple[torch.Tensor, torch.Tensor], k_cache, v_cache, step: Step) -> torch.Tensor:
-        """x: [n, dim] at `step`'s positions; rope: the cos/sin tables; k/v_cache: one sequence's
+    def __call__(self, x, ropes: tuple, k_cache, v_cache, step: Step) -> torch.Tensor:
+        """x: [n, dim] at `step`'s positions; ropes: the cos/sin tables of the global and the local
+        layers (model.rope_tables); k/v_cache: one sequence's
         [kv_heads, max_ctx, head_dim], or every sequence's [max_seqs, ...] for a step with slots
         (a batch: the matrix products run once over all rows, so the weights are read once per
         step, not once per sequence; attention reads each row's own sequence)."""
         cfg, n = self.cfg, x.shape[0]
         qkv = kernels.linear(kernels.rms_norm(x, self.attn_norm, cfg.norm_eps), self.attn_qkv, self.attn_qkv_bias)
-        q = kernels.rope_kv_write(qkv, *rope, step.positions, k_cache, v_cache, cfg.n_heads, cfg.rope_style,
-                                  self.q_norm, self.k_norm, cfg.norm_eps, step.slots)
+        q = kernels.rope_kv_write(qkv, *ropes[self.local], step.positions, k_cache, v_cache, cfg.n_heads,
+                                  cfg.rope_style, self.q_norm, self.k_norm, cfg.norm_eps, step.slots)
         attn = self.attend(q, k_cache, v_cache, step).reshape(n, cfg.n_heads * cfg.head_dim)
-        x, h = kernels.add_rms_norm(x, kernels.linear(attn, self.attn_output), self.ffn_norm, cfg.norm_eps)
-        return x + self.feed_forward(h)
+        out = kernels.linear(attn, self.attn_output)
+        if self.post_attention_norm is not None:
+            out = kernels.rms_norm(out, self.post_attention_norm, cfg.norm_eps)
+        x, h = kernels.add_rms_norm(x, out, self.ffn_norm, cfg.norm_eps)
+        out = self.feed_forward(h)
+        if self.post_ffw_norm is not None:
+            out = kernels.rms_norm(out, self.post_ffw_norm, cfg.norm_eps)
+        return x + out
 
     def feed_forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.cfg.moe:
             return kernels.moe(h, self.router, self.experts_gate_up, self.experts_down, self.cfg.n_experts_used,
                                self.cfg.expert_weights_norm)
-        return kernels.linear(kernels.silu_mul(kernels.linear(h, self.ffn_gate_up)), self.ffn_down)
+        act = kernels.gelu_mul if self.cfg.activation == "gelu" else kernels.silu_mul
+        return kernels.linear(act(kernels.linear(h, self.ffn_gate_up)), self.ffn_down)
 
     def attend(self, q, k_cache, v_cache, step: Step) -> torch.Tensor:
         """q [n, heads, head_dim] over the cache: the cached-attention kernel for a few tokens, a
@@ -187,12 +238,15 @@ class Block:
         prefix for an eager prefill."""
         cfg, n = self.cfg, q.shape[0]
         if step.base_pos is None or kernels.attention.kernel_takes(q):
-            return kernels.cached_attention(q, k_cache, v_cache, step.positions, self.scale, step.slots, step.batch)
+            return kernels.cached_attention(q, k_cache, v_cache, step.positions, self.scale, step.slots, step.batch,
+                                            self.window)
         end = step.base_pos + n
         # query i sees keys up to base_pos + i: causal, aligned to the last key. A bias object, not
         # a mask tensor, so flash attention serves it (a mask tensor sends it to a backend that
-        # plans anew for every new key length, tens of ms each on a GPU)
+        # plans anew for every new key length, tens of ms each on a GPU); a sliding window needs one
         mask = causal_lower_right(n, end) if n > 1 else None
+        if self.window:
+            mask = kernels.attention.seen_keys(step.base_pos, n, end, self.window, q.device)
         attn = F.scaled_dot_product_attention(
             q.transpose(0, 1)[None], k_cache[None, :, :end], v_cache[None, :, :end], attn_mask=mask,
             scale=self.scale, enable_gqa=cfg.n_heads != cfg.n_kv_heads,
@@ -212,6 +266,7 @@ BIAS_WEIGHTS = {"attn_qkv_bias": ("attn_q.bias", "attn_k.bias", "attn_v.bias")}
 MOE_WEIGHTS = {"ffn_gate_inp": ("ffn_gate_inp.weight",), "ffn_gate_up_exps": ("ffn_gate_exps.weight", "ffn_up_exps.weight"),
                "ffn_down_exps": ("ffn_down_exps.weight",)}
 QK_NORM_WEIGHTS = {"attn_q_norm": ("attn_q_norm.weight",), "attn_k_norm": ("attn_k_norm.weight",)}
+POST_NORM_WEIGHTS = {"post_attention_norm": ("post_attention_norm.weight",), "post_ffw_norm": ("post_ffw_norm.weight",)}
 
 
 def block_weights(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
@@ -223,6 +278,8 @@ def block_weights(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
         weights.update(BIAS_WEIGHTS)
     if cfg.qk_norm:
         weights.update(QK_NORM_WEIGHTS)
+    if cfg.post_norms:
+        weights.update(POST_NORM_WEIGHTS)
     return weights
 
 

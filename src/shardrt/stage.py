@@ -133,9 +133,9 @@ class Stage:
         for i in range(self.span.start, self.span.stop):
             block = weights.load_block(i, dev, dt)
             self.weight_bytes += sum(kernels.weight_bytes(w) for w in block.values())
-            self.blocks.append(Block(cfg, block))
+            self.blocks.append(Block(cfg, block, layer=i))
         rope_freqs = weights.load("rope_freqs.weight", dev, torch.float32) if cfg.has_rope_freqs else None
-        self.rope = rope_tables(cfg, self.max_ctx, dev, rope_freqs)
+        self.ropes = rope_tables(cfg, self.max_ctx, dev, rope_freqs)
         self.embedding = weights.load("token_embd.weight", dev, dt) if self.span.embed else None
         if self.span.head:
             self.output_norm = weights.load("output_norm.weight", dev, dt)
@@ -308,7 +308,9 @@ class Stage:
 
     def _embed(self, inputs: torch.Tensor) -> torch.Tensor:
         if self.span.embed:
-            return kernels.embedding(inputs.to(self.device), self.embedding, self.dtype)
+            x = kernels.embedding(inputs.to(self.device), self.embedding, self.dtype)
+            # Gemma scales by sqrt(dim) rounded to the compute dtype first, as transformers does
+            return x if self.cfg.embed_scale == 1.0 else x * torch.tensor(self.cfg.embed_scale, dtype=self.dtype)
         return inputs.to(device=self.device, dtype=self.dtype)
 
     def _prefill(self, inputs: torch.Tensor, base_pos: int, last: int, keep: set[int],
@@ -334,7 +336,7 @@ class Stage:
         """The hidden states after layer `last` and after each layer in `keep`."""
         hidden = {}
         for i, block in enumerate(self.blocks[: last - self.span.start + 1]):
-            x = block(x, self.rope, self.k_cache[i, seq], self.v_cache[i, seq], step)
+            x = block(x, self.ropes, self.k_cache[i, seq], self.v_cache[i, seq], step)
             if self.span.start + i in keep:
                 hidden[self.span.start + i] = x
         hidden[last] = x
@@ -349,7 +351,7 @@ class Stage:
 
         x, hidden = self._embed(inputs), []
         for i, block in enumerate(self.blocks):
-            x = block(x, self.rope, self.k_cache[i], self.v_cache[i], step)
+            x = block(x, self.ropes, self.k_cache[i], self.v_cache[i], step)
             if every_layer or i == len(self.blocks) - 1:
                 hidden.append(x)
         logits = self._project(x if rows is None else x[rows]) if self.span.head else None
@@ -366,7 +368,9 @@ class Stage:
         return self._project(hidden.to(device=self.device, dtype=self.dtype))
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.linear(rms_norm(x, self.output_norm, self.cfg.norm_eps), self.output).float()
+        logits = kernels.linear(rms_norm(x, self.output_norm, self.cfg.norm_eps), self.output).float()
+        cap = self.cfg.logit_softcap
+        return logits if not cap else torch.tanh(logits / cap) * cap
 
     def project_argmax(self, hidden: torch.Tensor) -> list[int]:
         return self.project(hidden).argmax(-1).tolist()

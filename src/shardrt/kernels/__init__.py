@@ -14,14 +14,15 @@ import torch
 import torch.nn.functional as F
 
 from . import quant
-from .activation import silu_mul
+from .activation import gelu_mul, silu_mul
 from .attention import cached_attention
 from .moe import moe
 from .norm import add_rms_norm, rms_norm
 from .quant import QuantizedWeight
 from .rope import apply_rope, rope_kv_write, rope_tables
 
-__all__ = ["QuantizedWeight", "add_rms_norm", "apply_rope", "cached_attention", "embedding", "linear", "moe", "rms_norm",
+__all__ = ["QuantizedWeight", "add_rms_norm", "apply_rope", "cached_attention", "embedding", "gelu_mul", "linear", "moe",
+           "rms_norm",
            "rope_kv_write", "rope_tables", "silu_mul", "weight_bytes"]
 
 Weight = torch.Tensor | QuantizedWeight | tuple

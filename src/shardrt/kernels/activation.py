@@ -1,4 +1,5 @@
-"""SwiGLU's gate: silu(gate) * up over a fused [gate | up] projection."""
+"""The gated feed-forward's activation over a fused [gate | up] projection: SwiGLU's
+silu(gate) * up, and GeGLU's gelu(gate) * up (the tanh approximation, as Gemma uses)."""
 
 from __future__ import annotations
 
@@ -15,26 +16,46 @@ def silu_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def gelu_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
+
+
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up [n, 2 * ffn] -> [n, ffn]."""
+    return _gated(gate_up, "silu")
+
+
+def gelu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [n, 2 * ffn] -> [n, ffn]."""
+    return _gated(gate_up, "gelu")
+
+
+def _gated(gate_up: torch.Tensor, act: str) -> torch.Tensor:
     if not use_triton(gate_up):
-        return silu_mul_reference(gate_up)
+        return (silu_mul_reference if act == "silu" else gelu_mul_reference)(gate_up)
     rows = gate_up.reshape(-1, gate_up.shape[-1])
     n, width = rows.shape
     ffn = width // 2
     out = torch.empty((n, ffn), dtype=rows.dtype, device=rows.device)
-    _silu_mul_kernel[(n, triton.cdiv(ffn, BLOCK))](rows, out, rows.stride(0), ffn, BLOCK=BLOCK, num_warps=4)
+    _silu_mul_kernel[(n, triton.cdiv(ffn, BLOCK))](rows, out, rows.stride(0), ffn, GELU=act == "gelu", BLOCK=BLOCK,
+                                                   num_warps=4)
     return out.view(*gate_up.shape[:-1], ffn)
 
 
 if triton is not None:
     @triton.jit
-    def _silu_mul_kernel(x_ptr, out_ptr, stride_x, ffn, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(x_ptr, out_ptr, stride_x, ffn, GELU: tl.constexpr, BLOCK: tl.constexpr):
         row, block = tl.program_id(0), tl.program_id(1)
         cols = block * BLOCK + tl.arange(0, BLOCK)
         mask = cols < ffn
         gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
         up = tl.load(x_ptr + row * stride_x + ffn + cols, mask=mask, other=0.0).to(tl.float32)
         g32 = gate.to(tl.float32)
-        silu = (g32 / (1.0 + tl.exp(-g32))).to(gate.dtype).to(tl.float32)  # rounded as F.silu rounds
-        tl.store(out_ptr + row * ffn + cols, (silu * up).to(gate.dtype), mask=mask)
+        if GELU:  # 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))), tanh(u) = 1 - 2 / (exp(2u) + 1)
+            u = 0.7978845608028654 * (g32 + 0.044715 * g32 * g32 * g32)
+            act = 0.5 * g32 * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))
+        else:
+            act = g32 / (1.0 + tl.exp(-g32))
+        act = act.to(gate.dtype).to(tl.float32)  # rounded as F.silu / F.gelu round
+        tl.store(out_ptr + row * ffn + cols, (act * up).to(gate.dtype), mask=mask)

@@ -23,10 +23,12 @@ MAX_SPLITS = 256
 
 
 def attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                        positions: torch.Tensor, scale: float, slots: torch.Tensor | None = None) -> torch.Tensor:
+                        positions: torch.Tensor, scale: float, slots: torch.Tensor | None = None,
+                        window: int = 0) -> torch.Tensor:
     n_heads, n_kv_heads = q.shape[1], k_cache.shape[-3]
     if slots is None:  # every query over the one cache
-        seen = torch.arange(k_cache.shape[1], device=q.device)[None, :] <= positions[:, None]
+        keys = torch.arange(k_cache.shape[1], device=q.device)[None, :]
+        seen = (keys <= positions[:, None]) & ((keys > positions[:, None] - window) if window else True)
         out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k_cache[None], v_cache[None],
                                              attn_mask=seen[None, None], scale=scale, enable_gqa=n_heads != n_kv_heads)
         return out[0].transpose(0, 1)
@@ -36,10 +38,20 @@ def attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     out = torch.zeros_like(q)
     for start, stop, slot, end in _runs(slots.tolist(), (positions + 1).tolist()):
         mask = causal_lower_right(stop - start, end) if stop - start > 1 else None
+        if window:
+            mask = seen_keys(end - (stop - start), stop - start, end, window, q.device)
         out[start:stop] = F.scaled_dot_product_attention(
             q[start:stop].transpose(0, 1)[None], k_cache[None, slot, :, :end], v_cache[None, slot, :, :end],
             attn_mask=mask, scale=scale, enable_gqa=n_heads != n_kv_heads)[0].transpose(0, 1)
     return out
+
+
+def seen_keys(first: int, n: int, keys: int, window: int, device) -> torch.Tensor:
+    """bool [n, keys]: which keys queries at positions first.. see, causal and, with a sliding
+    window, only the last `window` positions up to each query's own."""
+    pos = torch.arange(first, first + n, device=device)[:, None]
+    key = torch.arange(keys, device=device)[None, :]
+    return (key <= pos) & (key > pos - window)
 
 
 def _runs(slots: list[int], ends: list[int]) -> list[tuple[int, int, int, int]]:
@@ -72,17 +84,19 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
-                     scale: float | None = None, slots: torch.Tensor | None = None, batch: bool = False) -> torch.Tensor:
+                     scale: float | None = None, slots: torch.Tensor | None = None, batch: bool = False,
+                     window: int = 0) -> torch.Tensor:
     """q [n, heads, head_dim] at `positions` [n] (int64, on q's device); k/v_cache
     [kv_heads, max_ctx, head_dim], or with `slots` [n] (int64) every sequence's,
     [max_seqs, kv_heads, max_ctx, head_dim]: query i reads sequence slots[i]. `batch`: the
     queries are of different sequences (one token each, batched decode); else they are tokens
     of one sequence, slots[0]. Query i sees keys 0..positions[i]; a negative position (a padding
-    row) sees none and gives zeros. Returns [n, heads, head_dim]."""
+    row) sees none and gives zeros; with a sliding `window`, only keys in
+    (positions[i] - window, positions[i]]. Returns [n, heads, head_dim]."""
     n, n_heads, head_dim = q.shape
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     if not use_triton(q):
-        return attention_reference(q, k_cache, v_cache, positions, scale, slots)
+        return attention_reference(q, k_cache, v_cache, positions, scale, slots, window)
     if slots is None:
         k_cache, v_cache = k_cache[None], v_cache[None]
     # a program takes up to MAX_QUERY_TOKENS tokens of one sequence, which share each key it
@@ -99,7 +113,7 @@ def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _attention_split_kernel[(n_kv_heads, splits, _cdiv(n, tokens))](
         q, k_cache, v_cache, positions, positions if slots is None else slots, partial, max_sum,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
-        rows, splits, chunk, head_dim, scale, HAS_SLOTS=slots is not None, TOKENS=tokens,
+        rows, splits, chunk, head_dim, scale, window if window else 1 << 30, HAS_SLOTS=slots is not None, TOKENS=tokens,
         GROUP=group, BLOCK_M=max(16, triton.next_power_of_2(tokens * group)), BLOCK_N=BLOCK_N, BLOCK_D=block_d,
         PRECISION=dot_precision(q.dtype), num_warps=4,
     )
@@ -114,7 +128,7 @@ if triton is not None:
     @triton.jit
     def _attention_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, o_ptr, ms_ptr,
                                 stride_qt, stride_qh, stride_ks, stride_kh, stride_kt, stride_vs, stride_vh, stride_vt,
-                                n_rows, n_splits, chunk, head_dim, scale,
+                                n_rows, n_splits, chunk, head_dim, scale, window,
                                 HAS_SLOTS: tl.constexpr, TOKENS: tl.constexpr, GROUP: tl.constexpr,
                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                                 PRECISION: tl.constexpr):
@@ -144,7 +158,8 @@ if triton is not None:
                 kv_mask = key_ok[:, None] & d_ok[None, :]
                 k = tl.load(k_ptr + kv_head * stride_kh + keys[:, None] * stride_kt + d[None, :], mask=kv_mask, other=0.0)
                 s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-                s = tl.where((keys[None, :] <= pos[:, None]) & key_ok[None, :], s, float("-inf"))
+                seen = (keys[None, :] <= pos[:, None]) & (keys[None, :] > pos[:, None] - window) & key_ok[None, :]
+                s = tl.where(seen, s, float("-inf"))
                 m_new = tl.maximum(m, tl.max(s, axis=1))
                 m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet
                 p = tl.exp(s - m_ref[:, None])

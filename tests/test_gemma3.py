@@ -1,0 +1,88 @@
+"""Gemma 3 (local sliding-window layers beside global ones, their two rope bases, GeGLU, the
+norms after attention and feed-forward, scaled and tied embeddings) against transformers: a tiny
+random Gemma 3 (from_config, seeded; a window of 8 so that a 49-token run crosses it many
+times), written to GGUF as llama.cpp writes it, run by shardrt in one process and over three."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shardrt.config import DraftConfig, LaunchConfig
+from shardrt.launch import Cluster
+from shardrt.pipeline import Pipeline
+from shardrt.placement import parse_devices
+from shardrt.sampling import SamplingParams
+from shardrt.stage import Stage
+from shardrt.tokenizer import Tokenizer
+
+from .hf_gguf import tiny_gemma3, write_gemma3
+
+PROMPT = torch.tensor([72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100, 33, 32, 84, 104, 101])
+TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def gemma(tmp_path_factory):
+    model = tiny_gemma3(seed=0)
+    path = write_gemma3(model, tmp_path_factory.mktemp("gemma3") / "tiny-gemma3.gguf")
+    with torch.no_grad():
+        ref = model(PROMPT[None]).logits[0]
+        greedy = model.generate(PROMPT[None], max_new_tokens=TOKENS, min_new_tokens=TOKENS, do_sample=False,
+                                pad_token_id=0)[0, len(PROMPT):].tolist()
+    return path, model, ref, greedy
+
+
+def test_the_layers_are_what_gemma3_makes_them(gemma):
+    path, model, _, _ = gemma
+    stage = Stage(path, 0, 7, "cpu", max_ctx=128)
+    cfg = stage.cfg
+    assert (cfg.sliding_window, cfg.activation, cfg.post_norms, cfg.tied_embeddings) == (8, "gelu", True, True)
+    assert [cfg.local(i) for i in range(7)] == [t == "sliding_attention" for t in model.config.layer_types]
+    assert cfg.embed_scale == pytest.approx(8.0) and cfg.attention_scale == pytest.approx(0.25)
+
+
+def test_logits_and_greedy_tokens_equal_transformers(gemma):
+    path, _, ref, greedy = gemma
+    stage = Stage(path, 0, 7, "cpu", max_ctx=128)
+    ours = stage.forward(PROMPT, 0, all_logits=True)
+    assert ref.abs().max() > 1 and (ours - ref).abs().max() < 1e-3
+    pipeline = Pipeline([stage])
+    pipeline.reset()
+    tokens = [pipeline.greedy(PROMPT, 0)]
+    while len(tokens) < TOKENS:  # one token at a time: the cached-attention path, through the window
+        tokens.append(pipeline.greedy(torch.tensor(tokens[-1:]), len(PROMPT) + len(tokens) - 1))
+    assert tokens == greedy and len(set(greedy)) > 4
+
+
+def test_three_processes_and_speculative_decoding_give_the_same_tokens(gemma):
+    path, _, _, greedy = gemma
+    tokenizer = Tokenizer(path)
+    params = SamplingParams(max_tokens=TOKENS, temperature=0.0, ignore_eos=True)
+    config = LaunchConfig(devices=parse_devices("cpu:0,cpu:1,cpu:2"), max_ctx=128).with_defaults()
+    with Cluster(config, path) as cluster:
+        assert cluster.generate(tokenizer, PROMPT.tolist(), params).tokens == greedy
+    spec = LaunchConfig(devices=parse_devices("cpu:0"), max_ctx=128, draft=DraftConfig(kind="ngram")).with_defaults()
+    with Cluster(spec, path) as cluster:
+        assert cluster.generate(tokenizer, PROMPT.tolist(), params).tokens == greedy
+
+
+def test_transformers_reads_our_file_as_we_do(gemma):
+    from transformers import AutoModelForCausalLM
+
+    path, model, ref, _ = gemma
+    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, config=model.config,
+                                                  dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (loaded(PROMPT[None]).logits[0] - ref).abs().max() < 1e-4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.version.cuda is None, reason="needs a CUDA GPU")
+def test_the_window_in_the_gpu_kernels_follows_transformers(gemma):
+    path, _, ref, greedy = gemma
+    gpu = Stage(path, 0, 7, "cuda:0", max_ctx=128, dtype=torch.float32)
+    pipeline = Pipeline([gpu])
+    tokens = [pipeline.greedy(PROMPT, 0)]
+    while len(tokens) < TOKENS:
+        tokens.append(pipeline.greedy(torch.tensor(tokens[-1:]), len(PROMPT) + len(tokens) - 1))
+    assert tokens == greedy and gpu.graph_forwards >= TOKENS - 1
