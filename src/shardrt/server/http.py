@@ -32,6 +32,7 @@ IDLE_TIMEOUT_S = 120  # a kept-alive connection that sends nothing this long is 
 # slowly they trickle in (a slowloris client holds a thread otherwise); idle keep-alive included
 REQUEST_DEADLINE_S = 60.0
 REAP_S = 0.5  # how often the deadlines are looked at
+CLOSE_JOIN_S = 10.0  # how long closing the server waits for its connections' threads
 WATCH_S = 0.1  # how often a waiting request checks that its client is still there
 CLIENT_GONE = 499  # the status recorded for a request whose client went away (as nginx logs it)
 
@@ -332,7 +333,9 @@ def _refuse_constant(name: str):
 
 class Server(ThreadingHTTPServer):
     """One thread per connection; a reaper closes connections that take longer than
-    REQUEST_DEADLINE_S to send a request's headers or its body."""
+    REQUEST_DEADLINE_S to send a request's headers or its body. Closing the server shuts every
+    client connection down and waits (bounded) for their threads, so none is still writing a log
+    line while the interpreter exits (a daemon thread holding stderr's lock then aborts Python)."""
 
     daemon_threads = True  # a thread still writing to a stalled client does not hold up shutdown
     request_queue_size = 1024  # a burst of connects waits in the backlog, not refused
@@ -342,6 +345,7 @@ class Server(ThreadingHTTPServer):
         self.app = app
         self.deadline_s = deadline_s
         self._deadlines: dict[socket.socket, float] = {}
+        self._connections: dict[socket.socket, threading.Thread] = {}
         self._lock = threading.Lock()
         self._closed = threading.Event()
         super().__init__(address, Handler)
@@ -356,9 +360,31 @@ class Server(ThreadingHTTPServer):
         with self._lock:
             self._deadlines.pop(conn, None)
 
+    def process_request(self, request, client_address) -> None:
+        thread = threading.Thread(target=self.process_request_thread, args=(request, client_address), daemon=True,
+                                  name="shardrt-http-client")
+        with self._lock:
+            self._connections[request] = thread
+        thread.start()
+
+    def shutdown_request(self, request) -> None:
+        with self._lock:
+            self._connections.pop(request, None)
+        super().shutdown_request(request)
+
     def server_close(self) -> None:
         self._closed.set()
         super().server_close()
+        with self._lock:
+            connections = dict(self._connections)
+        for conn in connections:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)  # a thread blocked reading or writing it returns now
+            except OSError:
+                pass
+        deadline = time.monotonic() + CLOSE_JOIN_S
+        for thread in connections.values():
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def _reap(self) -> None:
         while not self._closed.wait(REAP_S):
