@@ -306,12 +306,30 @@ def test_a_long_prompt_does_not_stall_a_running_stream(demo_model, demo_tokenize
     scheduler.admit(running)
     while not any(r.next_token is not None for r in scheduler.running):
         scheduler.step()
-    long_prompt = demo_tokenizer.encode(" ".join(PROMPTS) * 4)[:100]
+    long_prompt = demo_tokenizer.encode(" ".join(reversed(PROMPTS)) * 8)[:100]  # shares no prefix with it
     scheduler.admit(Job(None, long_prompt, SamplingParams(max_tokens=2, ignore_eos=True)))
     first = scheduler.running[0]
     counts = []
     while any(r.prefill_done is None for r in scheduler.running):
         scheduler.step()
         counts.append(len(first.out.tokens))
-    assert len(counts) >= 100 // 16  # the prompt took several steps
+    assert len(long_prompt) == 100 and len(counts) >= 100 // 16  # the prompt took several steps
     assert counts == list(range(counts[0], counts[0] + len(counts)))  # one token each step meanwhile
+
+
+def test_long_prompt_chunks_in_a_mixed_step_take_one_causal_product(demo_model, solo):
+    """A chunk longer than 16 rows beside a decode row goes through the ragged path
+    (attention.ragged_attention: one causal product for the chunk, the decode row through the
+    cached-attention op); its logits equal the sequence alone."""
+    prompts, want = solo
+    stage = Stage(demo_model, 0, 30, "cpu", max_ctx=MAX_CTX, max_seqs=2)
+    pipeline = Pipeline([stage])
+    long_ids = (prompts[0] * 8)[:40]
+    alone = Pipeline([Stage(demo_model, 0, 30, "cpu", max_ctx=MAX_CTX)]).forward(torch.tensor(long_ids), 0)[-1]
+    c = prompts[2]
+    pipeline.run(torch.tensor(c), 0, seq=1)
+    step = __import__("shardrt.model", fromlist=["Step"]).Step.batched(list(range(40)) + [len(c)], [0] * 40 + [1], "cpu")
+    assert step.runs is not None  # the long chunk sends the step down the ragged path
+    logits = pipeline.decode_batch(long_ids + [want[2][0][0]], [0] * 40 + [1], list(range(40)) + [len(c)],
+                                   outputs=[39, 40])
+    assert (logits[0] - alone).abs().max() < 1e-4 and (logits[1] - want[2][1][1]).abs().max() < 1e-4

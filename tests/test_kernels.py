@@ -13,6 +13,8 @@ import torch
 from shardrt import kernels
 from shardrt.kernels._triton import use_triton
 
+from .triton_interpreter import interpret
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float32, torch.bfloat16]
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2}  # relative error of the whole output
@@ -218,6 +220,59 @@ def test_cached_attention_of_one_sequence_among_slots(device, dtype, n, gen):
     scale = 1 / math.sqrt(head_dim)
     got = kernels.cached_attention(q, k_cache, v_cache, pos.to(device), scale, torch.full((n,), slot, device=device))
     assert rel_error(got, naive_attention(q, k_cache[slot], v_cache[slot], pos, scale)) < TOLERANCE[dtype]
+
+
+# a mixed step: (slot, first position, rows) of each run, in row order; slot None: a padding row
+MIXED_STEP = [(2, 40, 1), (0, 30, 20), (None, -1, 1), (3, 0, 5), (1, 10, 140), (4, 77, 16)]
+
+
+def check_ragged(device: str, dtype: torch.dtype, window: int) -> float:
+    """ragged_attention over MIXED_STEP (a decode row, chunks of 20, 5 and 16 rows in tiles of the
+    split-KV kernel, one of 140 through scaled_dot_product_attention, a padding row) against
+    each row alone in float64; the relative error of the real rows (padding must give zeros)."""
+    from shardrt.kernels.attention import ragged_attention, runs_of
+
+    g = torch.Generator().manual_seed(7)
+    heads, kv_heads, head_dim, ctx, seqs = 8, 2, 64, 160, 5
+    slots = [s if s is not None else 0 for s, _, n in MIXED_STEP for _ in range(n)]
+    positions = [p + i if s is not None else -1 for s, p, n in MIXED_STEP for i in range(n)]
+    q = rand(len(slots), heads, head_dim, device=device, dtype=dtype, generator=g)
+    k_cache = rand(seqs, kv_heads, ctx, head_dim, device=device, dtype=dtype, generator=g)
+    v_cache = rand(seqs, kv_heads, ctx, head_dim, device=device, dtype=dtype, generator=g)
+    for s, p, n in MIXED_STEP:  # nothing past a sequence's last row may be read: poison it
+        if s is not None:
+            k_cache[s, :, p + n :] = float("nan")
+            v_cache[s, :, p + n :] = float("nan")
+    scale = 1 / math.sqrt(head_dim)
+    pos, slot = torch.tensor(positions, device=device), torch.tensor(slots, device=device)
+    got = ragged_attention(q, k_cache, v_cache, pos, slot, runs_of(slots, positions), scale, window).double().cpu()
+    real = torch.tensor(positions) >= 0
+    assert (got[~real] == 0).all()
+    want = torch.empty_like(got)
+    qd, kd, vd = q.double().cpu(), k_cache.double().cpu(), v_cache.double().cpu()
+    for t, (s, p) in enumerate(zip(slots, positions)):
+        if p < 0:
+            continue
+        first = max(0, p - window + 1) if window else 0
+        for h in range(heads):
+            weights = torch.softmax(kd[s, h // (heads // kv_heads), first : p + 1] @ qd[t, h] * scale, dim=0)
+            want[t, h] = weights @ vd[s, h // (heads // kv_heads), first : p + 1]
+    return rel_error(got[real], want[real])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window", [0, 24])
+def test_ragged_attention_of_a_mixed_step(device, dtype, window):
+    assert check_ragged(device, dtype, window) < TOLERANCE[dtype]
+
+
+@pytest.mark.skipif(kernels._triton.triton is None, reason="Triton is not installed")
+def test_ragged_attention_tiles_under_the_interpreter():
+    """The tiled split-KV kernel's source, run by Triton's interpreter on the CPU."""
+    errors = interpret("import json, torch; from tests.test_kernels import check_ragged; "
+                       "print(json.dumps([check_ragged('cpu', torch.float32, w) for w in (0, 24)]))")
+    assert all(e < TOLERANCE[torch.float32] for e in errors), errors
 
 
 def test_kernel_choice_is_checked(monkeypatch):

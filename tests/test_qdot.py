@@ -7,9 +7,6 @@ emulated in integer operations: the same source, indexing and scales) and, on a 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,6 +17,7 @@ from shardrt.kernels import qdot, quant
 from shardrt.kernels.quant import Q
 
 from .test_quant import SCALES, gguf_dequantized, random_blocks
+from .triton_interpreter import interpret
 
 try:
     import triton  # noqa: F401
@@ -68,14 +66,9 @@ def check_types(device: str, types, rows: int = 13, cols: int = 768, counts=(1, 
 def test_the_kernel_source_under_the_interpreter():
     # rows 13: no multiple of a program's rows; cols 768: three super-blocks, not a multiple of
     # the units per step; 1, 3 and 8 activation rows; scales from subnormal to 6e4 and zero
-    code = ("import json, sys; sys.path.insert(0, '.'); from tests.test_qdot import check_types; "
-            "from shardrt.kernels.qdot import QDOT_TYPES; "
-            "print(json.dumps(check_types('cpu', QDOT_TYPES, counts=(1, 3))))")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert done.returncode == 0, done.stderr[-3000:]
-    worst = json.loads(done.stdout.strip().splitlines()[-1])
+    worst = interpret("import json; from tests.test_qdot import check_types; "
+                      "from shardrt.kernels.qdot import QDOT_TYPES; "
+                      "print(json.dumps(check_types('cpu', QDOT_TYPES, counts=(1, 3))))")
     assert set(worst) == {t.name for t in qdot.QDOT_TYPES}
     assert all(error < 1e-5 for error in worst.values()), worst
 

@@ -166,13 +166,16 @@ class Step:
     run of one sequence `base_pos`, the first of them as a host int. Inside a captured graph
     `base_pos` is None: nothing on the host may change between replays, so every op reads the
     positions tensor, and the sequence too: `slots` [n] int64 names each token's sequence (the
-    block then gets every sequence's cache). `batch`: one token of each of several sequences
-    (batched decode), where a negative position is a padding row; else tokens of slots[0]."""
+    block then gets every sequence's cache). `batch`: rows of several sequences (a decode token
+    each, or prompt chunks: consecutive rows of one sequence), where a negative position is a
+    padding row; else tokens of slots[0]. `runs`: an eager batch's runs of rows of one sequence,
+    on the host (attention.runs_of), when some run is a prompt chunk (attention.ragged_attention)."""
 
     positions: torch.Tensor
     base_pos: int | None = None
     slots: torch.Tensor | None = None
     batch: bool = False
+    runs: tuple | None = None
 
     @classmethod
     def eager(cls, base_pos: int, n: int, device) -> "Step":
@@ -181,7 +184,9 @@ class Step:
     @classmethod
     def batched(cls, positions: list[int], seqs: list[int], device) -> "Step":
         both = torch.tensor([positions, seqs], dtype=torch.long).to(device)
-        return cls(both[0], slots=both[1], batch=True)
+        runs = kernels.attention.runs_of(seqs, positions)
+        chunks = any(stop - start > 1 for start, stop, _, _ in runs)  # else one token per sequence: a decode batch
+        return cls(both[0], slots=both[1], batch=True, runs=runs if chunks else None)
 
 
 class Block:
@@ -237,6 +242,9 @@ class Block:
         batch of sequences and always inside a graph; scaled_dot_product_attention over the live
         prefix for an eager prefill."""
         cfg, n = self.cfg, q.shape[0]
+        if step.runs is not None:  # an eager mixed step with prompt chunks in it
+            return kernels.attention.ragged_attention(q, k_cache, v_cache, step.positions, step.slots, step.runs,
+                                                      self.scale, self.window)
         if step.base_pos is None or kernels.attention.kernel_takes(q):
             return kernels.cached_attention(q, k_cache, v_cache, step.positions, self.scale, step.slots, step.batch,
                                             self.window)

@@ -240,7 +240,8 @@ class Stage:
             self.graph_forwards += 1
             rows = slice(0, b) if outputs is None else torch.tensor(outputs, device=self.device)
         else:
-            graphed, rows = self._eager_batch(inputs, seqs, positions, outputs), slice(None)  # head ran on `outputs`
+            # the head ran on `outputs` (or on every row, padding included: keep the batch's own)
+            graphed, rows = self._eager_batch(inputs, seqs, positions, outputs), slice(None if outputs else b)
         for seq, end in ends.items():
             self._set_length(seq, end)
         if not self.span.head:  # a graph's output is overwritten by its next replay

@@ -18,6 +18,8 @@ from torch.nn.attention.bias import causal_lower_right
 from ._triton import dot_precision, tl, triton, use_triton
 
 MAX_QUERY_TOKENS = 16  # the tokens of one program; an eager prefill of more goes through scaled_dot_product_attention
+LONG_RUN = 128  # rows of one sequence in a mixed step above which scaled_dot_product_attention takes them
+MIN_PROGRAMS = 512  # (kv head, split, tile) programs a tiled launch aims for: enough to fill a GPU
 BLOCK_N = 64
 MAX_SPLITS = 256
 
@@ -44,6 +46,43 @@ def attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
             q[start:stop].transpose(0, 1)[None], k_cache[None, slot, :, :end], v_cache[None, slot, :, :end],
             attn_mask=mask, scale=scale, enable_gqa=n_heads != n_kv_heads)[0].transpose(0, 1)
     return out
+
+
+def ragged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
+                     slots: torch.Tensor, runs: tuple, scale: float, window: int = 0) -> torch.Tensor:
+    """An eager step of several sequences (serve's mixed steps): `runs` (host tuples from
+    `runs_of`) of consecutive rows of one sequence, each over its sequence's prefix, causal
+    within the run. With the kernels, the runs up to LONG_RUN rows (decode tokens, the tails of
+    prompts that share a cached prefix) go through one launch of the split-KV kernel, in tiles
+    of MAX_QUERY_TOKENS rows of one run; a longer run (a prompt chunk) through
+    scaled_dot_product_attention, whose tiles are larger. Rows in no run (padding) give zeros."""
+    if not use_triton(q):
+        return attention_reference(q, k_cache, v_cache, positions, scale, slots, window)
+    tiles = [(first, min(MAX_QUERY_TOKENS, stop - first)) for start, stop, _, _ in runs if stop - start <= LONG_RUN
+             for first in range(start, stop, MAX_QUERY_TOKENS)]
+    long = [run for run in runs if run[1] - run[0] > LONG_RUN]
+    if not long:
+        out = cached_attention(q, k_cache, v_cache, positions, scale, slots, window=window,
+                               tiles=torch.tensor(tiles, dtype=torch.int32).to(q.device))
+        return out
+    short_pos = positions.clone()  # rows of long runs: padding for the kernel, filled below
+    for start, stop, _, _ in long:
+        short_pos[start:stop] = -1
+    out = cached_attention(q, k_cache, v_cache, short_pos, scale, slots, window=window,
+                           tiles=torch.tensor(tiles or [(0, 0)], dtype=torch.int32).to(q.device))
+    gqa = q.shape[1] != k_cache.shape[-3]
+    for start, stop, slot, end in long:
+        n = stop - start
+        mask = seen_keys(end - n, n, end, window, q.device) if window else causal_lower_right(n, end)
+        out[start:stop] = F.scaled_dot_product_attention(
+            q[start:stop].transpose(0, 1)[None], k_cache[None, slot, :, :end], v_cache[None, slot, :, :end],
+            attn_mask=mask, scale=scale, enable_gqa=gqa)[0].transpose(0, 1)
+    return out
+
+
+def runs_of(slots: list[int], positions: list[int]) -> tuple:
+    """The runs (first row, row after the last, slot, keys the last row sees) of a batch."""
+    return tuple(_runs(slots, [p + 1 for p in positions]))
 
 
 def seen_keys(first: int, n: int, keys: int, window: int, device) -> torch.Tensor:
@@ -73,9 +112,9 @@ def kernel_takes(q: torch.Tensor) -> bool:
     return use_triton(q) and q.shape[0] <= MAX_QUERY_TOKENS
 
 
-def split_size(ctx: int) -> tuple[int, int]:
-    """(keys per chunk, number of chunks) for a cache of `ctx` positions."""
-    chunk = max(BLOCK_N, _cdiv(_cdiv(ctx, MAX_SPLITS), BLOCK_N) * BLOCK_N)
+def split_size(ctx: int, splits: int = MAX_SPLITS) -> tuple[int, int]:
+    """(keys per chunk, number of chunks) for a cache of `ctx` positions, in at most `splits`."""
+    chunk = max(BLOCK_N, _cdiv(_cdiv(ctx, max(1, min(splits, MAX_SPLITS))), BLOCK_N) * BLOCK_N)
     return chunk, _cdiv(ctx, chunk)
 
 
@@ -85,14 +124,16 @@ def _cdiv(a: int, b: int) -> int:
 
 def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
                      scale: float | None = None, slots: torch.Tensor | None = None, batch: bool = False,
-                     window: int = 0) -> torch.Tensor:
+                     window: int = 0, tiles: torch.Tensor | None = None) -> torch.Tensor:
     """q [n, heads, head_dim] at `positions` [n] (int64, on q's device); k/v_cache
     [kv_heads, max_ctx, head_dim], or with `slots` [n] (int64) every sequence's,
     [max_seqs, kv_heads, max_ctx, head_dim]: query i reads sequence slots[i]. `batch`: the
     queries are of different sequences (one token each, batched decode); else they are tokens
     of one sequence, slots[0]. Query i sees keys 0..positions[i]; a negative position (a padding
     row) sees none and gives zeros; with a sliding `window`, only keys in
-    (positions[i] - window, positions[i]]. Returns [n, heads, head_dim]."""
+    (positions[i] - window, positions[i]]. `tiles` [t, 2] int32 (with `slots`): the programs'
+    (first row, rows) instead, each up to MAX_QUERY_TOKENS consecutive rows of one sequence
+    (ragged_attention); rows in no tile must be padding. Returns [n, heads, head_dim]."""
     n, n_heads, head_dim = q.shape
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     if not use_triton(q):
@@ -103,17 +144,24 @@ def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     # loads; in a batch, one token
     tokens = 1 if batch else min(n, MAX_QUERY_TOKENS)
     n_kv_heads, ctx = k_cache.shape[1], k_cache.shape[2]
+    programs = _cdiv(n, tokens) if tiles is None else tiles.shape[0]
+    if tiles is not None:
+        tokens = MAX_QUERY_TOKENS
     group = n_heads // n_kv_heads
     rows = n * group
-    chunk, splits = split_size(ctx)
+    # few programs (decode): the cache in up to MAX_SPLITS chunks; many tiles need fewer, and so
+    # write fewer partial results
+    chunk, splits = split_size(ctx, MAX_SPLITS if tiles is None else _cdiv(MIN_PROGRAMS, programs * n_kv_heads))
     partial = torch.empty((n_kv_heads, splits, rows, head_dim), dtype=torch.float32, device=q.device)
     max_sum = torch.empty((n_kv_heads, splits, rows, 2), dtype=torch.float32, device=q.device)
     out = torch.empty_like(q)
     block_d = max(16, triton.next_power_of_2(head_dim))
-    _attention_split_kernel[(n_kv_heads, splits, _cdiv(n, tokens))](
-        q, k_cache, v_cache, positions, positions if slots is None else slots, partial, max_sum,
+    _attention_split_kernel[(n_kv_heads, splits, programs)](
+        q, k_cache, v_cache, positions, positions if slots is None else slots, positions if tiles is None else tiles,
+        partial, max_sum,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
-        rows, splits, chunk, head_dim, scale, window if window else 1 << 30, HAS_SLOTS=slots is not None, TOKENS=tokens,
+        rows, splits, chunk, head_dim, scale, window if window else 1 << 30, HAS_SLOTS=slots is not None,
+        TILED=tiles is not None, TOKENS=tokens,
         GROUP=group, BLOCK_M=max(16, triton.next_power_of_2(tokens * group)), BLOCK_N=BLOCK_N, BLOCK_D=block_d,
         PRECISION=dot_precision(q.dtype), num_warps=4,
     )
@@ -126,16 +174,23 @@ def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 if triton is not None:
     @triton.jit
-    def _attention_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, o_ptr, ms_ptr,
+    def _attention_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, tile_ptr, o_ptr, ms_ptr,
                                 stride_qt, stride_qh, stride_ks, stride_kh, stride_kt, stride_vs, stride_vh, stride_vt,
                                 n_rows, n_splits, chunk, head_dim, scale, window,
-                                HAS_SLOTS: tl.constexpr, TOKENS: tl.constexpr, GROUP: tl.constexpr,
+                                HAS_SLOTS: tl.constexpr, TILED: tl.constexpr, TOKENS: tl.constexpr,
+                                GROUP: tl.constexpr,
                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                                 PRECISION: tl.constexpr):
-        kv_head, split, first_token = tl.program_id(0), tl.program_id(1), tl.program_id(2) * TOKENS
+        kv_head, split = tl.program_id(0), tl.program_id(1)
+        if TILED:  # a tile of the table: its first row and how many rows, of one sequence
+            first_token = tl.load(tile_ptr + tl.program_id(2) * 2)
+            last_token = first_token + tl.load(tile_ptr + tl.program_id(2) * 2 + 1)
+        else:
+            first_token = tl.program_id(2) * TOKENS
+            last_token = first_token + TOKENS
         # row r of this program: token first_token + r // GROUP, q head kv_head * GROUP + r % GROUP
         rows = first_token * GROUP + tl.arange(0, BLOCK_M)
-        row_ok = rows < tl.minimum(n_rows, (first_token + TOKENS) * GROUP)
+        row_ok = rows < tl.minimum(n_rows, last_token * GROUP)
         token = rows // GROUP
         pos = tl.load(pos_ptr + token, mask=row_ok, other=-1)
         if HAS_SLOTS:  # the sequence of the program's tokens
@@ -156,16 +211,19 @@ if triton is not None:
                 keys = first + tl.arange(0, BLOCK_N)
                 key_ok = keys < end
                 kv_mask = key_ok[:, None] & d_ok[None, :]
-                k = tl.load(k_ptr + kv_head * stride_kh + keys[:, None] * stride_kt + d[None, :], mask=kv_mask, other=0.0)
+                k = tl.load(k_ptr + kv_head * stride_kh + keys[:, None] * stride_kt + d[None, :], mask=kv_mask,
+                            other=0.0)
                 s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-                seen = (keys[None, :] <= pos[:, None]) & (keys[None, :] > pos[:, None] - window) & key_ok[None, :]
+                seen = (keys[None, :] <= pos[:, None]) & (keys[None, :] > pos[:, None] - window) \
+                    & key_ok[None, :]
                 s = tl.where(seen, s, float("-inf"))
                 m_new = tl.maximum(m, tl.max(s, axis=1))
                 m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet
                 p = tl.exp(s - m_ref[:, None])
                 alpha = tl.exp(m - m_ref)
                 total = total * alpha + tl.sum(p, axis=1)
-                v = tl.load(v_ptr + kv_head * stride_vh + keys[:, None] * stride_vt + d[None, :], mask=kv_mask, other=0.0)
+                v = tl.load(v_ptr + kv_head * stride_vh + keys[:, None] * stride_vt + d[None, :], mask=kv_mask,
+                            other=0.0)
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
                 m = m_new
             base = (kv_head * n_splits + split) * n_rows + rows
@@ -192,7 +250,8 @@ if triton is not None:
             total_s = tl.load(ms_ptr + base * 2 + 1)
             o_s = tl.load(o_ptr + base * head_dim + d, mask=d_ok, other=0.0)
             m_new = tl.maximum(m, m_s)
-            a, b = tl.exp(m - m_new), tl.exp(m_s - m_new)
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # splits that saw no key (before a window)
+            a, b = tl.exp(m - m_ref), tl.exp(m_s - m_ref)
             acc = acc * a + o_s * b
             total = total * a + total_s * b
             m = m_new

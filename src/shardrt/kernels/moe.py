@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import quant
 from .activation import silu_mul
 
 GATHER_ROWS = 64  # rows x top-k up to which a GPU gathers the chosen experts' weights
@@ -24,7 +25,8 @@ GATHER_ROWS = 64  # rows x top-k up to which a GPU gathers the chosen experts' w
 def route(x: torch.Tensor, router: torch.Tensor, k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights [n, k] in x's dtype, experts [n, k]): softmax over the router's logits (float32),
     the top k, renormalized to sum to one with `normalize`."""
-    probs = F.linear(x, router).float().softmax(dim=-1)
+    logits = quant.linear(x, router) if isinstance(router, quant.QuantizedWeight) else F.linear(x, router)
+    probs = logits.float().softmax(dim=-1)
     weights, experts = probs.topk(k, dim=-1)
     if normalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)

@@ -33,6 +33,7 @@ from ..wavefront import Wavefront, Work
 
 MAX_BATCH_TOKENS = 512  # rows of one step (decode tokens and prompt chunks), --max-batch-tokens
 MIN_SHARED = 16  # prompt tokens another running request must share for its KV to be copied
+MIN_CHUNK = 16  # prompt rows a step takes even when the decode rows fill its budget (prefill never stalls)
 
 
 @dataclass
@@ -220,7 +221,7 @@ class BatchScheduler:
             if self._busy[g]:
                 continue
             decode = [r for r in group if r.next_token is not None]
-            room, chunks = self.max_batch_tokens - len(decode), []
+            room, chunks = max(self.max_batch_tokens - len(decode), MIN_CHUNK), []
             while waiting and room > 0:
                 run = waiting.pop(0)
                 chunks.append((run, min(room, len(run.prompt) - run.prefilled)))

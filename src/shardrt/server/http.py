@@ -27,7 +27,7 @@ from .schema import ApiError, Reply, parse_request, usage
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1 << 20
-IDLE_TIMEOUT_S = 120  # a kept-alive connection that sends nothing this long is closed
+IDLE_TIMEOUT_S = 120  # a socket read waits at most this long (the request deadline below comes first)
 # a request's line and headers, and then its body, must each arrive within this long, however
 # slowly they trickle in (a slowloris client holds a thread otherwise); idle keep-alive included
 REQUEST_DEADLINE_S = 60.0
@@ -389,16 +389,16 @@ class Server(ThreadingHTTPServer):
     def _reap(self) -> None:
         while not self._closed.wait(REAP_S):
             now = time.monotonic()
-            with self._lock:
+            with self._lock:  # under the lock: a handler that unwatches meanwhile keeps its connection
                 late = [conn for conn, until in self._deadlines.items() if until < now]
                 for conn in late:
                     del self._deadlines[conn]
-            for conn in late:
-                log.info("closing a connection that sent its request too slowly (over %.0fs)", self.deadline_s)
-                try:
-                    conn.shutdown(socket.SHUT_RDWR)  # its handler's read returns and the thread ends
-                except OSError:
-                    pass
+                    try:
+                        conn.shutdown(socket.SHUT_RDWR)  # its handler's read returns and the thread ends
+                    except OSError:
+                        pass
+            for _ in late:
+                log.info("closed a connection that sent its request too slowly (over %.0fs)", self.deadline_s)
 
     def handle_error(self, request, client_address):
         exc = sys.exc_info()[1]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..config import LaunchConfig
 from ..errors import ConfigError
-from ..ipc.protocol import MAX_BATCH
+from ..memory import PREFILL_CHUNK as MAX_STEP_ROWS
 from .batch import MAX_BATCH_TOKENS
 from ..lifecycle import env_seconds
 from .engine import Engine
@@ -48,16 +48,17 @@ class ServeOptions:
                                            or self.max_queue < 1):
             raise ConfigError(f"--max-queue: {self.max_queue!r} is not a whole number >= 1")
         if isinstance(self.max_batch_tokens, bool) or not isinstance(self.max_batch_tokens, int) \
-                or not 1 <= self.max_batch_tokens <= MAX_BATCH:
-            raise ConfigError(f"--max-batch-tokens: {self.max_batch_tokens!r} is not a whole number in 1..{MAX_BATCH}")
-
-    def queue_for(self, slots: int) -> int:
-        """The queue bound for a server of `slots` sequence slots."""
-        return self.max_queue if self.max_queue is not None else max(MIN_QUEUE, QUEUE_PER_SLOT * slots)
+                or not 1 <= self.max_batch_tokens <= MAX_STEP_ROWS:
+            raise ConfigError(f"--max-batch-tokens: {self.max_batch_tokens!r} is not a whole number in "
+                              f"1..{MAX_STEP_ROWS} (the prefill chunk the memory plan holds room for)")
         if not self.host or not self.host.strip():
             raise ConfigError(f"--host: {self.host!r} is not an address")
         if self.model_name is not None and not self.model_name.strip():
             raise ConfigError(f"--served-model-name: {self.model_name!r} is empty")
+
+    def queue_for(self, slots: int) -> int:
+        """The queue bound for a server of `slots` sequence slots."""
+        return self.max_queue if self.max_queue is not None else max(MIN_QUEUE, QUEUE_PER_SLOT * slots)
 
 
 @dataclass(frozen=True)
