@@ -230,7 +230,7 @@ def check_ragged(device: str, dtype: torch.dtype, window: int) -> float:
     """ragged_attention over MIXED_STEP (a decode row, chunks of 20, 5 and 16 rows in tiles of the
     split-KV kernel, one of 140 through scaled_dot_product_attention, a padding row) against
     each row alone in float64; the relative error of the real rows (padding must give zeros)."""
-    from shardrt.kernels.attention import ragged_attention, runs_of
+    from shardrt.kernels.attention import Runs, ragged_attention
 
     g = torch.Generator().manual_seed(7)
     heads, kv_heads, head_dim, ctx, seqs = 8, 2, 64, 160, 5
@@ -245,7 +245,8 @@ def check_ragged(device: str, dtype: torch.dtype, window: int) -> float:
             v_cache[s, :, p + n :] = float("nan")
     scale = 1 / math.sqrt(head_dim)
     pos, slot = torch.tensor(positions, device=device), torch.tensor(slots, device=device)
-    got = ragged_attention(q, k_cache, v_cache, pos, slot, runs_of(slots, positions), scale, window).double().cpu()
+    runs = Runs.of(slots, positions, pos)
+    got = ragged_attention(q, k_cache, v_cache, pos, slot, runs, scale, window).double().cpu()
     real = torch.tensor(positions) >= 0
     assert (got[~real] == 0).all()
     want = torch.empty_like(got)

@@ -169,13 +169,13 @@ class Step:
     block then gets every sequence's cache). `batch`: rows of several sequences (a decode token
     each, or prompt chunks: consecutive rows of one sequence), where a negative position is a
     padding row; else tokens of slots[0]. `runs`: an eager batch's runs of rows of one sequence,
-    on the host (attention.runs_of), when some run is a prompt chunk (attention.ragged_attention)."""
+    planned once for every layer (attention.Runs), when some run is a prompt chunk."""
 
     positions: torch.Tensor
     base_pos: int | None = None
     slots: torch.Tensor | None = None
     batch: bool = False
-    runs: tuple | None = None
+    runs: "kernels.attention.Runs | None" = None
 
     @classmethod
     def eager(cls, base_pos: int, n: int, device) -> "Step":
@@ -184,8 +184,8 @@ class Step:
     @classmethod
     def batched(cls, positions: list[int], seqs: list[int], device) -> "Step":
         both = torch.tensor([positions, seqs], dtype=torch.long).to(device)
-        runs = kernels.attention.runs_of(seqs, positions)
-        chunks = any(stop - start > 1 for start, stop, _, _ in runs)  # else one token per sequence: a decode batch
+        runs = kernels.attention.Runs.of(seqs, positions, both[0])
+        chunks = any(stop - start > 1 for start, stop, _, _ in runs.runs)  # else one token each: a decode batch
         return cls(both[0], slots=both[1], batch=True, runs=runs if chunks else None)
 
 

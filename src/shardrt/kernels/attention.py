@@ -10,6 +10,7 @@ the live context, not max_ctx.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -48,41 +49,53 @@ def attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     return out
 
 
+@dataclass(frozen=True)
+class Runs:
+    """An eager step's runs of consecutive rows of one sequence, planned once for every layer:
+    `runs` (first row, row after the last, slot, keys the last row sees) on the host, the `long`
+    ones among them, and for the kernel the `tiles` [t, 2] int32 (first row, rows) of the others
+    and the `positions` it reads (the long runs' rows as padding, -1), on the device."""
+
+    runs: tuple
+    long: tuple
+    tiles: torch.Tensor
+    positions: torch.Tensor
+
+    @classmethod
+    def of(cls, slots: list[int], positions: list[int], device_positions: torch.Tensor) -> "Runs":
+        runs = tuple(_runs(slots, [p + 1 for p in positions]))
+        long = tuple(run for run in runs if run[1] - run[0] > LONG_RUN)
+        tiles = [(first, min(MAX_QUERY_TOKENS, stop - first)) for start, stop, _, _ in runs if stop - start <= LONG_RUN
+                 for first in range(start, stop, MAX_QUERY_TOKENS)]
+        kernel_positions = device_positions
+        if long:
+            for_kernel = list(positions)
+            for start, stop, _, _ in long:
+                for_kernel[start:stop] = [-1] * (stop - start)
+            kernel_positions = torch.tensor(for_kernel, dtype=torch.long)
+        both = torch.tensor([[a for t in (tiles or [(0, 0)]) for a in t]], dtype=torch.int32)
+        return cls(runs, long, both.view(-1, 2).to(device_positions.device),
+                   kernel_positions.to(device_positions.device))
+
+
 def ragged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
-                     slots: torch.Tensor, runs: tuple, scale: float, window: int = 0) -> torch.Tensor:
-    """An eager step of several sequences (serve's mixed steps): `runs` (host tuples from
-    `runs_of`) of consecutive rows of one sequence, each over its sequence's prefix, causal
-    within the run. With the kernels, the runs up to LONG_RUN rows (decode tokens, the tails of
-    prompts that share a cached prefix) go through one launch of the split-KV kernel, in tiles
-    of MAX_QUERY_TOKENS rows of one run; a longer run (a prompt chunk) through
+                     slots: torch.Tensor, runs: Runs, scale: float, window: int = 0) -> torch.Tensor:
+    """An eager step of several sequences (serve's mixed steps), each run over its sequence's
+    prefix, causal within the run. With the kernels, the runs up to LONG_RUN rows (decode tokens,
+    the tails of prompts that share a cached prefix) go through one launch of the split-KV
+    kernel, in tiles of MAX_QUERY_TOKENS rows of one run; a longer run (a prompt chunk) through
     scaled_dot_product_attention, whose tiles are larger. Rows in no run (padding) give zeros."""
     if not use_triton(q):
         return attention_reference(q, k_cache, v_cache, positions, scale, slots, window)
-    tiles = [(first, min(MAX_QUERY_TOKENS, stop - first)) for start, stop, _, _ in runs if stop - start <= LONG_RUN
-             for first in range(start, stop, MAX_QUERY_TOKENS)]
-    long = [run for run in runs if run[1] - run[0] > LONG_RUN]
-    if not long:
-        out = cached_attention(q, k_cache, v_cache, positions, scale, slots, window=window,
-                               tiles=torch.tensor(tiles, dtype=torch.int32).to(q.device))
-        return out
-    short_pos = positions.clone()  # rows of long runs: padding for the kernel, filled below
-    for start, stop, _, _ in long:
-        short_pos[start:stop] = -1
-    out = cached_attention(q, k_cache, v_cache, short_pos, scale, slots, window=window,
-                           tiles=torch.tensor(tiles or [(0, 0)], dtype=torch.int32).to(q.device))
+    out = cached_attention(q, k_cache, v_cache, runs.positions, scale, slots, window=window, tiles=runs.tiles)
     gqa = q.shape[1] != k_cache.shape[-3]
-    for start, stop, slot, end in long:
+    for start, stop, slot, end in runs.long:
         n = stop - start
         mask = seen_keys(end - n, n, end, window, q.device) if window else causal_lower_right(n, end)
         out[start:stop] = F.scaled_dot_product_attention(
             q[start:stop].transpose(0, 1)[None], k_cache[None, slot, :, :end], v_cache[None, slot, :, :end],
             attn_mask=mask, scale=scale, enable_gqa=gqa)[0].transpose(0, 1)
     return out
-
-
-def runs_of(slots: list[int], positions: list[int]) -> tuple:
-    """The runs (first row, row after the last, slot, keys the last row sees) of a batch."""
-    return tuple(_runs(slots, [p + 1 for p in positions]))
 
 
 def seen_keys(first: int, n: int, keys: int, window: int, device) -> torch.Tensor:
