@@ -149,3 +149,93 @@ def write_gemma3(model, path: Path) -> Path:
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def tiny_gpt_oss(seed: int = 0, layers: int = 4, window: int = 8):
+    """gpt-oss's design at toy size: 8 experts, top 2 (softmax over the chosen logits), every other
+    layer a sliding window of `window`, sinks, biases everywhere, YaRN rope over a short original
+    context (so the blend of interpolated and extrapolated frequencies matters), the clamped SwiGLU."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    cfg = GptOssConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=32, num_hidden_layers=layers,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=8,
+                       num_experts_per_tok=2, sliding_window=window, max_position_embeddings=512, rms_norm_eps=1e-5,
+                       tie_word_embeddings=False, initializer_range=0.2, attention_bias=True, pad_token_id=0,
+                       rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 8.0, "beta_fast": 32.0,
+                                        "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 64})
+    cfg._attn_implementation = "eager"  # the one that applies the sinks
+    torch.manual_seed(seed)
+    model = GptOssForCausalLM(cfg).eval()
+    # biases start at zero and norms at one: drawn at random, so that each is exercised; the
+    # expert matrices large enough that the SwiGLU's clamp at 7 bites
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0, 0.2)
+            elif "sinks" in name:
+                p.normal_(0.0, 1.0)
+            elif "bias" in name:
+                p.normal_(0.0, 0.5)
+            elif "experts" in name:
+                p.normal_(0.0, 6.0 / p.shape[-2] ** 0.5)
+            else:
+                p.normal_(0.0, 2.0 / p.shape[-1] ** 0.5)
+    return model
+
+
+def write_gpt_oss(model, path: Path) -> Path:
+    from gguf import RopeScalingType
+
+    cfg = model.config
+    rope = cfg.rope_parameters
+    w = GGUFWriter(path, "gpt-oss")
+    w.add_name("tiny-gpt-oss")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_expert_feed_forward_length(cfg.intermediate_size)
+    w.add_expert_count(cfg.num_local_experts)
+    w.add_expert_used_count(cfg.num_experts_per_tok)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_rope_freq_base(rope["rope_theta"])
+    w.add_rope_scaling_type(RopeScalingType.YARN)
+    w.add_rope_scaling_factor(rope["factor"])
+    w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_sliding_window(cfg.sliding_window)
+    w.add_vocab_size(add_tokenizer(w))
+    state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+
+    def add(name: str, array: np.ndarray) -> None:
+        w.add_tensor(name, np.ascontiguousarray(array, dtype=np.float32))
+
+    add("token_embd.weight", state["model.embed_tokens.weight"])
+    for i in range(cfg.num_hidden_layers):
+        hf, blk = f"model.layers.{i}.", f"blk.{i}."
+        add(blk + "attn_norm.weight", state[hf + "input_layernorm.weight"])
+        for ours, theirs in (("attn_q", "q_proj"), ("attn_k", "k_proj"), ("attn_v", "v_proj"), ("attn_output", "o_proj")):
+            add(f"{blk}{ours}.weight", state[f"{hf}self_attn.{theirs}.weight"])
+            add(f"{blk}{ours}.bias", state[f"{hf}self_attn.{theirs}.bias"])
+        add(blk + "attn_sinks.weight", state[hf + "self_attn.sinks"])
+        add(blk + "post_attention_norm.weight", state[hf + "post_attention_layernorm.weight"])
+        add(blk + "ffn_gate_inp.weight", state[hf + "mlp.router.weight"])
+        add(blk + "ffn_gate_inp.bias", state[hf + "mlp.router.bias"])
+        gate_up = state[hf + "mlp.experts.gate_up_proj"]  # [E, dim, 2 ff], gate and up interleaved
+        gate_up_bias = state[hf + "mlp.experts.gate_up_proj_bias"]  # [E, 2 ff]
+        add(blk + "ffn_gate_exps.weight", gate_up[:, :, ::2].transpose(0, 2, 1))
+        add(blk + "ffn_up_exps.weight", gate_up[:, :, 1::2].transpose(0, 2, 1))
+        add(blk + "ffn_gate_exps.bias", gate_up_bias[:, ::2])
+        add(blk + "ffn_up_exps.bias", gate_up_bias[:, 1::2])
+        add(blk + "ffn_down_exps.weight", state[hf + "mlp.experts.down_proj"].transpose(0, 2, 1))  # [E, ff, dim]
+        add(blk + "ffn_down_exps.bias", state[hf + "mlp.experts.down_proj_bias"])
+    add("output_norm.weight", state["model.norm.weight"])
+    add("output.weight", state["lm_head.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

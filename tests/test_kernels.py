@@ -226,27 +226,31 @@ def test_cached_attention_of_one_sequence_among_slots(device, dtype, n, gen):
 MIXED_STEP = [(2, 40, 1), (0, 30, 20), (None, -1, 1), (3, 0, 5), (1, 10, 140), (4, 77, 16)]
 
 
-def check_ragged(device: str, dtype: torch.dtype, window: int) -> float:
+def check_ragged(device: str, dtype: torch.dtype, window: int, sinks: bool = False) -> float:
     """ragged_attention over MIXED_STEP (a decode row, chunks of 20, 5 and 16 rows in tiles of the
     split-KV kernel, one of 140 through scaled_dot_product_attention, a padding row) against
-    each row alone in float64; the relative error of the real rows (padding must give zeros)."""
+    each row alone in float64; the relative error of the real rows (padding must give zeros).
+    `sinks`: with gpt-oss's sink logit per head (the long run left out: the kernel takes all)."""
     from shardrt.kernels.attention import Runs, ragged_attention
 
     g = torch.Generator().manual_seed(7)
     heads, kv_heads, head_dim, ctx, seqs = 8, 2, 64, 160, 5
-    slots = [s if s is not None else 0 for s, _, n in MIXED_STEP for _ in range(n)]
-    positions = [p + i if s is not None else -1 for s, p, n in MIXED_STEP for i in range(n)]
+    step = [run for run in MIXED_STEP if not (sinks and run[2] > 128)]
+    slots = [s if s is not None else 0 for s, _, n in step for _ in range(n)]
+    positions = [p + i if s is not None else -1 for s, p, n in step for i in range(n)]
     q = rand(len(slots), heads, head_dim, device=device, dtype=dtype, generator=g)
     k_cache = rand(seqs, kv_heads, ctx, head_dim, device=device, dtype=dtype, generator=g)
     v_cache = rand(seqs, kv_heads, ctx, head_dim, device=device, dtype=dtype, generator=g)
-    for s, p, n in MIXED_STEP:  # nothing past a sequence's last row may be read: poison it
+    sink = torch.randn(heads, generator=g) * 2 if sinks else None
+    for s, p, n in step:  # nothing past a sequence's last row may be read: poison it
         if s is not None:
             k_cache[s, :, p + n :] = float("nan")
             v_cache[s, :, p + n :] = float("nan")
     scale = 1 / math.sqrt(head_dim)
     pos, slot = torch.tensor(positions, device=device), torch.tensor(slots, device=device)
     runs = Runs.of(slots, positions, pos)
-    got = ragged_attention(q, k_cache, v_cache, pos, slot, runs, scale, window).double().cpu()
+    got = ragged_attention(q, k_cache, v_cache, pos, slot, runs, scale, window,
+                           None if sink is None else sink.to(device)).double().cpu()
     real = torch.tensor(positions) >= 0
     assert (got[~real] == 0).all()
     want = torch.empty_like(got)
@@ -256,7 +260,10 @@ def check_ragged(device: str, dtype: torch.dtype, window: int) -> float:
             continue
         first = max(0, p - window + 1) if window else 0
         for h in range(heads):
-            weights = torch.softmax(kd[s, h // (heads // kv_heads), first : p + 1] @ qd[t, h] * scale, dim=0)
+            logits = kd[s, h // (heads // kv_heads), first : p + 1] @ qd[t, h] * scale
+            if sink is not None:  # one more logit, with a zero value
+                logits = torch.cat([logits, sink[h : h + 1].double()])
+            weights = torch.softmax(logits, dim=0)[: p + 1 - first]
             want[t, h] = weights @ vd[s, h // (heads // kv_heads), first : p + 1]
     return rel_error(got[real], want[real])
 
@@ -264,15 +271,16 @@ def check_ragged(device: str, dtype: torch.dtype, window: int) -> float:
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("window", [0, 24])
-def test_ragged_attention_of_a_mixed_step(device, dtype, window):
-    assert check_ragged(device, dtype, window) < TOLERANCE[dtype]
+@pytest.mark.parametrize("sinks", [False, True])
+def test_ragged_attention_of_a_mixed_step(device, dtype, window, sinks):
+    assert check_ragged(device, dtype, window, sinks) < TOLERANCE[dtype]
 
 
 @pytest.mark.skipif(kernels._triton.triton is None, reason="Triton is not installed")
 def test_ragged_attention_tiles_under_the_interpreter():
     """The tiled split-KV kernel's source, run by Triton's interpreter on the CPU."""
     errors = interpret("import json, torch; from tests.test_kernels import check_ragged; "
-                       "print(json.dumps([check_ragged('cpu', torch.float32, w) for w in (0, 24)]))")
+                       "print(json.dumps([check_ragged('cpu', torch.float32, w, s) for w in (0, 24) for s in (0, 1)]))")
     assert all(e < TOLERANCE[torch.float32] for e in errors), errors
 
 

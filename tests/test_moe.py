@@ -87,26 +87,33 @@ def test_a_stage_maps_only_its_layers_experts(moe):
     (dict(extra_keys={"qwen3moe.expert_used_count": 9}), "expert_used_count 9 and expert_count 8"),
 ])
 def test_a_damaged_moe_file_is_refused_by_name(moe, tmp_path, damage, needle):
+    path, *_ = moe
+    broken = rewrite(path, tmp_path / "broken.gguf", "qwen3moe", **damage)
+    with pytest.raises(ModelFormatError, match=needle):
+        Stage(broken, 0, 3, "cpu", max_ctx=16)
+
+
+def rewrite(path, out, arch: str, drop_tensors=(), extra_keys=None, edit=None):
+    """A copy of the GGUF at `path` with some tensors left out, some keys changed, some tensors
+    edited (name -> a function of the array)."""
     from gguf import GGUFReader, GGUFWriter
 
-    path, *_ = moe
     reader = GGUFReader(path)
-    broken = tmp_path / "broken.gguf"
-    writer = GGUFWriter(broken, "qwen3moe")
+    writer = GGUFWriter(out, arch)
     for key, field in reader.fields.items():
         if key.startswith("GGUF.") or key == "general.architecture":
             continue
-        value = damage.get("extra_keys", {}).get(key, field.contents())
+        value = (extra_keys or {}).get(key, field.contents())
         writer.add_key_value(key, value, field.types[0], field.types[1] if len(field.types) > 1 else None)
     for tensor in reader.tensors:
-        if tensor.name not in damage.get("drop_tensors", ()):
-            writer.add_tensor(tensor.name, tensor.data.reshape(tuple(reversed(tensor.shape.tolist()))))
+        if tensor.name not in drop_tensors:
+            array = tensor.data.reshape(tuple(reversed(tensor.shape.tolist())))
+            writer.add_tensor(tensor.name, (edit or {}).get(tensor.name, lambda a: a)(array))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(ModelFormatError, match=needle):
-        Stage(broken, 0, 3, "cpu", max_ctx=16)
+    return out
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.version.cuda is None, reason="needs a CUDA GPU")

@@ -26,11 +26,11 @@ log = logging.getLogger(__name__)
 
 MIB = 1 << 20
 # Types the gguf package can dequantize and shardrt has checked; anything else is refused by name.
-# The IQ1/IQ2/IQ3 types have no kernel: they load dequantized, on GPUs too.
+# The IQ1/IQ2/IQ3 types and MXFP4 (gpt-oss's experts) have no kernel: they load dequantized, on GPUs too.
 SUPPORTED_TYPES = frozenset(
     GGMLQuantizationType[name]
     for name in ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
-                 "IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S")
+                 "IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S", "MXFP4")
 )
 
 
@@ -150,6 +150,9 @@ def expected_shape(cfg: ModelConfig, name: str) -> tuple[int, ...] | None:
         "ffn_down_exps.weight": (cfg.n_experts, dim, cfg.expert_ffn_dim),
         "token_embd.weight": (cfg.vocab_size, dim), "output.weight": (cfg.vocab_size, dim),
         "rope_freqs.weight": (cfg.rope_dim // 2,),
+        "attn_sinks.weight": (cfg.n_heads,), "attn_output.bias": (dim,), "ffn_gate_inp.bias": (cfg.n_experts,),
+        "ffn_gate_exps.bias": (cfg.n_experts, cfg.expert_ffn_dim), "ffn_up_exps.bias": (cfg.n_experts, cfg.expert_ffn_dim),
+        "ffn_down_exps.bias": (cfg.n_experts, dim),
     }.get(short)
 
 
@@ -243,12 +246,12 @@ class StageWeights:
     def load_block(self, layer: int, device, dtype) -> dict[str, torch.Tensor]:
         """A Block's weights, q/k/v and gate/up stacked (see model.BLOCK_WEIGHTS); experts' gate and
         up stacked per expert."""
-        return {key: (self.load_experts if key.endswith("_exps") else self.load_stacked)(
+        return {key: (self.load_experts if key.endswith(("_exps", "_exps_bias")) else self.load_stacked)(
                     tuple(f"blk.{layer}.{t}" for t in parts), device, dtype)
                 for key, parts in block_weights(self.cfg).items()}
 
     def load_experts(self, names: tuple[str, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """Stacked expert tensors [E, rows, cols] side by side along each expert's rows, in one new
+        """Stacked expert tensors [E, rows, cols] (or their biases [E, rows]) side by side along each expert's rows, in one new
         tensor on `device` (dequantized: the experts have no quantized kernel yet)."""
         infos = [require_tensor(self.gguf, name) for name in names]
         self.bytes_read += sum(info.n_bytes for info in infos)

@@ -1,5 +1,6 @@
 """The decoder-only transformer of the llama family (llama, mistral, qwen2, qwen3, qwen3moe with
-mixture-of-experts feed-forwards, and gemma3 with its local/global layers) on one screen.
+mixture-of-experts feed-forwards, gemma3 with its local/global layers, and gpt-oss with attention
+sinks, biases everywhere and YaRN rope) on one screen.
 
 `ModelConfig` reads every shape and rope parameter from GGUF metadata; `Block` is one
 transformer layer over a preallocated KV cache, its ops from `kernels` (Triton on GPUs, the
@@ -23,12 +24,16 @@ from .gguf_file import GGUFFile
 
 # architecture -> rope style its GGUF weights are laid out for
 ROPE_STYLE = {"llama": "interleaved", "mistral": "interleaved", "qwen2": "neox", "qwen3": "neox", "qwen3moe": "neox",
-              "gemma3": "neox"}
+              "gemma3": "neox", "gpt-oss": "neox"}
 # Gemma 3: embeddings scaled by sqrt(dim), GeGLU, norms after attention and after the feed-forward
 # (the GGUF's norm weights hold 1 + w, as Gemma's norms apply them), and five local layers (a
 # sliding window, rope base 10000) to every global one (the file's rope base and scaling)
 GEMMA3_LOCAL_ROPE_BASE, GEMMA3_PATTERN = 10000.0, 6
-MOE_ARCHS = ("qwen3moe",)  # a router and stacked experts instead of one feed-forward
+MOE_ARCHS = ("qwen3moe", "gpt-oss")  # a router and stacked experts instead of one feed-forward
+# gpt-oss: every other layer local (a sliding window, the same rope), one learned sink logit per
+# head in each softmax, biases on q/k/v, the attention output, the router and the experts, the
+# clamped SwiGLU (kernels.clamped_swiglu), and its feed-forward norm named post_attention_norm
+GPT_OSS_PATTERN = 2
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,10 @@ class ModelConfig:
     global_every: int = 0  # with a window: layer i is global when (i + 1) % global_every == 0
     local_rope_base: float = 0.0  # the local layers' rope base
     logit_softcap: float = 0.0  # the head's logits l -> c tanh(l / c); 0: none
+    yarn: kernels.rope.Yarn | None = None  # YaRN rope scaling
+    attention_sinks: bool = False  # gpt-oss: attn_sinks.weight, a logit per head
+    output_bias: bool = False  # attn_output.bias
+    expert_biases: bool = False  # gpt-oss: biases on the router and on each expert's matrices
 
     @property
     def moe(self) -> bool:
@@ -95,8 +104,9 @@ class ModelConfig:
         if n_heads <= 0 or n_kv_heads <= 0 or n_heads % n_kv_heads:
             raise ModelFormatError(f"model: head_count {n_heads} is not a positive multiple of head_count_kv {n_kv_heads}")
         scaling = str(key("rope.scaling.type", "none"))
-        if scaling not in ("none", "linear"):
-            raise ModelFormatError(f"model: {arch}.rope.scaling.type = {scaling!r} is not supported; supported: none, linear")
+        if scaling not in ("none", "linear", "yarn"):
+            raise ModelFormatError(f"model: {arch}.rope.scaling.type = {scaling!r} is not supported; supported: none, "
+                                   "linear, yarn")
         if "token_embd.weight" not in gguf.tensors:
             raise ModelFormatError(f"model: {gguf.path.name!r} lacks tensor 'token_embd.weight'")
         vocab = int(key("vocab_size", gguf.tensors["token_embd.weight"].shape[1]))
@@ -112,6 +122,23 @@ class ModelConfig:
             extra = {"embed_scale": math.sqrt(dim), "activation": "gelu", "attention_scale": 1.0 / math.sqrt(per_head),
                      "sliding_window": window, "global_every": GEMMA3_PATTERN, "local_rope_base": GEMMA3_LOCAL_ROPE_BASE,
                      "post_norms": True}
+        if arch == "gpt-oss":
+            window = int(key("attention.sliding_window"))
+            if window <= 0:
+                raise ModelFormatError(f"model: {arch}.attention.sliding_window = {window} is not a positive window")
+            extra = {"sliding_window": window, "global_every": GPT_OSS_PATTERN, "local_rope_base": 0.0,
+                     "activation": "clamped_swiglu", "attention_sinks": True, "output_bias": True,
+                     "expert_biases": True}
+        if scaling == "yarn":
+            factor = float(key("rope.scaling.factor"))
+            original = int(key("rope.scaling.original_context_length"))
+            if factor < 1 or original <= 0:
+                raise ModelFormatError(f"model: {arch}.rope.scaling.factor = {factor} is below 1 or "
+                                       f"original_context_length = {original} is not positive")
+            extra["yarn"] = kernels.rope.Yarn(
+                factor, original, float(key("rope.scaling.yarn_beta_fast", 32.0)),
+                float(key("rope.scaling.yarn_beta_slow", 1.0)), float(key("rope.scaling.attn_factor", 0.0)),
+                truncate=arch != "gpt-oss")
         softcap = float(key("final_logit_softcapping", 0.0))
         if softcap:
             extra["logit_softcap"] = softcap
@@ -154,8 +181,9 @@ def rope_tables(cfg: ModelConfig, max_ctx: int, device, rope_freqs: torch.Tensor
     """(global, local): cos and sin, each [max_ctx, rope_dim/2] float32, for the global layers
     (the file's base and scaling) and the local ones (their own base, unscaled; the global
     tables again where the model has no local layers)."""
-    full = kernels.rope_tables(cfg.rope_base, cfg.rope_dim, max_ctx, device, cfg.rope_linear_factor, rope_freqs)
-    if not cfg.sliding_window:
+    full = kernels.rope_tables(cfg.rope_base, cfg.rope_dim, max_ctx, device, cfg.rope_linear_factor, rope_freqs,
+                               cfg.yarn)
+    if not cfg.sliding_window or not cfg.local_rope_base:  # (gpt-oss: its local layers rotate as the others)
         return full, full
     return full, kernels.rope_tables(cfg.local_rope_base, cfg.rope_dim, max_ctx, device)
 
@@ -202,10 +230,13 @@ class Block:
         self.post_attention_norm, self.post_ffw_norm = weights.get("post_attention_norm"), weights.get("post_ffw_norm")
         self.attn_qkv, self.attn_qkv_bias = weights["attn_qkv"], weights.get("attn_qkv_bias")
         self.q_norm, self.k_norm = weights.get("attn_q_norm"), weights.get("attn_k_norm")
-        self.attn_output = weights["attn_output"]
+        self.attn_output, self.attn_output_bias = weights["attn_output"], weights.get("attn_output_bias")
+        self.sinks = weights.get("attn_sinks")
         if cfg.moe:
             self.router, self.experts_gate_up, self.experts_down = \
                 weights["ffn_gate_inp"], weights["ffn_gate_up_exps"], weights["ffn_down_exps"]
+            self.expert_biases = kernels.ExpertBiases(weights["ffn_gate_inp_bias"], weights["ffn_gate_up_exps_bias"],
+                                                      weights["ffn_down_exps_bias"]) if cfg.expert_biases else None
         else:
             self.ffn_gate_up, self.ffn_down = weights["ffn_gate_up"], weights["ffn_down"]
         self.scale = cfg.attention_scale or 1.0 / math.sqrt(cfg.head_dim)
@@ -221,7 +252,7 @@ class Block:
         q = kernels.rope_kv_write(qkv, *ropes[self.local], step.positions, k_cache, v_cache, cfg.n_heads,
                                   cfg.rope_style, self.q_norm, self.k_norm, cfg.norm_eps, step.slots)
         attn = self.attend(q, k_cache, v_cache, step).reshape(n, cfg.n_heads * cfg.head_dim)
-        out = kernels.linear(attn, self.attn_output)
+        out = kernels.linear(attn, self.attn_output, self.attn_output_bias)
         if self.post_attention_norm is not None:
             out = kernels.rms_norm(out, self.post_attention_norm, cfg.norm_eps)
         x, h = kernels.add_rms_norm(x, out, self.ffn_norm, cfg.norm_eps)
@@ -231,10 +262,10 @@ class Block:
         return x + out
 
     def feed_forward(self, h: torch.Tensor) -> torch.Tensor:
+        act = ACTIVATIONS[self.cfg.activation]
         if self.cfg.moe:
             return kernels.moe(h, self.router, self.experts_gate_up, self.experts_down, self.cfg.n_experts_used,
-                               self.cfg.expert_weights_norm)
-        act = kernels.gelu_mul if self.cfg.activation == "gelu" else kernels.silu_mul
+                               self.cfg.expert_weights_norm, act, self.expert_biases)
         return kernels.linear(act(kernels.linear(h, self.ffn_gate_up)), self.ffn_down)
 
     def attend(self, q, k_cache, v_cache, step: Step) -> torch.Tensor:
@@ -244,10 +275,15 @@ class Block:
         cfg, n = self.cfg, q.shape[0]
         if step.runs is not None:  # an eager mixed step with prompt chunks in it
             return kernels.attention.ragged_attention(q, k_cache, v_cache, step.positions, step.slots, step.runs,
-                                                      self.scale, self.window)
-        if step.base_pos is None or kernels.attention.kernel_takes(q):
+                                                      self.scale, self.window, self.sinks)
+        # with sinks (no scaled_dot_product_attention takes them), a prefill too goes to the kernel
+        if step.base_pos is None or kernels.attention.kernel_takes(q) \
+                or (self.sinks is not None and kernels.attention.use_triton(q)):
             return kernels.cached_attention(q, k_cache, v_cache, step.positions, self.scale, step.slots, step.batch,
-                                            self.window)
+                                            self.window, sinks=self.sinks)
+        if self.sinks is not None:
+            return kernels.attention.attention_reference(q, k_cache, v_cache, step.positions, self.scale,
+                                                         window=self.window, sinks=self.sinks)
         end = step.base_pos + n
         # query i sees keys up to base_pos + i: causal, aligned to the last key. A bias object, not
         # a mask tensor, so flash attention serves it (a mask tensor sends it to a backend that
@@ -262,6 +298,8 @@ class Block:
         return attn[0].transpose(0, 1)
 
 
+ACTIVATIONS = {"silu": kernels.silu_mul, "gelu": kernels.gelu_mul, "clamped_swiglu": kernels.clamped_swiglu}
+
 # a Block's weights -> the GGUF tensors (short names) stacked row-wise into each
 BLOCK_WEIGHTS = {
     "attn_norm": ("attn_norm.weight",), "attn_qkv": ("attn_q.weight", "attn_k.weight", "attn_v.weight"),
@@ -275,6 +313,12 @@ MOE_WEIGHTS = {"ffn_gate_inp": ("ffn_gate_inp.weight",), "ffn_gate_up_exps": ("f
                "ffn_down_exps": ("ffn_down_exps.weight",)}
 QK_NORM_WEIGHTS = {"attn_q_norm": ("attn_q_norm.weight",), "attn_k_norm": ("attn_k_norm.weight",)}
 POST_NORM_WEIGHTS = {"post_attention_norm": ("post_attention_norm.weight",), "post_ffw_norm": ("post_ffw_norm.weight",)}
+# gpt-oss: its feed-forward norm is stored as post_attention_norm; sinks; biases of the output and
+# the experts (gate and up side by side per expert, like their matrices)
+GPT_OSS_WEIGHTS = {"ffn_norm": ("post_attention_norm.weight",), "attn_sinks": ("attn_sinks.weight",),
+                   "attn_output_bias": ("attn_output.bias",), "ffn_gate_inp_bias": ("ffn_gate_inp.bias",),
+                   "ffn_gate_up_exps_bias": ("ffn_gate_exps.bias", "ffn_up_exps.bias"),
+                   "ffn_down_exps_bias": ("ffn_down_exps.bias",)}
 
 
 def block_weights(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
@@ -288,6 +332,8 @@ def block_weights(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
         weights.update(QK_NORM_WEIGHTS)
     if cfg.post_norms:
         weights.update(POST_NORM_WEIGHTS)
+    if cfg.arch == "gpt-oss":
+        weights.update(GPT_OSS_WEIGHTS)
     return weights
 
 

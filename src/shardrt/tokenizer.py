@@ -26,6 +26,22 @@ def _cache_key(path: Path) -> str:
     return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
+def _from_gguf(path: Path):
+    """transformers' tokenizer from the GGUF's vocabulary. AutoTokenizer reads the model's config
+    from the file as well, which fails for some architectures (transformers 5 cannot parse
+    gpt-oss's rope scaling keys); then the fast tokenizer class, which reads only the vocabulary."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    try:
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as exc:  # transformers raises assorted types for tokenizers it cannot convert
+        first = exc
+    try:
+        return PreTrainedTokenizerFast.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception:
+        raise ModelFormatError(f"model: cannot build a tokenizer from {path.name!r}: {first}") from None
+
+
 class Tokenizer:
     def __init__(self, model_path: str | Path):
         from transformers import AutoTokenizer  # heavy import, only where text is needed
@@ -40,10 +56,7 @@ class Tokenizer:
         if (saved / "tokenizer.json").exists():
             self.hf = AutoTokenizer.from_pretrained(saved)
         else:
-            try:
-                self.hf = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-            except Exception as exc:  # transformers raises assorted types for tokenizers it cannot convert
-                raise ModelFormatError(f"model: cannot build a tokenizer from {path.name!r}: {exc}") from None
+            self.hf = _from_gguf(path)
             try:
                 self.hf.save_pretrained(saved)
             except OSError as exc:
@@ -59,10 +72,17 @@ class Tokenizer:
         return self.hf.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
+        return self.encode_rendered(self.render_chat(messages))
+
+    def render_chat(self, messages: list[dict]) -> str:
+        """The conversation as the chat template writes it, ready for the assistant's turn."""
         if not self.chat_template:
             raise ModelFormatError("model: has no chat template (tokenizer.chat_template); drop --chat")
-        text = self.hf.apply_chat_template(messages, chat_template=self.chat_template,
+        return self.hf.apply_chat_template(messages, chat_template=self.chat_template,
                                            add_generation_prompt=True, tokenize=False)
+
+    def encode_rendered(self, text: str) -> list[int]:
+        """Text the chat template wrote: its special tokens are in it already."""
         return list(self.hf.encode(text, add_special_tokens=False))
 
 

@@ -14,16 +14,16 @@ import torch
 import torch.nn.functional as F
 
 from . import quant
-from .activation import gelu_mul, silu_mul
+from .activation import clamped_swiglu, gelu_mul, silu_mul
 from .attention import cached_attention
-from .moe import moe
+from .moe import ExpertBiases, moe
 from .norm import add_rms_norm, rms_norm
 from .quant import QuantizedWeight
 from .rope import apply_rope, rope_kv_write, rope_tables
 
 __all__ = ["QuantizedWeight", "add_rms_norm", "apply_rope", "cached_attention", "embedding", "gelu_mul", "linear", "moe",
            "rms_norm",
-           "rope_kv_write", "rope_tables", "silu_mul", "weight_bytes"]
+           "rope_kv_write", "rope_tables", "silu_mul", "weight_bytes", "clamped_swiglu", "ExpertBiases"]
 
 Weight = torch.Tensor | QuantizedWeight | tuple
 

@@ -21,6 +21,17 @@ def gelu_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
     return F.gelu(gate, approximate="tanh") * up
 
 
+OAI_ALPHA, OAI_LIMIT = 1.702, 7.0  # gpt-oss's gated unit
+
+
+def clamped_swiglu(gate_up: torch.Tensor, alpha: float = OAI_ALPHA, limit: float = OAI_LIMIT) -> torch.Tensor:
+    """gpt-oss's: the gate clamped above at `limit`, the up within +-limit, then
+    (up + 1) * gate * sigmoid(alpha * gate). gate_up [n, 2 * ffn] (gate first) -> [n, ffn]."""
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+    return ((up + 1) * gate * torch.sigmoid(alpha * gate)).to(gate_up.dtype)
+
+
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up [n, 2 * ffn] -> [n, ffn]."""
     return _gated(gate_up, "silu")

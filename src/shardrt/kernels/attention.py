@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from ._triton import dot_precision, tl, triton, use_triton
 
@@ -27,26 +27,44 @@ MAX_SPLITS = 256
 
 def attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         positions: torch.Tensor, scale: float, slots: torch.Tensor | None = None,
-                        window: int = 0) -> torch.Tensor:
+                        window: int = 0, sinks: torch.Tensor | None = None) -> torch.Tensor:
     n_heads, n_kv_heads = q.shape[1], k_cache.shape[-3]
     if slots is None:  # every query over the one cache
         keys = torch.arange(k_cache.shape[1], device=q.device)[None, :]
         seen = (keys <= positions[:, None]) & ((keys > positions[:, None] - window) if window else True)
-        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k_cache[None], v_cache[None],
-                                             attn_mask=seen[None, None], scale=scale, enable_gqa=n_heads != n_kv_heads)
-        return out[0].transpose(0, 1)
+        return sdpa(q, k_cache, v_cache, seen, scale, sinks)
     # each run of consecutive rows of one sequence (a decode token, or a prompt chunk) over that
     # sequence's live prefix, causal within the run (on a CPU, faster than gathering the
     # sequences' caches for one masked batch)
     out = torch.zeros_like(q)
     for start, stop, slot, end in _runs(slots.tolist(), (positions + 1).tolist()):
-        mask = causal_lower_right(stop - start, end) if stop - start > 1 else None
-        if window:
-            mask = seen_keys(end - (stop - start), stop - start, end, window, q.device)
-        out[start:stop] = F.scaled_dot_product_attention(
-            q[start:stop].transpose(0, 1)[None], k_cache[None, slot, :, :end], v_cache[None, slot, :, :end],
-            attn_mask=mask, scale=scale, enable_gqa=n_heads != n_kv_heads)[0].transpose(0, 1)
+        n = stop - start
+        mask = causal_lower_right(n, end) if n > 1 else None
+        if window or (sinks is not None and n > 1):
+            mask = seen_keys(end - n, n, end, window or end, q.device)
+        out[start:stop] = sdpa(q[start:stop], k_cache[slot, :, :end], v_cache[slot, :, :end], mask, scale, sinks)
     return out
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float,
+         sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """q [n, heads, d] over k/v [kv_heads, keys, d]: scaled_dot_product_attention, with `mask` a
+    bool [n, keys] tensor, a bias object or None. `sinks` [heads] (gpt-oss): one more logit per
+    head in every row's softmax, with a zero value, so a row may give weight to no key (a bool
+    mask then, or None)."""
+    gqa = q.shape[1] != k.shape[0]
+    q4, k4, v4 = q.transpose(0, 1)[None], k[None], v[None]
+    if sinks is not None:
+        n, keys = q.shape[0], k.shape[1]
+        bias = torch.zeros((1, q.shape[1], n, keys + 1), dtype=q.dtype, device=q.device)
+        if mask is not None:
+            bias[..., :keys].masked_fill_(~mask, float("-inf"))
+        bias[..., keys] = sinks.to(q.dtype)[:, None]
+        zero = torch.zeros_like(k4[:, :, :1])
+        k4, v4, mask = torch.cat([k4, zero], dim=2), torch.cat([v4, zero], dim=2), bias
+    elif isinstance(mask, torch.Tensor) and not isinstance(mask, CausalBias):
+        mask = mask[None, None]
+    return F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, scale=scale, enable_gqa=gqa)[0].transpose(0, 1)
 
 
 @dataclass(frozen=True)
@@ -79,22 +97,21 @@ class Runs:
 
 
 def ragged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
-                     slots: torch.Tensor, runs: Runs, scale: float, window: int = 0) -> torch.Tensor:
+                     slots: torch.Tensor, runs: Runs, scale: float, window: int = 0,
+                     sinks: torch.Tensor | None = None) -> torch.Tensor:
     """An eager step of several sequences (serve's mixed steps), each run over its sequence's
     prefix, causal within the run. With the kernels, the runs up to LONG_RUN rows (decode tokens,
     the tails of prompts that share a cached prefix) go through one launch of the split-KV
     kernel, in tiles of MAX_QUERY_TOKENS rows of one run; a longer run (a prompt chunk) through
     scaled_dot_product_attention, whose tiles are larger. Rows in no run (padding) give zeros."""
-    if not use_triton(q):
-        return attention_reference(q, k_cache, v_cache, positions, scale, slots, window)
-    out = cached_attention(q, k_cache, v_cache, runs.positions, scale, slots, window=window, tiles=runs.tiles)
-    gqa = q.shape[1] != k_cache.shape[-3]
+    if not use_triton(q) or (sinks is not None and runs.long):
+        return attention_reference(q, k_cache, v_cache, positions, scale, slots, window, sinks)
+    out = cached_attention(q, k_cache, v_cache, runs.positions, scale, slots, window=window, tiles=runs.tiles,
+                           sinks=sinks)
     for start, stop, slot, end in runs.long:
         n = stop - start
         mask = seen_keys(end - n, n, end, window, q.device) if window else causal_lower_right(n, end)
-        out[start:stop] = F.scaled_dot_product_attention(
-            q[start:stop].transpose(0, 1)[None], k_cache[None, slot, :, :end], v_cache[None, slot, :, :end],
-            attn_mask=mask, scale=scale, enable_gqa=gqa)[0].transpose(0, 1)
+        out[start:stop] = sdpa(q[start:stop], k_cache[slot, :, :end], v_cache[slot, :, :end], mask, scale)
     return out
 
 
@@ -137,7 +154,8 @@ def _cdiv(a: int, b: int) -> int:
 
 def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
                      scale: float | None = None, slots: torch.Tensor | None = None, batch: bool = False,
-                     window: int = 0, tiles: torch.Tensor | None = None) -> torch.Tensor:
+                     window: int = 0, tiles: torch.Tensor | None = None,
+                     sinks: torch.Tensor | None = None) -> torch.Tensor:
     """q [n, heads, head_dim] at `positions` [n] (int64, on q's device); k/v_cache
     [kv_heads, max_ctx, head_dim], or with `slots` [n] (int64) every sequence's,
     [max_seqs, kv_heads, max_ctx, head_dim]: query i reads sequence slots[i]. `batch`: the
@@ -146,11 +164,12 @@ def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     row) sees none and gives zeros; with a sliding `window`, only keys in
     (positions[i] - window, positions[i]]. `tiles` [t, 2] int32 (with `slots`): the programs'
     (first row, rows) instead, each up to MAX_QUERY_TOKENS consecutive rows of one sequence
-    (ragged_attention); rows in no tile must be padding. Returns [n, heads, head_dim]."""
+    (ragged_attention); rows in no tile must be padding. `sinks` [heads] float32: gpt-oss's extra
+    logit per head in each softmax (see `sdpa`). Returns [n, heads, head_dim]."""
     n, n_heads, head_dim = q.shape
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     if not use_triton(q):
-        return attention_reference(q, k_cache, v_cache, positions, scale, slots, window)
+        return attention_reference(q, k_cache, v_cache, positions, scale, slots, window, sinks)
     if slots is None:
         k_cache, v_cache = k_cache[None], v_cache[None]
     # a program takes up to MAX_QUERY_TOKENS tokens of one sequence, which share each key it
@@ -179,8 +198,8 @@ def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         PRECISION=dot_precision(q.dtype), num_warps=4,
     )
     _attention_combine_kernel[(n_kv_heads, rows)](
-        partial, max_sum, positions, out, out.stride(0), out.stride(1), rows, splits, chunk, head_dim,
-        GROUP=group, BLOCK_D=block_d, num_warps=1,
+        partial, max_sum, positions, positions if sinks is None else sinks, out, out.stride(0), out.stride(1), rows,
+        splits, chunk, head_dim, GROUP=group, BLOCK_D=block_d, HAS_SINKS=sinks is not None, num_warps=1,
     )
     return out
 
@@ -245,9 +264,9 @@ if triton is not None:
             tl.store(ms_ptr + base * 2 + 1, total, mask=row_ok)
 
     @triton.jit
-    def _attention_combine_kernel(o_ptr, ms_ptr, pos_ptr, out_ptr, stride_ot, stride_oh,
+    def _attention_combine_kernel(o_ptr, ms_ptr, pos_ptr, sink_ptr, out_ptr, stride_ot, stride_oh,
                                   n_rows, n_splits, chunk, head_dim,
-                                  GROUP: tl.constexpr, BLOCK_D: tl.constexpr):
+                                  GROUP: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SINKS: tl.constexpr):
         kv_head, row = tl.program_id(0), tl.program_id(1)
         token = row // GROUP
         pos = tl.load(pos_ptr + token)
@@ -268,6 +287,12 @@ if triton is not None:
             acc = acc * a + o_s * b
             total = total * a + total_s * b
             m = m_new
+        if HAS_SINKS:  # the head's sink: one more logit in the softmax, with a zero value
+            sink = tl.load(sink_ptr + kv_head * GROUP + row % GROUP).to(tl.float32)
+            m_new = tl.maximum(m, sink)
+            a = tl.exp(m - m_new)
+            acc = acc * a
+            total = total * a + tl.exp(sink - m_new)
         out = acc / tl.maximum(total, 1e-30)  # a padding row: 0 / 0 made 0
         dst = out_ptr + token * stride_ot + (kv_head * GROUP + row % GROUP) * stride_oh + d
         tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=d_ok)

@@ -13,6 +13,8 @@ The experts are stacked 3-D tensors, as GGUF stores them: gate and up together
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -22,10 +24,12 @@ from .activation import silu_mul
 GATHER_ROWS = 64  # rows x top-k up to which a GPU gathers the chosen experts' weights
 
 
-def route(x: torch.Tensor, router: torch.Tensor, k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def route(x: torch.Tensor, router: torch.Tensor, k: int, normalize: bool,
+          bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights [n, k] in x's dtype, experts [n, k]): softmax over the router's logits (float32),
-    the top k, renormalized to sum to one with `normalize`."""
-    logits = quant.linear(x, router) if isinstance(router, quant.QuantizedWeight) else F.linear(x, router)
+    the top k, renormalized to sum to one with `normalize` (the same as a softmax over the top k
+    logits, gpt-oss's order)."""
+    logits = quant.linear(x, router, bias) if isinstance(router, quant.QuantizedWeight) else F.linear(x, router, bias)
     probs = logits.float().softmax(dim=-1)
     weights, experts = probs.topk(k, dim=-1)
     if normalize:
@@ -38,20 +42,32 @@ def gathers(x: torch.Tensor, k: int) -> bool:
     return x.device.type != "cpu" and x.shape[0] * k <= GATHER_ROWS
 
 
+@dataclass(frozen=True)
+class ExpertBiases:
+    """gpt-oss's biases: the router's [E], the experts' gate and up [E, 2 * ff], down [E, dim]."""
+
+    router: torch.Tensor
+    gate_up: torch.Tensor
+    down: torch.Tensor
+
+
 def moe(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, k: int,
-        normalize: bool = True) -> torch.Tensor:
-    """x [n, dim] -> [n, dim]."""
-    weights, experts = route(x, router, k, normalize)
+        normalize: bool = True, act=silu_mul, biases: ExpertBiases | None = None) -> torch.Tensor:
+    """x [n, dim] -> [n, dim]. `act`: the gated unit, gate_up [m, 2 * ff] -> [m, ff]."""
+    weights, experts = route(x, router, k, normalize, biases.router if biases is not None else None)
     n, dim = x.shape
     if gathers(x, k):
         chosen = experts.reshape(-1)
         rows = x.repeat_interleave(k, dim=0)[:, :, None]  # [n * k, dim, 1]
-        hidden = silu_mul(torch.bmm(gate_up[chosen], rows)[..., 0])  # [n * k, ff]
-        out = torch.bmm(down[chosen], hidden[:, :, None])[..., 0].view(n, k, dim)
+        hidden = torch.bmm(gate_up[chosen], rows)[..., 0]  # [n * k, 2 ff]
+        hidden = act(hidden + biases.gate_up[chosen] if biases is not None else hidden)
+        out = torch.bmm(down[chosen], hidden[:, :, None])[..., 0]
+        out = (out + biases.down[chosen] if biases is not None else out).view(n, k, dim)
         return (out * weights[..., None]).sum(dim=1)
     out = torch.zeros_like(x)
     for expert in experts.unique().tolist():
         rows, slot = (experts == expert).nonzero(as_tuple=True)
-        y = F.linear(silu_mul(F.linear(x[rows], gate_up[expert])), down[expert])
+        up_bias, down_bias = (biases.gate_up[expert], biases.down[expert]) if biases is not None else (None, None)
+        y = F.linear(act(F.linear(x[rows], gate_up[expert], up_bias)), down[expert], down_bias)
         out.index_add_(0, rows, y * weights[rows, slot, None])
     return out

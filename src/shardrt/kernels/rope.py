@@ -9,21 +9,58 @@ llama's q/k rows for; "neox" rotates (i, i + rot/2), as qwen files are laid out.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 
 from ._triton import tl, triton, use_triton
 from .norm import rms_norm_reference
 
 
+@dataclass(frozen=True)
+class Yarn:
+    """YaRN context extension (gpt-oss, long-context Qwen): each frequency interpolated by `factor`,
+    extrapolated, or blended, by how many turns it makes over the original context; cos and sin
+    scaled by `attention_factor` (0: 0.1 ln(factor) + 1). `truncate`: the blend's bounds rounded
+    out to whole dimensions (transformers' default; gpt-oss's own configuration does not)."""
+
+    factor: float
+    original_context: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float = 0.0
+    truncate: bool = True
+
+    def inv_freq(self, base: float, rot: int) -> torch.Tensor:
+        def turns_dim(turns: float) -> float:  # the dimension whose frequency turns `turns` times
+            return rot * math.log(self.original_context / (turns * 2 * math.pi)) / (2 * math.log(base))
+
+        low, high = turns_dim(self.beta_fast), turns_dim(self.beta_slow)
+        if self.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, rot - 1)
+        ramp = ((torch.arange(rot // 2, dtype=torch.float64) - low) / ((high - low) or 0.001)).clamp(0, 1)
+        freq = 1.0 / base ** (torch.arange(0, rot, 2, dtype=torch.float64) / rot)
+        return freq / self.factor * ramp + freq * (1 - ramp)
+
+    @property
+    def scale(self) -> float:
+        return self.attention_factor or (0.1 * math.log(self.factor) + 1.0 if self.factor > 1 else 1.0)
+
+
 def rope_tables(base: float, rot: int, max_ctx: int, device, linear_factor: float = 1.0,
-                freq_divisors: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                freq_divisors: torch.Tensor | None = None, yarn: Yarn | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin, each [max_ctx, rot/2] float32. `freq_divisors`: llama 3's rope_freqs.weight."""
     inv_freq = 1.0 / base ** (torch.arange(0, rot, 2, dtype=torch.float64) / rot)
+    if yarn is not None:
+        inv_freq = yarn.inv_freq(base, rot)
     if freq_divisors is not None:
         inv_freq = inv_freq / freq_divisors.to(torch.float64).cpu()
     positions = torch.arange(max_ctx, dtype=torch.float64) / linear_factor
     angles = torch.outer(positions, inv_freq)
-    return angles.cos().float().to(device), angles.sin().float().to(device)
+    scale = yarn.scale if yarn is not None else 1.0
+    return (angles.cos() * scale).float().to(device), (angles.sin() * scale).float().to(device)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) -> torch.Tensor:
