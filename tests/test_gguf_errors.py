@@ -132,8 +132,13 @@ def missing_architecture(dir):
 
 
 def unsupported_rope_scaling(dir):
+    path = write_model(dir / "longrope.gguf", "llama", extra_keys={"llama.rope.scaling.type": "longrope"})
+    return path, ["llama.rope.scaling.type", "'longrope'", "supported: none, linear, yarn"]
+
+
+def yarn_without_its_factor(dir):
     path = write_model(dir / "yarn.gguf", "llama", extra_keys={"llama.rope.scaling.type": "yarn"})
-    return path, ["llama.rope.scaling.type", "'yarn'"]
+    return path, ["yarn.gguf", "'llama.rope.scaling.factor'"]
 
 
 def heads_not_multiple(dir):
@@ -161,7 +166,8 @@ CASES = [
     truncated_in_metadata, truncated_in_tensor_directory, truncated_header_counts, arch_mamba, arch_gpt2,
     missing_tensor, missing_embedding, missing_bias, unsupported_tensor_type, unsupported_ternary_type,
     unknown_tensor_type_id, missing_block_count, missing_norm_eps, missing_architecture, unsupported_rope_scaling,
-    heads_not_multiple, tensor_shape_disagrees_with_metadata, layer_count_beyond_tensors, bad_alignment,
+    yarn_without_its_factor, heads_not_multiple, tensor_shape_disagrees_with_metadata, layer_count_beyond_tensors,
+    bad_alignment,
 ]
 
 
