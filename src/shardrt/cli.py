@@ -66,6 +66,18 @@ def _add_spec_args(p: argparse.ArgumentParser) -> None:
                    help="KV snapshots kept for prefix reuse (default 16, 0 disables)")
 
 
+def _add_pflash_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speculative prefill (PFlash)")
+    g.add_argument("--pflash-model", metavar="PATH",
+                   help="a small drafter GGUF (any vocabulary) that reads long prompts in its own daemon and keeps the "
+                        "tokens that matter; the target prefills only those")
+    g.add_argument("--pflash-gpu", metavar="DEVICE", help="the drafter daemon's device, e.g. hip:1 (default cpu:0)")
+    g.add_argument("--pflash-keep", metavar="F", default=None,
+                   help="fraction of a long prompt's tokens kept, in (0, 1] (default 0.05)")
+    g.add_argument("--pflash-min-prompt", type=int, default=None, metavar="N",
+                   help="prompts of at most N tokens pass through unchanged (default 2048)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
@@ -87,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     launch.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
     _add_spec_args(launch)
+    _add_pflash_args(launch)
 
     plan = sub.add_parser("plan", help="print the shard table without loading weights", parents=[common])
     _add_placement_args(plan)
@@ -106,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="allow a non-loopback --host (the API has no authentication)")
     serve.add_argument("--served-model-name", metavar="NAME", help="the model name clients give (default: the GGUF file name)")
     _add_spec_args(serve)
+    _add_pflash_args(serve)  # a request opts in with "pflash": true
 
     devices = sub.add_parser("devices", help="list the GPUs of every backend and the CPU", parents=[common])
     devices.add_argument("--json", action="store_true", help="one JSON list")
@@ -124,6 +138,7 @@ def _resolve(args):
 
 def cmd_launch(args) -> int:
     from .launch import Cluster
+    from .pflash import PromptText
     from .sampling import SamplingParams
     from .tokenizer import Tokenizer
 
@@ -139,21 +154,26 @@ def cmd_launch(args) -> int:
             logging.getLogger(__name__).info("%s", stage.describe())
         if args.chat and args.prompt is None:
             return _interactive_chat(cluster, tokenizer, params)
-        prompt_ids = tokenizer.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat \
-            else tokenizer.encode(args.prompt)
+        messages = [{"role": "user", "content": args.prompt}]
+        prompt_ids = tokenizer.encode_chat(messages) if args.chat else tokenizer.encode(args.prompt)
+        prompt = None  # its text, for PFlash
+        if config.pflash is not None:
+            prompt = PromptText.from_chat(tokenizer, messages) if args.chat else PromptText.plain(args.prompt)
         if args.json:
-            result = cluster.generate(tokenizer, prompt_ids, params)
+            result = cluster.generate(tokenizer, prompt_ids, params, prompt=prompt)
             out = result.to_json()
             out["stages"] = [stage.describe() for stage in pipeline.stages]
             print(json.dumps(out))
             return 0
         if not args.chat:
             print(args.prompt, end="", flush=True)
-        result = cluster.generate(tokenizer, prompt_ids, params, on_text=lambda s: print(s, end="", flush=True))
+        result = cluster.generate(tokenizer, prompt_ids, params, on_text=lambda s: print(s, end="", flush=True),
+                                  prompt=prompt)
         print()
-        print(f"[{len(prompt_ids)} prompt tokens, {result.prefill_tokens_per_s:.1f} tok/s prefill; "
+        print(f"[{len(result.prompt_tokens)} prompt tokens, {result.prefill_tokens_per_s:.1f} tok/s prefill; "
               f"{len(result.tokens)} generated, {result.decode_tokens_per_s:.1f} tok/s decode; "
-              f"{len(pipeline.stages)} stage(s)" + _spec_line(result.spec) + "]", file=sys.stderr)
+              f"{len(pipeline.stages)} stage(s)" + _spec_line(result.spec) + _pflash_line(result.pflash) + "]",
+              file=sys.stderr)
     return 0
 
 
@@ -268,7 +288,18 @@ def _spec_line(spec: dict | None) -> str:
             f"{spec['acceptance_length']} tokens per target forward")
 
 
+def _pflash_line(pflash: dict | None) -> str:
+    if not pflash:
+        return ""
+    if pflash["passed_through"]:
+        return f"; pflash passed the prompt through ({pflash['passed_through']})"
+    return (f"; pflash kept {pflash['kept_tokens']} of {pflash['prompt_tokens']} prompt tokens "
+            f"({100 * pflash['keep_ratio']:.1f}%) in {pflash['drafter_ms']:.0f} ms")
+
+
 def _interactive_chat(cluster, tokenizer, params) -> int:
+    from .pflash import PromptText
+
     messages: list[dict] = []
     while True:
         try:
@@ -279,8 +310,9 @@ def _interactive_chat(cluster, tokenizer, params) -> int:
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line})
+        prompt = PromptText.from_chat(tokenizer, messages) if cluster.pflash is not None else None
         result = cluster.generate(tokenizer, tokenizer.encode_chat(messages), params,
-                                  on_text=lambda s: print(s, end="", flush=True))
+                                  on_text=lambda s: print(s, end="", flush=True), prompt=prompt)
         print()
         messages.append({"role": "assistant", "content": result.text})
 

@@ -10,6 +10,7 @@ values are refused with the field and the value named.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field, replace
@@ -25,7 +26,7 @@ from .placement import BACKENDS, DeviceSpec, parse_device, parse_devices, parse_
 MIN_SHARED_BYTES = 64 * 1024
 SHARED_BYTES_ENV = "SHARDRT_IPC_SHARED_BYTES"
 TOP_KEYS = {"model", "max_ctx", "max_seqs", "dtype", "graphs", "weights", "reserve", "backends", "target", "draft",
-            "ipc", "cluster", "hosts"}
+            "ipc", "cluster", "hosts", "pflash"}
 WEIGHTS = ("auto", "quantized", "dequantized")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 TARGET_KEYS = {"devices", "layer_split", "isolate_gpus", "all_daemons", "allow_cpu_overflow"}
@@ -33,6 +34,7 @@ IPC_KEYS = {"shared_bytes"}
 DRAFT_KEYS = {"kind", "model", "device", "tokens", "capture_layers"}
 DRAFT_KINDS = ("ngram", "model", "capture")
 MAX_DRAFT_TOKENS = 32
+PFLASH_KEYS = {"model", "device", "keep", "min_prompt"}
 BACKEND_KEYS = {"python"}
 CLUSTER_KEYS = {"ray"}
 HOST_KEYS = {"model", "backends"}
@@ -57,6 +59,38 @@ class DraftConfig:
             raise ConfigError("draft.model: the model drafter needs a draft GGUF (--draft-model PATH)")
         if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or not 1 <= self.tokens <= MAX_DRAFT_TOKENS:
             raise ConfigError(f"draft.tokens: {self.tokens!r} is not a whole number in 1..{MAX_DRAFT_TOKENS}")
+
+
+@dataclass(frozen=True)
+class PflashConfig:
+    """Speculative prefill (PFlash, pflash.py): a drafter GGUF in its own daemon scores each long
+    prompt's tokens; the target prefills only the `keep` fraction that matters."""
+
+    model: Path
+    device: DeviceSpec | None = None  # the drafter daemon's device; default cpu:0
+    keep: float = 0.05  # fraction of the prompt's tokens kept, in (0, 1]
+    min_prompt: int = 2048  # prompts of at most this many (target) tokens pass through unchanged
+
+    def __post_init__(self):
+        parse_keep(self.keep, "pflash.keep")
+        parse_min_prompt(self.min_prompt, "pflash.min_prompt")
+
+
+def parse_keep(value: Any, where: str) -> float:
+    """A fraction of tokens in (0, 1]."""
+    try:
+        keep = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        keep = math.nan
+    if not 0.0 < keep <= 1.0:  # also refuses nan
+        raise ConfigError(f"{where}: {value!r} is not a fraction of the prompt in (0, 1], such as 0.05")
+    return keep
+
+
+def parse_min_prompt(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{where}: {value!r} is not a whole number of tokens >= 0")
+    return value
 
 
 @dataclass(frozen=True)
@@ -121,6 +155,7 @@ class LaunchConfig:
     draft: DraftConfig | None = None
     prefix_cache_slots: int = 16
     max_seqs: int | None = None  # sequence slots in each stage's KV cache; None: 1 (serve: cli.SERVE_MAX_SEQS)
+    pflash: PflashConfig | None = None  # speculative prefill: a drafter compresses long prompts
 
     @property
     def seqs(self) -> int:
@@ -246,6 +281,7 @@ def load_yaml(path: str | Path) -> LaunchConfig:
             if "capture_layers" in section else (),
         )
 
+    pflash = _pflash_section(doc.get("pflash"), path) if doc.get("pflash") is not None else None
     pythons = _pythons(backends, "backends")
     cluster = None
     if doc.get("cluster") is not None:
@@ -284,6 +320,21 @@ def load_yaml(path: str | Path) -> LaunchConfig:
         hosts=hosts,
         shared_bytes=parse_shared_bytes(ipc.get("shared_bytes", "auto"), "ipc.shared_bytes"),
         draft=draft,
+        pflash=pflash,
+    )
+
+
+def _pflash_section(raw: Any, path: Path) -> PflashConfig:
+    """YAML `pflash: {model, device, keep, min_prompt}`; the model's path is relative to the file."""
+    section = _check_keys(raw, PFLASH_KEYS, "pflash")
+    model = section.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise ConfigError(f"pflash.model: {model!r} is not a path to a drafter GGUF file")
+    return PflashConfig(
+        model=path.parent / Path(model).expanduser(),
+        device=_local_device(section["device"], "pflash.device", "PFlash drafter") if "device" in section else None,
+        keep=parse_keep(section.get("keep", PflashConfig.keep), "pflash.keep"),
+        min_prompt=parse_min_prompt(section.get("min_prompt", PflashConfig.min_prompt), "pflash.min_prompt"),
     )
 
 
@@ -390,6 +441,7 @@ def from_args(args) -> LaunchConfig:
     if getattr(args, "cluster", None) is not None:
         updates["cluster"] = parse_cluster(args.cluster, "--cluster")
     updates["draft"] = _draft_from_args(args, config.draft)
+    updates["pflash"] = _pflash_from_args(args, config.pflash)
     if getattr(args, "max_seqs", None) is not None:
         updates["max_seqs"] = _max_seqs(args.max_seqs, "--max-seqs")
     if getattr(args, "prefix_cache_slots", None) is not None:
@@ -407,15 +459,17 @@ def from_args(args) -> LaunchConfig:
         raise ConfigError(f"model: {str(config.model)!r} is not a file")
     if config.draft is not None and config.draft.model is not None and not config.draft.model.is_file():
         raise ConfigError(f"--draft-model: {str(config.draft.model)!r} is not a file")
+    if config.pflash is not None and not config.pflash.model.is_file():
+        raise ConfigError(f"--pflash-model: {str(config.pflash.model)!r} is not a file")
     return config.with_defaults()
 
 
-def _local_device(text: Any, field: str) -> DeviceSpec:
-    """A device on the coordinator's host: the draft daemon is started there."""
+def _local_device(text: Any, field: str, what: str = "draft") -> DeviceSpec:
+    """A device on the coordinator's host: the draft (or PFlash drafter) daemon is started there."""
     device = parse_device(text, field)
     if device.remote:
-        raise PlacementError(f"{field}: {device} is on host {device.host}; the draft daemon runs on the "
-                             "coordinator's host (drafts on other hosts: not yet)")
+        raise PlacementError(f"{field}: {device} is on host {device.host}; the {what} daemon runs on the "
+                             f"coordinator's host ({what}s on other hosts: not yet)")
     return device
 
 
@@ -443,3 +497,23 @@ def _draft_from_args(args, draft: DraftConfig | None) -> DraftConfig | None:
     if fields["kind"] == "none":
         return None
     return DraftConfig(**fields)
+
+
+def _pflash_from_args(args, pflash: PflashConfig | None) -> PflashConfig | None:
+    """The file's pflash section with the --pflash-* flags laid over it."""
+    fields: dict[str, Any] = {}
+    if pflash is not None:
+        fields = {"model": pflash.model, "device": pflash.device, "keep": pflash.keep, "min_prompt": pflash.min_prompt}
+    if getattr(args, "pflash_model", None) is not None:
+        fields["model"] = Path(args.pflash_model).expanduser()
+    if getattr(args, "pflash_gpu", None) is not None:
+        fields["device"] = _local_device(args.pflash_gpu, "--pflash-gpu", "PFlash drafter")
+    if getattr(args, "pflash_keep", None) is not None:
+        fields["keep"] = parse_keep(args.pflash_keep, "--pflash-keep")
+    if getattr(args, "pflash_min_prompt", None) is not None:
+        fields["min_prompt"] = parse_min_prompt(args.pflash_min_prompt, "--pflash-min-prompt")
+    if not fields:
+        return None
+    if "model" not in fields:
+        raise ConfigError("--pflash-model: PFlash options given without a drafter; add --pflash-model PATH")
+    return PflashConfig(**fields)

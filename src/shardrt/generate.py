@@ -25,6 +25,7 @@ class Generation:
     prefilled_tokens: int = 0  # prompt tokens actually run (the rest came from the prefix cache)
     reused_tokens: int = 0
     spec: dict | None = None
+    pflash: dict | None = None  # what speculative prefill did to the prompt (pflash.Report), when it ran
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -38,8 +39,9 @@ class Generation:
 
     def to_json(self) -> dict:
         out = asdict(self)
-        if out["spec"] is None:
-            del out["spec"]
+        for optional in ("spec", "pflash"):
+            if out[optional] is None:
+                del out[optional]
         out["prefill_tokens_per_s"] = round(self.prefill_tokens_per_s, 2)
         out["decode_tokens_per_s"] = round(self.decode_tokens_per_s, 2)
         return out

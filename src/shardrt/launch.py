@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 _launches = itertools.count(1)
 
 DRAFT_PROCESS = 99  # the draft daemon's index: its socket and log names in the runtime directory
+PFLASH_PROCESS = 98  # the PFlash drafter daemon's
 SHM_TOKENS = 512  # activations of up to this many tokens ride in shared memory; more go as frames
 SHM_FLOOR = 256 * 1024
 
@@ -191,6 +192,7 @@ class Cluster:
         self._context = None
         self.pipeline: Pipeline | None = None
         self.drafter, self.ring, self.prefix_cache = None, None, None
+        self.pflash = None  # pflash.Compressor: the PFlash drafter's daemon and tokenizer
         self.threads: int | None = None  # torch CPU threads per process holding CPU stages (cpu_threads)
         self._torch_threads: int | None = None  # this process's own before, while the Cluster changed it
         self.draft_tokens = config.draft.tokens if config.draft is not None else 4
@@ -226,6 +228,8 @@ class Cluster:
         runs = _runs(self.rows)
         self.threads = cpu_threads(self.config, runs)
         self.nodes = self._find_hosts()  # before any daemon starts: an unknown host leaves nothing behind
+        # the PFlash drafter first: a file that does not load is refused before anything else starts
+        pflash = self._start_pflash_daemon(self.config.pflash) if self.config.pflash is not None else None
         # daemons first, so they load their weights while the coordinator loads its own
         daemons = {i: self._start_daemon(run[0].process, run, self.model_path, identity, shared)
                    for i, run in enumerate(runs) if not run[0].process.in_process}
@@ -248,6 +252,8 @@ class Cluster:
                                     max_seqs=self.config.seqs))
         self.pipeline = Pipeline(stages)
         self._start_spec(shared)
+        if pflash is not None:
+            self._connect_pflash(*pflash)
 
     def _start_spec(self, shared: int) -> None:
         """The prefix cache, and the drafter with what it needs (its daemon, the feature ring)."""
@@ -271,14 +277,52 @@ class Cluster:
         else:
             self.drafter = ModelDrafter(self._start_draft_daemon(draft, shared))
 
-    def generate(self, tokenizer, prompt_ids: list[int], params, on_text=None, cancelled=None, handover=None):
+    def generate(self, tokenizer, prompt_ids: list[int], params, on_text=None, cancelled=None, handover=None,
+                 prompt=None):
         """One request through this cluster (sequence slot 0), with its drafter, feature ring and
-        prefix cache; `handover` as in generate.generate."""
-        from .generate import generate
+        prefix cache; `handover` as in generate.generate. With PFlash and the prompt's text
+        (`prompt`, a pflash.PromptText), the drafter compresses it first and the result says how."""
+        from .generate import Generation, generate
 
-        return generate(self.pipeline, tokenizer, prompt_ids, params, on_text, drafter=self.drafter,
-                        draft_tokens=self.draft_tokens, prefix_cache=self.prefix_cache,
-                        ring=self.ring, cancelled=cancelled, handover=handover)
+        report = None
+        if prompt is not None and self.pflash is not None:
+            prompt_ids, report = self.pflash.compress(prompt, prompt_ids, tokenizer)
+        result = generate(self.pipeline, tokenizer, prompt_ids, params, on_text, drafter=self.drafter,
+                          draft_tokens=self.draft_tokens, prefix_cache=self.prefix_cache,
+                          ring=self.ring, cancelled=cancelled, handover=handover)
+        if report is not None and isinstance(result, Generation):
+            result.pflash = report.to_json(result.prefill_seconds)
+        return result
+
+    def _start_pflash_daemon(self, pflash) -> tuple:
+        """The PFlash drafter's daemon, holding every layer of it on its own device, pinned like
+        any other; its KV cache holds the drafter's trained context (at most PFLASH_MAX_CTX). Its
+        GGUF and tokenizer are read here first, so a file that does not load starts nothing."""
+        from .pflash import PFLASH_MAX_CTX
+        from .tokenizer import Tokenizer
+
+        try:
+            with GGUFFile(pflash.model) as gguf:
+                cfg = ModelConfig.from_gguf(gguf)
+                device = pflash.device or DeviceSpec("cpu", 0)
+                (row,) = plan_rows(LaunchConfig(devices=(device,), dtype=self.config.dtype, weights=self.config.weights),
+                                   gguf, cfg)
+            tokenizer = Tokenizer(pflash.model)  # the drafter's own: the boundary with the target is text
+        except ShardrtError as exc:
+            raise ConfigError(f"pflash.model: {pflash.model.name!r} does not load as a drafter: {exc}") from None
+        max_ctx = min(cfg.context_length, PFLASH_MAX_CTX)
+        process = ProcessPlan(PFLASH_PROCESS, device.backend, (device,))
+        identity = model_identity(pflash.model, cfg)
+        daemon = self._start_daemon(process, [row], pflash.model, identity,
+                                    self.config.shared_bytes or auto_shared_bytes(cfg),
+                                    label=f"pflash daemon ({device})", max_seqs=1, max_ctx=max_ctx)
+        return daemon, identity, row.span, cfg, tokenizer, max_ctx
+
+    def _connect_pflash(self, daemon, identity, span, cfg, tokenizer, max_ctx) -> None:
+        from .pflash import Compressor
+
+        stage = self._connect(daemon, identity, span, cfg, f"drafter layers {span}", max_ctx=max_ctx)
+        self.pflash = Compressor(stage, tokenizer, self.config.pflash.keep, self.config.pflash.min_prompt)
 
     def _start_draft_daemon(self, draft, shared: int) -> Pipeline:
         check_same_vocabulary(self.model_path, draft.model)
@@ -305,7 +349,8 @@ class Cluster:
         return {host: resolve_host(host) for host in hosts}
 
     def _start_daemon(self, process: ProcessPlan, run: list[ShardRow], model: Path, identity: dict,
-                      shared: int, label: str | None = None, max_seqs: int | None = None) -> DaemonProcess:
+                      shared: int, label: str | None = None, max_seqs: int | None = None,
+                      max_ctx: int | None = None) -> DaemonProcess:
         if self.runtime_dir is None:
             self.runtime_dir = make_runtime_dir()
         shards = tuple(ShardSpec(str(r.shard.device), process.local_index(r.shard.device), r.shard.start, r.shard.stop)
@@ -316,7 +361,7 @@ class Cluster:
             label=label or f"{process.label} ({','.join(str(d) for d in process.devices)})", backend=process.backend,
             python=self.config.pythons.get(process.backend), child_env=process.child_env(),
             runtime_dir=self.runtime_dir, index=process.index, shared_bytes=shared, model=str(model.resolve()),
-            identity=identity, shards=shards, max_ctx=self.config.max_ctx, dtype=self.config.dtype,
+            identity=identity, shards=shards, max_ctx=max_ctx or self.config.max_ctx, dtype=self.config.dtype,
             graphs=self.config.graphs, weights=self.config.weights, max_seqs=max_seqs or self.config.seqs,
             threads=self.threads if _holds_cpu(run) else None,
         )
@@ -346,14 +391,15 @@ class Cluster:
                  actor_name(self.launch_id, process.index))
         return daemon
 
-    def _connect(self, daemon: DaemonProcess, identity: dict, span: LayerSpan, cfg: ModelConfig, layers: str):
+    def _connect(self, daemon: DaemonProcess, identity: dict, span: LayerSpan, cfg: ModelConfig, layers: str,
+                 max_ctx: int | None = None):
         import zmq
 
         from .remote_stage import RemoteStage
 
         if self._context is None:
             self._context = zmq.Context()
-        stage = RemoteStage(daemon, self._context, self.timeouts, identity, span, cfg, self.config.max_ctx,
+        stage = RemoteStage(daemon, self._context, self.timeouts, identity, span, cfg, max_ctx or self.config.max_ctx,
                             description=f"stage {daemon.label}, {layers}", max_seqs=daemon.max_seqs)
         self.remote.append(stage)
         return stage

@@ -120,6 +120,18 @@ class RemoteStage:
     def project_argmax(self, hidden: torch.Tensor) -> list[int]:
         return self._tokens(self._send_tensor({"op": "project", "want": "argmax"}, hidden)[0])
 
+    def score_prompt(self, ids: torch.Tensor, *, window: int, skip: int, chunk: int, layers: list[int]) -> torch.Tensor:
+        """PFlash: prefill token ids [n] in the daemon (in sequence 0) and score each token by the
+        attention the last `window` queries pay it (attention_scores.py): float32 [n]."""
+        message = {"op": "score_prompt", "window": window, "skip": skip, "chunk": chunk, "layers": list(layers)}
+        reply, frames = self._send_tensor(message, ids.to(torch.long))
+        scores = self._tensor(reply.get("output"), reply, frames, "score_prompt.output")
+        if scores.dtype != torch.float32 or tuple(scores.shape) != (ids.shape[0],):
+            raise IpcError(f"{self.description}: score_prompt replied {scores.dtype} {list(scores.shape)} for "
+                           f"{ids.shape[0]} tokens")
+        self.lengths[0] = int(ids.shape[0])
+        return scores
+
     @property
     def length(self) -> int:
         return self.lengths[0]

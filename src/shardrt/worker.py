@@ -190,6 +190,8 @@ class ShardServer:
             return self._forward_batch(message, frames)
         if op == "project":
             return self._project(message, frames)
+        if op == "score_prompt":
+            return self._score_prompt(message, frames)
         seq = message.get("seq")
         if op == "kv_truncate":
             for stage in self.stages:
@@ -258,6 +260,26 @@ class ShardServer:
         if message["want"] == "argmax":
             return {"id": message["id"], "ok": True, "tokens": logits.argmax(-1).tolist()}, [], False
         reply, payloads = self._reply_tensors(message["id"], logits, [])
+        return reply, payloads, False
+
+    def _score_prompt(self, message: dict, frames: list) -> tuple[dict, list, bool]:
+        """PFlash: prefill a prompt into the drafter's one stage and score its tokens (attention_scores.py)."""
+        from .attention_scores import score_prompt
+
+        if len(self.stages) != 1 or not self.stages[0].span.embed:
+            raise ProtocolError("bad_request", "score_prompt: this daemon does not hold a whole model in one stage")
+        stage = self.stages[0]
+        x = self._input(message, frames)
+        if x.dtype != torch.int64 or x.dim() != 1 or x.shape[0] != message["n"]:
+            raise ProtocolError("bad_request", f"score_prompt.input: expected int64 token ids [{message['n']}], got "
+                                               f"{x.dtype} {list(x.shape)}")
+        if stage.cfg is not None and (int(x.min()) < 0 or int(x.max()) >= stage.cfg.vocab_size):
+            raise ProtocolError("bad_request", f"score_prompt.input: token ids outside 0..{stage.cfg.vocab_size - 1}")
+        t0 = time.perf_counter()
+        scores = score_prompt(stage, x, window=message["window"], skip=message["skip"], chunk=message["chunk"],
+                              layers=message["layers"])
+        reply, payloads = self._reply_tensors(message["id"], scores, [])
+        reply["seconds"] = time.perf_counter() - t0
         return reply, payloads, False
 
     def _checked_input(self, message: dict, frames: list) -> torch.Tensor:

@@ -10,13 +10,15 @@ from typing import Any
 
 from ..errors import IpcError
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 MAX_TOKENS_PER_FORWARD = 1 << 16
 MAX_CAPTURE_LAYERS = 64
 MAX_KV_SLOTS = 1 << 12
 MAX_SEQS = 1 << 12  # sequence slots of a stage's KV cache (`seq`)
 MAX_BATCH = 1 << 13  # rows in one forward_batch (decode tokens and prompt chunks of several sequences)
 MAX_BATCH_SEQS = 1 << 10  # sequences decoding together (--max-seqs): each may put a row in every step
+MAX_SCORED_LAYERS = 1 << 10  # layers one score_prompt may name
+MAX_PREFILL_CHUNK = 1 << 13  # tokens score_prompt prefills at a time
 
 # op -> {field: (type, required)}
 OPS: dict[str, dict[str, tuple[type, bool]]] = {
@@ -26,6 +28,8 @@ OPS: dict[str, dict[str, tuple[type, bool]]] = {
     "forward_batch": {"n": (int, True), "seqs": (list, True), "positions": (list, True), "input": (dict, True),
                       "want": (str, True), "outputs": (list, False)},
     "project": {"n": (int, True), "input": (dict, True), "want": (str, True)},
+    "score_prompt": {"n": (int, True), "input": (dict, True), "window": (int, True), "skip": (int, True),
+                     "chunk": (int, True), "layers": (list, True)},
     "kv_truncate": {"n": (int, True), "seq": (int, False)},
     "kv_copy": {"src_seq": (int, True), "n": (int, True), "seq": (int, False)},
     "kv_snapshot": {"slot": (int, True), "seq": (int, False)},
@@ -98,7 +102,24 @@ def check_request(message: dict) -> str:
             raise ProtocolError("bad_request", f"{op}.{name}: {message[name]} is outside 0..{MAX_SEQS - 1}")
     if op == "forward_batch":
         _check_batch(message)
+    if op == "score_prompt":
+        _check_score(message)
     return op
+
+
+def _check_score(message: dict) -> None:
+    n, window, skip, chunk, layers = (message[k] for k in ("n", "window", "skip", "chunk", "layers"))
+    if not 1 <= n <= MAX_TOKENS_PER_FORWARD:
+        raise ProtocolError("bad_request", f"score_prompt.n: {n} is outside 1..{MAX_TOKENS_PER_FORWARD}")
+    if not (window >= 1 and skip + window < n):
+        raise ProtocolError("bad_request", f"score_prompt.window: {window} with skip {skip} leaves no token of the "
+                                           f"{n} to score; give 1 <= window and skip + window < n")
+    if not 1 <= chunk <= MAX_PREFILL_CHUNK:
+        raise ProtocolError("bad_request", f"score_prompt.chunk: {chunk} is outside 1..{MAX_PREFILL_CHUNK}")
+    if not layers or len(layers) > MAX_SCORED_LAYERS or not all(type(x) is int and 0 <= x < 1 << 20 for x in layers) \
+            or len(set(layers)) != len(layers):
+        raise ProtocolError("bad_request", f"score_prompt.layers: {layers[:8]!r} is not a list of 1 to "
+                                           f"{MAX_SCORED_LAYERS} distinct layer ids")
 
 
 def _check_batch(message: dict) -> None:

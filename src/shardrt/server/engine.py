@@ -5,6 +5,8 @@ finds no other running or waiting decodes speculatively; when another arrives it
 and joins the batch where it stands. It cancels what clients abandon, notices stages that die (a
 failed request, or a daemon found dead while idle or by `/health`), restarts the whole Cluster
 with the same configuration, and reports its state for `/health` and its numbers for `/metrics`.
+A request that asks for PFlash (`"pflash": true`) has its prompt compressed by the drafter's
+daemon, in this thread, before it runs.
 """
 
 from __future__ import annotations
@@ -51,6 +53,14 @@ class SharedTokenizer:
         with self._lock:
             return self._tokenizer.encode_chat(messages)
 
+    def render_chat(self, messages: list[dict]) -> str:
+        with self._lock:
+            return self._tokenizer.render_chat(messages)
+
+    def encode_rendered(self, text: str) -> list[int]:
+        with self._lock:
+            return self._tokenizer.encode_rendered(text)
+
 
 class Job:
     """One request on its way through the engine. Its events, in order: ("text", piece)...,
@@ -62,6 +72,8 @@ class Job:
         self.arrived = time.monotonic()
         self.first_token_at: float | None = None
         self._cancel = threading.Event()
+        self.prompt = None  # pflash.PromptText while the prompt waits to be compressed (the request asked)
+        self.pflash = None  # pflash.Report once it was
 
     def cancel(self) -> None:
         self._cancel.set()
@@ -218,14 +230,54 @@ class Engine:
             raise ApiError(f"messages: {exc}; use /v1/completions", "messages", code="no_chat_template") from None
         except Exception as exc:  # the GGUF's own Jinja template may refuse a conversation
             raise ApiError(f"messages: the model's chat template refused them: {exc}", "messages") from None
-        max_tokens = request.resolve_max_tokens(len(prompt_ids), self.config.max_ctx)
+        pflash = self.config.pflash
+        if request.pflash and pflash is None:
+            raise ApiError("pflash: this server has no PFlash drafter; start it with --pflash-model PATH", "pflash",
+                           code="unsupported_value")
+        compressed = request.pflash and len(prompt_ids) > pflash.min_prompt
+        # a prompt the drafter will compress is checked against max_ctx once it has (Engine._compress)
+        max_tokens = request.resolve_max_tokens(1 if compressed else len(prompt_ids), self.config.max_ctx)
+        job = Job(request, prompt_ids, self._params(request, max_tokens))
+        if request.pflash:  # a short prompt passes through, and the response says so
+            from ..pflash import PromptText
+
+            job.prompt = PromptText.from_chat(self.tokenizer, request.chat_messages()) if request.kind == "chat" \
+                else PromptText.plain(request.prompt)
+        return job
+
+    @staticmethod
+    def _params(request: GenerateRequest, max_tokens: int) -> SamplingParams:
         try:
-            params = SamplingParams(max_tokens=max_tokens, temperature=request.temperature, top_k=request.top_k,
-                                    top_p=request.top_p, seed=request.seed, stop=request.stop,
-                                    ignore_eos=request.ignore_eos)
+            return SamplingParams(max_tokens=max_tokens, temperature=request.temperature, top_k=request.top_k,
+                                  top_p=request.top_p, seed=request.seed, stop=request.stop,
+                                  ignore_eos=request.ignore_eos)
         except ConfigError as exc:
             raise ApiError(str(exc), str(exc).split(":")[0]) from None
-        return Job(request, prompt_ids, params)
+
+    def _compress(self, job: Job) -> bool:
+        """PFlash, in the engine thread (which owns the drafter's daemon): the job's prompt becomes
+        the kept text's tokens, checked against max_ctx. False when the job failed instead."""
+        if job.prompt is None:
+            return True
+        try:
+            ids, report = self.cluster.pflash.compress(job.prompt, job.prompt_ids, self.tokenizer)
+            job.params = self._params(job.request, job.request.resolve_max_tokens(len(ids), self.config.max_ctx))
+        except ApiError as exc:
+            job.fail(exc)
+            return False
+        except (StageDied, IpcError) as exc:
+            dead = self._dead_stage()
+            job.fail(self._stage_error(exc))
+            self.metrics.generations.inc(finish_reason="error")
+            self._stage_died(dead.name if dead is not None else str(exc).removeprefix("stage ").split(":")[0], str(exc))
+            return False
+        except Exception as exc:  # a bug: this request fails, the engine goes on
+            log.error("pflash failed: %s: %s", type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+            job.fail(ApiError(f"server: pflash failed ({type(exc).__name__}: {exc})", status=500, code="internal_error"))
+            self.metrics.generations.inc(finish_reason="error")
+            return False
+        job.prompt_ids, job.pflash, job.prompt = ids, report, None
+        return True
 
     def submit(self, job: Job) -> None:
         with self._cond:
@@ -316,6 +368,8 @@ class Engine:
             if job.cancelled():
                 job.fail(ApiError("request: cancelled", status=499, code="cancelled"))
                 continue
+            if not self._compress(job):
+                continue
             try:
                 scheduler.admit(job)
             except ConfigError as exc:
@@ -381,6 +435,8 @@ class Engine:
         if job.cancelled():
             job.fail(ApiError("request: cancelled", status=499, code="cancelled"))
             return
+        if not self._compress(job):
+            return
         self.metrics.running.set(1)
         try:
             result = self.cluster.generate(self.tokenizer, job.prompt_ids, job.params, on_text=job.on_text,
@@ -408,6 +464,8 @@ class Engine:
             self._deliver(job, result)
 
     def _deliver(self, job: Job, result) -> None:
+        if job.pflash is not None:
+            result.pflash = job.pflash.to_json(result.prefill_seconds)
         try:
             self._record(job, result)  # before the client hears: what it reads from /metrics next is current
         except Exception as exc:  # numbers must never cost an answer

@@ -169,7 +169,10 @@ class Handler(BaseHTTPRequestHandler):
                 raise value
             if kind == "done":
                 counts = usage(len(value.prompt_tokens), len(value.tokens))
-                self._send_json(200, reply.full(value.text, value.finish_reason, counts))
+                body = reply.full(value.text, value.finish_reason, counts)
+                if value.pflash is not None:  # the request asked for PFlash: what it kept
+                    body["pflash"] = value.pflash
+                self._send_json(200, body)
 
     def _stream(self, job: Job, reply: Reply) -> None:
         self.send_response(200)
@@ -190,7 +193,10 @@ class Handler(BaseHTTPRequestHandler):
                 self._event(value.body())
                 break
             else:
-                self._event(reply.chunk(finish_reason=value.finish_reason))
+                last = reply.chunk(finish_reason=value.finish_reason)
+                if value.pflash is not None:
+                    last["pflash"] = value.pflash
+                self._event(last)
                 if reply.request.include_usage:
                     self._event(reply.usage_chunk(usage(len(value.prompt_tokens), len(value.tokens))))
         self.wfile.write(b"data: [DONE]\n\n")

@@ -60,6 +60,7 @@ class GenerateRequest:
     stream: bool = False
     include_usage: bool = False
     ignore_eos: bool = False  # extension (as in vLLM): generate exactly max_tokens
+    pflash: bool = False  # extension: a long prompt is compressed by the server's PFlash drafter first
     max_tokens_field: str = "max_tokens"  # or max_completion_tokens: the name an error gives back
 
     @property
@@ -142,7 +143,7 @@ _TEXT_NEUTRAL = {
     "suffix": (_neutral_only(None, ""), "null (suffix is not supported)"),
 }
 _SAMPLING = ("model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "stream_options",
-             "ignore_eos")
+             "ignore_eos", "pflash")
 CHAT_FIELDS = frozenset(_SAMPLING + ("messages", "max_completion_tokens") + tuple(_CHAT_NEUTRAL))
 TEXT_FIELDS = frozenset(_SAMPLING + ("prompt",) + tuple(_TEXT_NEUTRAL))
 
@@ -198,6 +199,7 @@ def parse_request(kind: str, body: Any, served_model: str) -> GenerateRequest:
     fields_out["stop"] = _stop(body.get("stop"))
     fields_out["stream"] = _optional_bool(body, "stream")
     fields_out["ignore_eos"] = _optional_bool(body, "ignore_eos")
+    fields_out["pflash"] = _optional_bool(body, "pflash")
     options = body.get("stream_options")
     if options is not None:
         if not fields_out["stream"]:
