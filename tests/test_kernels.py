@@ -268,6 +268,37 @@ def check_ragged(device: str, dtype: torch.dtype, window: int, sinks: bool = Fal
     return rel_error(got[real], want[real])
 
 
+def check_prefill_with_sinks(device: str, dtype: torch.dtype, window: int) -> float:
+    """A prefill of 100 rows of one sequence through cached_attention with sinks (gpt-oss's, in
+    programs of 16 rows and few splits), against float64."""
+    g = torch.Generator().manual_seed(3)
+    heads, kv_heads, head_dim, ctx, n = 8, 2, 64, 4096, 100
+    q = rand(n, heads, head_dim, device=device, dtype=dtype, generator=g)
+    k_cache = rand(kv_heads, ctx, head_dim, device=device, dtype=dtype, generator=g)
+    v_cache = rand(kv_heads, ctx, head_dim, device=device, dtype=dtype, generator=g)
+    if use_triton(q):  # the kernel reads nothing past the last position (the reference masks the whole cache)
+        k_cache[:, n:], v_cache[:, n:] = float("nan"), float("nan")
+    sink = torch.randn(heads, generator=g) * 2
+    scale = 1 / math.sqrt(head_dim)
+    got = kernels.cached_attention(q, k_cache, v_cache, torch.arange(n, device=device), scale, window=window,
+                                   sinks=sink.to(device)).double().cpu()
+    qd, kd, vd = q.double().cpu(), k_cache.double().cpu(), v_cache.double().cpu()
+    want = torch.empty_like(got)
+    for t in range(n):
+        first = max(0, t - window + 1) if window else 0
+        for h in range(heads):
+            logits = torch.cat([kd[h // (heads // kv_heads), first : t + 1] @ qd[t, h] * scale, sink[h : h + 1].double()])
+            want[t, h] = torch.softmax(logits, dim=0)[:-1] @ vd[h // (heads // kv_heads), first : t + 1]
+    return rel_error(got, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window", [0, 24])
+def test_a_prefill_with_sinks(device, dtype, window):
+    assert check_prefill_with_sinks(device, dtype, window) < TOLERANCE[dtype]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("window", [0, 24])
@@ -278,9 +309,11 @@ def test_ragged_attention_of_a_mixed_step(device, dtype, window, sinks):
 
 @pytest.mark.skipif(kernels._triton.triton is None, reason="Triton is not installed")
 def test_ragged_attention_tiles_under_the_interpreter():
-    """The tiled split-KV kernel's source, run by Triton's interpreter on the CPU."""
+    """The tiled split-KV kernel's source (and a sinks prefill), run by Triton's interpreter on the CPU."""
     errors = interpret("import json, torch; from tests.test_kernels import check_ragged; "
-                       "print(json.dumps([check_ragged('cpu', torch.float32, w, s) for w in (0, 24) for s in (0, 1)]))")
+                       "from tests.test_kernels import check_prefill_with_sinks; "
+                       "print(json.dumps([check_ragged('cpu', torch.float32, w, s) for w in (0, 24) for s in (0, 1)] "
+                       "+ [check_prefill_with_sinks('cpu', torch.float32, w) for w in (0, 24)]))")
     assert all(e < TOLERANCE[torch.float32] for e in errors), errors
 
 

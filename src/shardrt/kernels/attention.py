@@ -21,6 +21,7 @@ from ._triton import dot_precision, tl, triton, use_triton
 MAX_QUERY_TOKENS = 16  # the tokens of one program; an eager prefill of more goes through scaled_dot_product_attention
 LONG_RUN = 128  # rows of one sequence in a mixed step above which scaled_dot_product_attention takes them
 MIN_PROGRAMS = 512  # (kv head, split, tile) programs a tiled launch aims for: enough to fill a GPU
+MANY_PROGRAMS = 4  # programs of one sequence (64 rows: the largest graph's prompt) beyond which splits shrink
 BLOCK_N = 64
 MAX_SPLITS = 256
 
@@ -181,9 +182,11 @@ def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         tokens = MAX_QUERY_TOKENS
     group = n_heads // n_kv_heads
     rows = n * group
-    # few programs (decode): the cache in up to MAX_SPLITS chunks; many tiles need fewer, and so
-    # write fewer partial results
-    chunk, splits = split_size(ctx, MAX_SPLITS if tiles is None else _cdiv(MIN_PROGRAMS, programs * n_kv_heads))
+    # few programs (decode, a verify, a graph's prompt): the cache in up to MAX_SPLITS chunks; many
+    # (tiles, or a prefill of one sequence: gpt-oss's, whose sinks no SDPA takes) need fewer splits,
+    # and so write fewer partial results (at most MIN_PROGRAMS rows' worth, not splits x rows)
+    many = tiles is not None or (not batch and programs > MANY_PROGRAMS)
+    chunk, splits = split_size(ctx, _cdiv(MIN_PROGRAMS, programs * n_kv_heads) if many else MAX_SPLITS)
     partial = torch.empty((n_kv_heads, splits, rows, head_dim), dtype=torch.float32, device=q.device)
     max_sum = torch.empty((n_kv_heads, splits, rows, 2), dtype=torch.float32, device=q.device)
     out = torch.empty_like(q)
