@@ -67,6 +67,15 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return list(self.hf.encode(text))
 
+    def encode_many(self, texts: list[str], special: bool) -> list[list[int]]:
+        """Several texts at once, as `encode` (`special`: with the tokenizer's special tokens, BOS)
+        or `encode_rendered` would give each: one call into the Rust tokenizer, which leaves the
+        GIL and spreads the texts over the cores."""
+        backend = getattr(self.hf, "backend_tokenizer", None)
+        if backend is None:
+            return [list(self.hf.encode(t, add_special_tokens=special)) for t in texts]
+        return [list(e.ids) for e in backend.encode_batch(texts, add_special_tokens=special)]
+
     def decode(self, ids: list[int]) -> str:
         # clean-up of spaces is meant for WordPiece and corrupts byte-level BPE text
         return self.hf.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)

@@ -24,6 +24,7 @@ from ..config import LaunchConfig
 from ..errors import ConfigError, IpcError, ModelFormatError, StageDied
 from ..generate import Handover
 from ..sampling import SamplingParams
+from .encoding import BatchedEncoder
 from .metrics import ServerMetrics
 from .schema import ApiError, GenerateRequest
 
@@ -35,31 +36,29 @@ STOP_JOIN_S = 30.0  # how long shutdown waits for the engine thread (a restart i
 
 
 class SharedTokenizer:
-    """The tokenizer behind one lock: HTTP threads encode prompts while the engine thread decodes."""
+    """The tokenizer as the server's threads share it: HTTP threads encode prompts (in batches,
+    encoding.BatchedEncoder) while the engine thread decodes (behind a lock: one decode at a time)."""
 
     def __init__(self, tokenizer):
         self._tokenizer, self._lock = tokenizer, threading.Lock()
+        self._encoder = BatchedEncoder(tokenizer)
         self.stop_ids = tokenizer.stop_ids
 
     def encode(self, text: str) -> list[int]:
-        with self._lock:
-            return self._tokenizer.encode(text)
+        return self._encoder.encode(text, special=True)
 
     def decode(self, ids: list[int]) -> str:
         with self._lock:
             return self._tokenizer.decode(ids)
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        with self._lock:
-            return self._tokenizer.encode_chat(messages)
+        return self.encode_rendered(self.render_chat(messages))
 
     def render_chat(self, messages: list[dict]) -> str:
-        with self._lock:
-            return self._tokenizer.render_chat(messages)
+        return self._tokenizer.render_chat(messages)
 
     def encode_rendered(self, text: str) -> list[int]:
-        with self._lock:
-            return self._tokenizer.encode_rendered(text)
+        return self._encoder.encode(text, special=False)
 
 
 class Job:
