@@ -341,6 +341,11 @@ def test_serve_compresses_the_requests_that_ask(demo_model, demo_tokenizer, tmp_
         events = [json.loads(line[6:]) for line in stream.splitlines() if line.startswith("data: {")]
         assert status == 200 and events[-1]["pflash"]["kept_text"] == p["kept_text"]
         assert "".join(e["choices"][0]["text"] for e in events) == asked["choices"][0]["text"]
+        assert server.metric("shardrt_pflash_prompts_total", outcome="compressed") == 2  # asked, and streamed
+        assert server.metric("shardrt_pflash_prompts_total", outcome="passed_through") == 1
+        assert server.metric("shardrt_pflash_kept_tokens_total") == 2 * p["kept_tokens"]
+        assert server.metric("shardrt_pflash_prompt_tokens_total") == 2 * p["prompt_tokens"]
+        assert server.metric("shardrt_pflash_drafter_seconds_total") > 0
     assert "Traceback" not in server.stderr()
 
 

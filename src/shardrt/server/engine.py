@@ -276,6 +276,14 @@ class Engine:
             self.metrics.generations.inc(finish_reason="error")
             return False
         job.prompt_ids, job.pflash, job.prompt = ids, report, None
+        m = self.metrics
+        if report.passed_through is None:
+            m.pflash_prompts.inc(outcome="compressed")
+            m.pflash_prompt_tokens.inc(report.prompt_tokens)
+            m.pflash_kept_tokens.inc(report.kept_tokens)
+        else:
+            m.pflash_prompts.inc(outcome="passed_through")
+        m.pflash_drafter_seconds.inc(report.drafter_ms / 1000)
         return True
 
     def submit(self, job: Job) -> None:

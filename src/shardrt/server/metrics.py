@@ -126,6 +126,15 @@ class ServerMetrics:
         self.spec_accepted = Counter(r, "shardrt_spec_accepted_tokens_total", "Speculative tokens accepted")
         self.spec_handovers = Counter(r, "shardrt_spec_handovers_total",
                                       "Speculative generations that joined the batch when another request came")
+        self.pflash_prompts = Counter(r, "shardrt_pflash_prompts_total",
+                                      "Prompts that asked for PFlash, by outcome (compressed, passed_through)",
+                                      ("outcome",))
+        self.pflash_prompt_tokens = Counter(r, "shardrt_pflash_prompt_tokens_total",
+                                            "Target tokens of the prompts PFlash compressed")
+        self.pflash_kept_tokens = Counter(r, "shardrt_pflash_kept_tokens_total",
+                                          "Target tokens PFlash kept of them (what the target prefilled)")
+        self.pflash_drafter_seconds = Counter(r, "shardrt_pflash_drafter_seconds_total",
+                                              "Time the drafter spent reading and scoring prompts")
         self.up = Gauge(r, "shardrt_up", "1 when every stage is ready, else 0")
         self.restarts = Counter(r, "shardrt_restarts_total", "Cluster restarts after a stage died")
         self.last_restart = Gauge(r, "shardrt_last_restart_seconds", "How long the last cluster restart took")
