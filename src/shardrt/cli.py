@@ -265,7 +265,14 @@ def cmd_serve(args) -> int:
     config, model = _resolve(args)
     if config.max_seqs is None:  # decode requests together (a drafter drafts for a request alone)
         config = replace(config, max_seqs=SERVE_MAX_SEQS)
-    return serve(config, model, options)
+    code = serve(config, model, options)
+    # Everything is shut down and cleaned up by now (stages closed, segments unlinked, HTTP threads
+    # joined, each join bounded). Leave without the interpreter's finalization: a daemon thread
+    # still unwinding past its bounded join can abort it there (CPython's fatal error on the
+    # stderr lock at shutdown), turning a clean stop into SIGABRT.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def cmd_devices(args) -> int:
