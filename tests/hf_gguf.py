@@ -14,6 +14,52 @@ from gguf import GGUFWriter
 from .synthetic import add_tokenizer, tokenizer_vocab
 
 VOCAB = len(tokenizer_vocab()[0])
+PROMPT = torch.tensor([72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100, 33, 32, 84, 104, 101])
+TOKENS = 32  # greedy tokens each family is checked over (with the prompt, 49 positions)
+
+
+def written(model, write, path: Path) -> tuple[Path, object, torch.Tensor, list[int]]:
+    """(the GGUF `write` made of `model` at `path`, the model, transformers' logits of PROMPT,
+    its TOKENS greedy tokens after it): what a family's tests compare shardrt with."""
+    write(model, path)
+    with torch.no_grad():
+        ref = model(PROMPT[None]).logits[0]
+        greedy = model.generate(PROMPT[None], max_new_tokens=TOKENS, min_new_tokens=TOKENS, do_sample=False,
+                                pad_token_id=0)[0, len(PROMPT):].tolist()
+    return path, model, ref, greedy
+
+
+def greedy_of(pipeline) -> list[int]:
+    """TOKENS greedy tokens after PROMPT, one token a step (the cached-attention path)."""
+    pipeline.reset()
+    tokens = [pipeline.greedy(PROMPT, 0)]
+    while len(tokens) < TOKENS:
+        tokens.append(pipeline.greedy(torch.tensor(tokens[-1:]), len(PROMPT) + len(tokens) - 1))
+    return tokens
+
+
+def rewrite(path, out, arch: str, drop_tensors=(), extra_keys=None, edit=None):
+    """A copy of the GGUF at `path` with some tensors left out, some keys changed, some tensors
+    edited (name -> a function of the array)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    writer = GGUFWriter(out, arch)
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        value = (extra_keys or {}).get(key, field.contents())
+        writer.add_key_value(key, value, field.types[0], field.types[1] if len(field.types) > 1 else None)
+    for tensor in reader.tensors:
+        if tensor.name not in drop_tensors:
+            array = tensor.data.reshape(tuple(reversed(tensor.shape.tolist())))
+            writer.add_tensor(tensor.name, (edit or {}).get(tensor.name, lambda a: a)(array))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
 
 
 def tiny_qwen3_moe(seed: int = 0, layers: int = 3):

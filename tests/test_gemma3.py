@@ -16,21 +16,11 @@ from shardrt.sampling import SamplingParams
 from shardrt.stage import Stage
 from shardrt.tokenizer import Tokenizer
 
-from .hf_gguf import tiny_gemma3, write_gemma3
-
-PROMPT = torch.tensor([72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100, 33, 32, 84, 104, 101])
-TOKENS = 32
-
+from .hf_gguf import PROMPT, TOKENS, greedy_of, tiny_gemma3, write_gemma3, written
 
 @pytest.fixture(scope="module")
 def gemma(tmp_path_factory):
-    model = tiny_gemma3(seed=0)
-    path = write_gemma3(model, tmp_path_factory.mktemp("gemma3") / "tiny-gemma3.gguf")
-    with torch.no_grad():
-        ref = model(PROMPT[None]).logits[0]
-        greedy = model.generate(PROMPT[None], max_new_tokens=TOKENS, min_new_tokens=TOKENS, do_sample=False,
-                                pad_token_id=0)[0, len(PROMPT):].tolist()
-    return path, model, ref, greedy
+    return written(tiny_gemma3(seed=0), write_gemma3, tmp_path_factory.mktemp("gemma3") / "tiny-gemma3.gguf")
 
 
 def test_the_layers_are_what_gemma3_makes_them(gemma):
@@ -47,12 +37,7 @@ def test_logits_and_greedy_tokens_equal_transformers(gemma):
     stage = Stage(path, 0, 7, "cpu", max_ctx=128)
     ours = stage.forward(PROMPT, 0, all_logits=True)
     assert ref.abs().max() > 1 and (ours - ref).abs().max() < 1e-3
-    pipeline = Pipeline([stage])
-    pipeline.reset()
-    tokens = [pipeline.greedy(PROMPT, 0)]
-    while len(tokens) < TOKENS:  # one token at a time: the cached-attention path, through the window
-        tokens.append(pipeline.greedy(torch.tensor(tokens[-1:]), len(PROMPT) + len(tokens) - 1))
-    assert tokens == greedy and len(set(greedy)) > 4
+    assert greedy_of(Pipeline([stage])) == greedy and len(set(greedy)) > 4
 
 
 def test_three_processes_and_speculative_decoding_give_the_same_tokens(gemma):
@@ -81,8 +66,4 @@ def test_transformers_reads_our_file_as_we_do(gemma):
 def test_the_window_in_the_gpu_kernels_follows_transformers(gemma):
     path, _, ref, greedy = gemma
     gpu = Stage(path, 0, 7, "cuda:0", max_ctx=128, dtype=torch.float32)
-    pipeline = Pipeline([gpu])
-    tokens = [pipeline.greedy(PROMPT, 0)]
-    while len(tokens) < TOKENS:
-        tokens.append(pipeline.greedy(torch.tensor(tokens[-1:]), len(PROMPT) + len(tokens) - 1))
-    assert tokens == greedy and gpu.graph_forwards >= TOKENS - 1
+    assert greedy_of(Pipeline([gpu])) == greedy and gpu.graph_forwards >= TOKENS - 1

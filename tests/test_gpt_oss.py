@@ -18,30 +18,11 @@ from shardrt.sampling import SamplingParams
 from shardrt.stage import Stage
 from shardrt.tokenizer import Tokenizer
 
-from .hf_gguf import tiny_gpt_oss, write_gpt_oss
-from .test_moe import rewrite
-
-PROMPT = torch.tensor([72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100, 33, 32, 84, 104, 101])
-TOKENS = 32
-
+from .hf_gguf import PROMPT, TOKENS, greedy_of, rewrite, tiny_gpt_oss, write_gpt_oss, written
 
 @pytest.fixture(scope="module")
 def oss(tmp_path_factory):
-    model = tiny_gpt_oss(seed=1)
-    path = write_gpt_oss(model, tmp_path_factory.mktemp("oss") / "tiny-gpt-oss.gguf")
-    with torch.no_grad():
-        ref = model(PROMPT[None]).logits[0]
-        greedy = model.generate(PROMPT[None], max_new_tokens=TOKENS, do_sample=False, min_new_tokens=TOKENS,
-                                pad_token_id=0)[0, len(PROMPT):].tolist()
-    return path, model, ref, greedy
-
-
-def greedy_of(pipeline: Pipeline) -> list[int]:
-    pipeline.reset()
-    tokens = [pipeline.greedy(PROMPT, 0)]
-    while len(tokens) < TOKENS:
-        tokens.append(pipeline.greedy(torch.tensor(tokens[-1:]), len(PROMPT) + len(tokens) - 1))
-    return tokens
+    return written(tiny_gpt_oss(seed=1), write_gpt_oss, tmp_path_factory.mktemp("oss") / "tiny-gpt-oss.gguf")
 
 
 def test_the_layers_are_what_gpt_oss_makes_them(oss):

@@ -17,21 +17,11 @@ from shardrt.sampling import SamplingParams
 from shardrt.stage import Stage
 from shardrt.tokenizer import Tokenizer
 
-from .hf_gguf import tiny_qwen3_moe, write_qwen3_moe
-
-PROMPT = torch.tensor([72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100, 33, 32, 84, 104, 101])
-TOKENS = 32
-
+from .hf_gguf import PROMPT, TOKENS, greedy_of, rewrite, tiny_qwen3_moe, write_qwen3_moe, written
 
 @pytest.fixture(scope="module")
 def moe(tmp_path_factory):
-    model = tiny_qwen3_moe(seed=1)
-    path = write_qwen3_moe(model, tmp_path_factory.mktemp("moe") / "tiny-qwen3moe.gguf")
-    with torch.no_grad():
-        ref = model(PROMPT[None]).logits[0]
-        greedy = model.generate(PROMPT[None], max_new_tokens=TOKENS, do_sample=False, min_new_tokens=TOKENS,
-                                pad_token_id=0)[0, len(PROMPT):].tolist()
-    return path, model, ref, greedy
+    return written(tiny_qwen3_moe(seed=1), write_qwen3_moe, tmp_path_factory.mktemp("moe") / "tiny-qwen3moe.gguf")
 
 
 def test_logits_and_greedy_tokens_equal_transformers(moe):
@@ -40,12 +30,7 @@ def test_logits_and_greedy_tokens_equal_transformers(moe):
     assert stage.cfg.moe and (stage.cfg.n_experts, stage.cfg.n_experts_used, stage.cfg.expert_ffn_dim) == (8, 2, 32)
     ours = stage.forward(PROMPT, 0, all_logits=True)
     assert ref.abs().max() > 1 and (ours - ref).abs().max() < 1e-3
-    pipeline = Pipeline([stage])
-    pipeline.reset()
-    tokens = [pipeline.greedy(PROMPT, 0)]
-    while len(tokens) < TOKENS:
-        tokens.append(pipeline.greedy(torch.tensor(tokens[-1:]), len(PROMPT) + len(tokens) - 1))
-    assert tokens == greedy
+    assert greedy_of(Pipeline([stage])) == greedy
     assert len(set(greedy)) > 4  # not one token over and over
 
 
@@ -93,36 +78,9 @@ def test_a_damaged_moe_file_is_refused_by_name(moe, tmp_path, damage, needle):
         Stage(broken, 0, 3, "cpu", max_ctx=16)
 
 
-def rewrite(path, out, arch: str, drop_tensors=(), extra_keys=None, edit=None):
-    """A copy of the GGUF at `path` with some tensors left out, some keys changed, some tensors
-    edited (name -> a function of the array)."""
-    from gguf import GGUFReader, GGUFWriter
-
-    reader = GGUFReader(path)
-    writer = GGUFWriter(out, arch)
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue
-        value = (extra_keys or {}).get(key, field.contents())
-        writer.add_key_value(key, value, field.types[0], field.types[1] if len(field.types) > 1 else None)
-    for tensor in reader.tensors:
-        if tensor.name not in drop_tensors:
-            array = tensor.data.reshape(tuple(reversed(tensor.shape.tolist())))
-            writer.add_tensor(tensor.name, (edit or {}).get(tensor.name, lambda a: a)(array))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return out
-
-
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.version.cuda is None, reason="needs a CUDA GPU")
 def test_the_gathered_experts_in_gpu_graphs_follow_the_cpu(moe):
     path, _, ref, greedy = moe
     gpu = Stage(path, 0, 3, "cuda:0", max_ctx=128, dtype=torch.float32)
     assert gpu.runner.buckets == (1, 2, 4, 8, 16, 32)  # GATHER_ROWS 64 / top 2
-    pipeline = Pipeline([gpu])
-    tokens = [pipeline.greedy(PROMPT, 0)]
-    while len(tokens) < TOKENS:
-        tokens.append(pipeline.greedy(torch.tensor(tokens[-1:]), len(PROMPT) + len(tokens) - 1))
-    assert tokens == greedy and gpu.graph_forwards >= TOKENS - 1
+    assert greedy_of(Pipeline([gpu])) == greedy and gpu.graph_forwards >= TOKENS - 1
