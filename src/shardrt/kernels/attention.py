@@ -92,9 +92,8 @@ class Runs:
             for start, stop, _, _ in long:
                 for_kernel[start:stop] = [-1] * (stop - start)
             kernel_positions = torch.tensor(for_kernel, dtype=torch.long)
-        both = torch.tensor([[a for t in (tiles or [(0, 0)]) for a in t]], dtype=torch.int32)
-        return cls(runs, long, both.view(-1, 2).to(device_positions.device),
-                   kernel_positions.to(device_positions.device))
+        tile_table = torch.tensor(tiles or [(0, 0)], dtype=torch.int32)  # (0, 0): a tile of no rows
+        return cls(runs, long, tile_table.to(device_positions.device), kernel_positions.to(device_positions.device))
 
 
 def ragged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
