@@ -1,8 +1,9 @@
 """Quantized matrix products on one GPU, kernel by kernel, against the memory's rate.
 
 For each GGUF type and each matrix of a model's shape: the integer-dot kernel (kernels/qdot.py)
-over a sweep of its configs, the float kernels of kernels/quant.py, dequantize + cuBLAS, and
-cuBLAS on the same matrix in bf16, for 1 to 64 activation rows. Each is timed as replays of a
+and the int8 tensor-core kernel (kernels/mmq.py), each over a sweep of its configs, the float
+kernels of kernels/quant.py, dequantize + cuBLAS, and cuBLAS on the same matrix in bf16, for 1
+to 64 activation rows. Each is timed as replays of a
 CUDA graph over enough copies of the matrix that none stays in L2, and reported as GB/s of
 weights read, beside the device's copy bandwidth (bytes read plus written by a 1 GiB copy).
 The qdot kernel is checked against dequantize(W) @ dequantize(quantize(x)) before it is timed.
@@ -27,9 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_gguf  # noqa: E402
 
 from gguf import GGML_QUANT_SIZES  # noqa: E402
-from shardrt.kernels import qdot, quant  # noqa: E402
+from shardrt.kernels import mmq, qdot, quant  # noqa: E402
 from shardrt.kernels.quant import Q  # noqa: E402
 
+MMQ_SWEEP = ((64, 4), (128, 4), (128, 8), (256, 8))  # (rows per program, warps)
 SWEEP = ((1, 32, 1), (1, 64, 2), (2, 32, 2), (1, 128, 4), (2, 64, 4), (4, 32, 4), (2, 128, 8), (4, 64, 8))
 MIN_BYTES = 256 << 20  # copies of a matrix per timing: at least this many bytes, well past the L2
 
@@ -106,12 +108,13 @@ def check(qtype: Q, rows: int, cols: int) -> float:
 
 
 def _compile(jobs: list[tuple]) -> int:
-    """In a worker process: run each (qtype, cols, m, config) once on a small matrix, so that
-    Triton's cache holds the kernel when the timing process asks for it."""
-    for qtype, cols, m, config in jobs:
+    """In a worker process: run each (kernel, qtype, cols, m, config) once on a small matrix, so
+    that Triton's cache holds the kernel when the timing process asks for it."""
+    for kernel, qtype, cols, m, config in jobs:
         w = random_weight(Q(qtype), 64, cols, 0, "cuda")
         xq = qdot.quantize_rows(torch.randn(m, cols, device="cuda", dtype=torch.bfloat16))
-        qdot.linear(xq, w, torch.empty(m, 64, device="cuda", dtype=torch.bfloat16), tuple(config))
+        (qdot if kernel == "qdot" else mmq).linear(xq, w, torch.empty(m, 64, device="cuda", dtype=torch.bfloat16),
+                                                     tuple(config))
     torch.cuda.synchronize()
     return len(jobs)
 
@@ -150,6 +153,13 @@ def bench_matrix(qtype: Q, rows: int, cols: int, row_counts: list[int], sweep: b
             entry.setdefault("qdot_config", {})[m] = list(best)
             if m == 1 and sweep:
                 entry["sweep_us"] = {",".join(map(str, c)): round(t, 2) for c, t in qdot_times.items()}
+        if m > 1 and qtype in mmq.MMQ_TYPES:
+            xq = qdot.quantize_rows(x)
+            block = mmq.BLOCKS.get(qtype, mmq.DEFAULT_BLOCK)
+            mmq_times = {c: graph_time([lambda w=w, c=c: mmq.linear(xq, w, out, c) for w in weights])
+                         for c in dict.fromkeys((block,) + (MMQ_SWEEP if sweep else ()))}
+            times["mmq"] = mmq_times[block]
+            entry.setdefault("mmq_sweep_us", {})[m] = {",".join(map(str, c)): round(t, 2) for c, t in mmq_times.items()}
         if m == 1 and qtype in quant.MATVEC_CONFIG:
             times["matvec"] = graph_time([lambda w=w: quant._matvec(x, w, out) for w in weights])
         if m <= quant.MAX_TILE_ROWS:
@@ -186,7 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     wanted = [(t, shape, name, rc) for t in types for shape, mats in shapes.items() for name, rc in mats.items()
               if not args.matrices or name in args.matrices.split(",")]
     widths = sorted({(int(t), rc[1]) for t, _, _, rc in wanted})
-    precompile([(qt, cols, 1, c) for qt, cols in widths for c in (SWEEP if not args.no_sweep else ())], args.workers)
+    jobs = [("qdot", qt, cols, 1, c) for qt, cols in widths for c in (SWEEP if not args.no_sweep else ())]
+    jobs += [("mmq", qt, cols, m, c) for qt, cols in widths if Q(qt) in mmq.MMQ_TYPES for m in row_counts if m > 1
+             for c in (MMQ_SWEEP if not args.no_sweep else ())]
+    precompile(jobs, args.workers)
     found: dict[str, list] = {}
     for qtype, shape, name, (rows, cols) in wanted:
         key = f"{qtype.name} {rows}x{cols}"

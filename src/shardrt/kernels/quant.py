@@ -4,11 +4,12 @@
 that each plane is one contiguous, aligned array the kernels can load in wide, coalesced reads;
 the bytes are the file's, except that Q4_K/Q5_K/Q3_K/IQ4_XS keep their packed sub-block scales
 unpacked to a byte each (at most +3.6%), and Q2_K/Q3_K's scales are re-laid in the order the
-integer kernel reads them. `linear(x, w)` picks one of four paths per type, shape and row count
+integer kernel reads them. `linear(x, w)` picks one of five paths per type, shape and row count
 by timing them once (`choose`):
 
 - qdot: integer dot products against x quantized per block of 32 (qdot.py), for 1 to 8 rows of
   bf16/fp16 activations on CUDA: the decode and speculative-verify path, near the memory's rate;
+- mmq: the same quantized rows in int8 tensor-core products (mmq.py), for batches of rows;
 - matvec: one row dequantized to float in registers and summed per scale group;
 - tile: a tile of weights dequantized in registers into a tensor-core product, up to 64 rows
   (float32 activations, ROCm, batches);
@@ -21,6 +22,7 @@ kernel: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -28,7 +30,7 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from . import qdot
+from . import mmq, qdot
 from ._triton import dot_precision, tl, triton, use_triton
 from .qdot import IQ4_VALUES
 
@@ -248,8 +250,8 @@ def linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None
     if out is None:
         out = torch.empty((n, w.rows), dtype=x.dtype, device=x.device)
     path = choose(w, n, x)
-    if path == "qdot":
-        qdot.linear(xq if xq is not None else qdot.quantize_rows(x), w, out)
+    if path in INTEGER_PRODUCTS:
+        INTEGER_PRODUCTS[path](xq if xq is not None else qdot.quantize_rows(x), w, out)
     else:
         PRODUCTS[path](x, w, out)
     if bias is not None:
@@ -259,7 +261,8 @@ def linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None
 
 def quantize_for(x: torch.Tensor, weights) -> qdot.QuantizedRows | None:
     """x quantized once for the parts of `weights` that take the integer path, or None."""
-    if use_triton(x) and any(isinstance(w, QuantizedWeight) and choose(w, x.shape[0], x) == "qdot" for w in weights):
+    if use_triton(x) and any(isinstance(w, QuantizedWeight) and choose(w, x.shape[0], x) in INTEGER_PRODUCTS
+                             for w in weights):
         return qdot.quantize_rows(x)
     return None
 
@@ -268,25 +271,28 @@ def quantize_for(x: torch.Tensor, weights) -> qdot.QuantizedRows | None:
 # on the type, the shape, n and the GPU, so the first product of each (type, shape, dtype, rows
 # bucket) times them once, outside any graph capture, and keeps the fastest:
 #   qdot         integer dot products against the rows quantized per 32 (qdot.py), up to 8 rows
+#   mmq          the same rows in int8 tensor-core products (mmq.py), 2 to MMQ_ROWS rows
 #   matvec       one row, dequantized to float in registers, summed per scale group
 #   tile         a tile of weights dequantized in registers into a tensor-core product, up to 64 rows
 #   dequantized  the whole matrix dequantized into a scratch buffer, then cuBLAS (prefill)
 # SHARDRT_QUANT_PATH=NAME takes that path wherever it is a candidate (to compare, or to test one).
 MAX_TILE_ROWS = 64
-PATHS = ("qdot", "matvec", "tile", "dequantized")
+MMQ_ROWS = 256  # past this many rows cuBLAS on the dequantized matrix wins anyway
+PATHS = ("qdot", "mmq", "matvec", "tile", "dequantized")
 PATH_ENV = "SHARDRT_QUANT_PATH"
 _choices: dict[tuple, str] = {}
 
 
 def candidates(w: QuantizedWeight, n: int, x: torch.Tensor) -> tuple[str, ...]:
-    if n > MAX_TILE_ROWS:
-        return ("dequantized",)
     out = ()
     if n <= qdot.MAX_ROWS and w.qtype in qdot.QDOT_TYPES and qdot.supported(x):
         out += ("qdot",)
+    if 1 < n <= MMQ_ROWS and mmq.supported(w.qtype, x):
+        out += ("mmq",)
     if n == 1 and w.qtype in MATVEC_CONFIG:
         out += ("matvec",)
-    out += ("tile",)
+    if n <= MAX_TILE_ROWS:
+        out += ("tile",)
     return out + (("dequantized",) if n > qdot.MAX_ROWS else ())
 
 
@@ -329,7 +335,7 @@ def _gpu_time(path: str, w: QuantizedWeight, n: int, dtype: torch.dtype, reps: i
     a path of two kernels (qdot quantizes x first) pays no more launch cost than it will there."""
     x = torch.randn(n, w.cols, device=w.device, dtype=dtype)
     out = torch.empty(n, w.rows, device=w.device, dtype=dtype)
-    op = (lambda: qdot.linear(qdot.quantize_rows(x), w, out)) if path == "qdot" else (lambda: PRODUCTS[path](x, w, out))
+    op = functools.partial(PRODUCTS[path], x, w, out)
     with torch.cuda.device(w.device):
         for _ in range(3):
             op()  # compiles, then warms (and makes the scratch matrix outside the graph's pool)
@@ -440,7 +446,11 @@ def _dequantized_product(x: torch.Tensor, w: QuantizedWeight, out: torch.Tensor)
     return out.copy_(x @ weight.T)
 
 
-PRODUCTS = {"matvec": lambda x, w, out: _matvec(x, w, out), "tile": lambda x, w, out: _fused_linear(x, w, out),
+# the paths that multiply x quantized per block of 32 (parts of one product share it)
+INTEGER_PRODUCTS = {"qdot": qdot.linear, "mmq": mmq.linear}
+PRODUCTS = {"qdot": lambda x, w, out: qdot.linear(qdot.quantize_rows(x), w, out),
+            "mmq": lambda x, w, out: mmq.linear(qdot.quantize_rows(x), w, out),
+            "matvec": lambda x, w, out: _matvec(x, w, out), "tile": lambda x, w, out: _fused_linear(x, w, out),
             "dequantized": _dequantized_product}
 
 
