@@ -41,6 +41,7 @@ SHAPES = {
     "llama3-1b": Shape(layers=16, dim=2048, heads=32, kv_heads=8, ffn=8192),
     "llama3-8b": Shape(layers=32, dim=4096, heads=32, kv_heads=8, ffn=14336),
     "llama3-70b": Shape(layers=80, dim=8192, heads=64, kv_heads=8, ffn=28672),
+    "smollm2-135m": Shape(layers=30, dim=576, heads=9, kv_heads=3, ffn=1536, rope_base=100000.0),  # a drafter's
 }
 Q = GGMLQuantizationType
 FLOAT_TYPES = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
@@ -95,7 +96,8 @@ def random_tensor(name: str, shape: tuple[int, ...], qtype: Q, generator: torch.
     return (x.view(torch.uint16) if dtype == torch.bfloat16 else x).numpy().view(NUMPY_BITS[dtype])
 
 
-def write(out: Path, shape: Shape, type_name: str, tokenizer_from: Path, seed: int, progress: bool = True) -> int:
+def write(out: Path, shape: Shape, type_name: str, tokenizer_from: Path, seed: int, progress: bool = True,
+          context: int = 8192) -> int:
     if type_name not in TYPES:
         raise ValueError(f"--type: {type_name!r} is not one of {', '.join(TYPES)}")
     source = GGUFReader(tokenizer_from)
@@ -105,7 +107,7 @@ def write(out: Path, shape: Shape, type_name: str, tokenizer_from: Path, seed: i
     writer = GGUFWriter(out, "llama")
     writer.add_name(f"random {shape.layers}-layer llama, dim {shape.dim} ({type_name})")
     writer.add_block_count(shape.layers)
-    writer.add_context_length(8192)
+    writer.add_context_length(context)
     writer.add_embedding_length(shape.dim)
     writer.add_feed_forward_length(shape.ffn)
     writer.add_head_count(shape.heads)
@@ -153,7 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--type", choices=TYPES, default="bf16", help="tensor types (see above)")
     parser.add_argument("--tokenizer-from", type=Path, help="GGUF whose tokenizer to copy (default: the demo model)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ctx", type=int, default=8192, help="the context length the file declares")
     args = parser.parse_args(argv)
+    if args.ctx <= 0:
+        parser.error(f"--ctx: {args.ctx} is not a positive number of tokens")
     shape = SHAPES[args.shape]
     if args.layers is not None:
         if args.layers <= 0:
@@ -166,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.tokenizer_from.is_file():
         parser.error(f"--tokenizer-from: {str(args.tokenizer_from)!r} is not a file")
     t0 = time.perf_counter()
-    total = write(args.out, shape, args.type, args.tokenizer_from, args.seed)
+    total = write(args.out, shape, args.type, args.tokenizer_from, args.seed, context=args.ctx)
     print(f"wrote {args.out} ({total / (1 << 30):.2f} GiB of weights) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return 0
 

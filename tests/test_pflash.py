@@ -20,8 +20,9 @@ from shardrt.config import LaunchConfig, PflashConfig
 from shardrt.errors import ConfigError, IpcError
 from shardrt.launch import Cluster
 from shardrt.niah import QUESTION, haystack
-from shardrt.pflash import PromptText, Scoring, forced_tail, kept_text, runs, select
+from shardrt.pflash import PFLASH_PREFILL, PromptText, Scoring, forced_tail, kept_text, runs, select
 from shardrt.placement import parse_device, parse_devices
+from shardrt.stage import prefill_buckets
 from shardrt.sampling import SamplingParams
 
 from .synthetic import write_model
@@ -77,6 +78,14 @@ def test_selection_keeps_whole_chunks_within_the_budget_plus_head_and_tail():
     assert forced_tail(64, budget=10, turn_token=30, line_token=40, s=s) == 60
 
 
+def test_a_stage_prefills_in_buckets_up_to_its_max_prefill():
+    assert prefill_buckets(1024) == (32, 64, 128, 256, 512, 1024)
+    assert prefill_buckets(8192)[-4:] == (1024, 2048, 4096, 8192)
+    for bad in (512, 3000, 0):
+        with pytest.raises(ConfigError, match=f"max_prefill: {bad} is not a power of two of at least 1024"):
+            prefill_buckets(bad)
+
+
 def test_kept_text_is_the_prompts_own_characters():
     text = "alpha beta gamma delta"
     offsets = [(0, 5), (5, 10), (10, 16), (16, 22)]
@@ -105,6 +114,7 @@ def test_drafter_daemon_is_its_own_process_holding_the_whole_drafter(cluster, de
     assert stage.hello["layers"] == [0, 30] and stage.hello["backend"] == "cpu"
     assert stage.hello["visible_env"] == {} and stage.daemon.child_env == {}
     assert stage.max_ctx == 8192  # the drafter's trained context, not the target's max_ctx
+    assert stage.hello["max_prefill"] == PFLASH_PREFILL == Scoring().prefill_chunk  # few launches of each layer
     assert cluster.pipeline.max_ctx == MAX_CTX and len(cluster.pipeline.stages) == 1
 
 

@@ -298,7 +298,7 @@ class Cluster:
         """The PFlash drafter's daemon, holding every layer of it on its own device, pinned like
         any other; its KV cache holds the drafter's trained context (at most PFLASH_MAX_CTX). Its
         GGUF and tokenizer are read here first, so a file that does not load starts nothing."""
-        from .pflash import PFLASH_MAX_CTX
+        from .pflash import PFLASH_MAX_CTX, PFLASH_PREFILL
         from .tokenizer import Tokenizer
 
         try:
@@ -315,7 +315,8 @@ class Cluster:
         identity = model_identity(pflash.model, cfg)
         daemon = self._start_daemon(process, [row], pflash.model, identity,
                                     self.config.shared_bytes or auto_shared_bytes(cfg),
-                                    label=f"pflash daemon ({device})", max_seqs=1, max_ctx=max_ctx)
+                                    label=f"pflash daemon ({device})", max_seqs=1, max_ctx=max_ctx,
+                                    max_prefill=PFLASH_PREFILL)
         return daemon, identity, row.span, cfg, tokenizer, max_ctx
 
     def _connect_pflash(self, daemon, identity, span, cfg, tokenizer, max_ctx) -> None:
@@ -350,7 +351,7 @@ class Cluster:
 
     def _start_daemon(self, process: ProcessPlan, run: list[ShardRow], model: Path, identity: dict,
                       shared: int, label: str | None = None, max_seqs: int | None = None,
-                      max_ctx: int | None = None) -> DaemonProcess:
+                      max_ctx: int | None = None, max_prefill: int = 1024) -> DaemonProcess:
         if self.runtime_dir is None:
             self.runtime_dir = make_runtime_dir()
         shards = tuple(ShardSpec(str(r.shard.device), process.local_index(r.shard.device), r.shard.start, r.shard.stop)
@@ -363,7 +364,7 @@ class Cluster:
             runtime_dir=self.runtime_dir, index=process.index, shared_bytes=shared, model=str(model.resolve()),
             identity=identity, shards=shards, max_ctx=max_ctx or self.config.max_ctx, dtype=self.config.dtype,
             graphs=self.config.graphs, weights=self.config.weights, max_seqs=max_seqs or self.config.seqs,
-            threads=self.threads if _holds_cpu(run) else None,
+            threads=self.threads if _holds_cpu(run) else None, max_prefill=max_prefill,
         )
         self.daemons.append(daemon)
         log.info("started %s as pid %d with %s", daemon.label, daemon.pid, process.child_env() or "no pinning")

@@ -99,7 +99,8 @@ class DaemonProcess:
     def __init__(self, *, label: str, backend: str, python: str | None, child_env: dict[str, str],
                  runtime_dir: Path, index: int, shared_bytes: int, model: str | None, identity: dict,
                  shards: tuple, max_ctx: int, dtype: str = "auto", graphs: bool = True, weights: str = "auto",
-                 max_seqs: int = 1, threads: int | None = None, transport: str = "ipc", bind_host: str = "127.0.0.1"):
+                 max_seqs: int = 1, threads: int | None = None, transport: str = "ipc", bind_host: str = "127.0.0.1",
+                 max_prefill: int = 1024):
         self.label, self.max_seqs, self.transport = label, max_seqs, transport
         self.child_env = dict(child_env)
         self.log_path = runtime_dir / f"d{index}.log"
@@ -118,7 +119,7 @@ class DaemonProcess:
         child_fds.append(read_fd)
         spec = DaemonSpec(label=label, backend=backend, model=model, identity=identity, shards=shards, max_ctx=max_ctx,
                           death_fd=read_fd, dtype=dtype, graphs=graphs, weights=weights, max_seqs=max_seqs,
-                          threads=threads, **link)
+                          max_prefill=max_prefill, threads=threads, **link)
         python = self.python = python or sys.executable
         try:
             with open(self.log_path, "wb") as log:

@@ -25,6 +25,10 @@ from .errors import ConfigError
 log = logging.getLogger(__name__)
 
 PFLASH_MAX_CTX = 32768  # the drafter's KV cache: its trained context, at most this
+# tokens the drafter's GPU stage prefills in one launch of each layer: a drafter's layers are small,
+# and in chunks of 1024 a 16K prompt cost ~40 us a token of launching (an H200's drafter took
+# longer than the 8B target's own prefill of the whole prompt)
+PFLASH_PREFILL = 8192
 
 
 @dataclass(frozen=True)
@@ -35,7 +39,7 @@ class Scoring:
     head: int = 16  # the first tokens: always kept, and left out of the scores (attention sinks)
     chunk: int = 16  # tokens are kept in whole chunks of this many
     smooth: int = 9  # scores are averaged over this many neighbouring tokens first
-    prefill_chunk: int = 512  # the drafter prefills the prompt this many tokens at a time
+    prefill_chunk: int = PFLASH_PREFILL  # the drafter prefills the prompt this many tokens at a time
     first_layer: float = 1 / 6  # layers scored: the drafter's global-attention layers from this height up
 
 

@@ -32,6 +32,19 @@ log = logging.getLogger(__name__)
 PREFILL_BUCKETS = (32, 64, 128, 256, 512, 1024)
 
 
+def prefill_buckets(max_prefill: int) -> tuple[int, ...]:
+    """The chunk sizes of a stage that prefills up to `max_prefill` tokens at once: the buckets
+    above, doubled on past 1024 (a PFlash drafter takes a long prompt in a few launches of every
+    layer, not in one per 1024 tokens: its layers are small, and launching them costs more than
+    running them)."""
+    if max_prefill < PREFILL_BUCKETS[-1] or max_prefill & (max_prefill - 1):
+        raise ConfigError(f"max_prefill: {max_prefill} is not a power of two of at least {PREFILL_BUCKETS[-1]}")
+    buckets = PREFILL_BUCKETS
+    while buckets[-1] < max_prefill:
+        buckets += (2 * buckets[-1],)
+    return buckets
+
+
 @dataclass(frozen=True)
 class Captured:
     """A capture slice: the hidden states after `layer` for `count` tokens from position `start`."""
@@ -76,8 +89,9 @@ def batch_ends(seqs: list[int], positions: list[int], lengths: list[int], max_ct
 class Stage:
     def __init__(self, model_path: str | Path, start: int, stop: int, device: str | torch.device = "cpu",
                  max_ctx: int = 4096, dtype: torch.dtype | None = None, graphs: bool = True,
-                 weights: str = "auto", max_seqs: int = 1):
+                 weights: str = "auto", max_seqs: int = 1, max_prefill: int = PREFILL_BUCKETS[-1]):
         t0 = time.perf_counter()
+        self.prefill_buckets = prefill_buckets(max_prefill)
         self.model_path = Path(model_path)
         self.device = torch.device(device)
         self.dtype = dtype or default_dtype(self.device)
@@ -154,7 +168,7 @@ class Stage:
         """Throwaway forwards, so a GPU's lazy initialisation and kernel selection are paid at load
         time, not by the first request: one prefill chunk of every size, and a one-token step."""
         # every chunk size, then a prompt of two chunks (attention over keys before the chunk)
-        sizes = [b for b in PREFILL_BUCKETS if b < self.max_ctx] or [1]
+        sizes = [b for b in self.prefill_buckets if b < self.max_ctx] or [1]
         if 2 * sizes[-1] < self.max_ctx:
             sizes.append(2 * sizes[-1])
         for n in sizes:
@@ -316,14 +330,14 @@ class Stage:
 
     def _prefill(self, inputs: torch.Tensor, base_pos: int, last: int, keep: set[int],
                  seq: int) -> dict[int, torch.Tensor]:
-        """Many tokens on a GPU: chunks of at most PREFILL_BUCKETS[-1] tokens, each padded up to a
+        """Many tokens on a GPU: chunks of at most the largest prefill bucket, each padded up to a
         bucket size the warm-up ran (the padding rows sit after the real ones: no real query sees
         them, and the next real tokens overwrite their KV)."""
-        pieces, n = [], inputs.shape[0]
-        for start in range(0, n, PREFILL_BUCKETS[-1]):
-            count = min(PREFILL_BUCKETS[-1], n - start)
+        pieces, n, largest = [], inputs.shape[0], self.prefill_buckets[-1]
+        for start in range(0, n, largest):
+            count = min(largest, n - start)
             pos = base_pos + start
-            padded = next((b for b in PREFILL_BUCKETS if b >= count and pos + b <= self.max_ctx), count)
+            padded = next((b for b in self.prefill_buckets if b >= count and pos + b <= self.max_ctx), count)
             chunk = inputs[start : start + count]
             if padded > count:
                 chunk = torch.cat((chunk, chunk.new_zeros((padded - count, *chunk.shape[1:]))))

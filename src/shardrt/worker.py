@@ -70,6 +70,7 @@ class DaemonSpec:
     graphs: bool = True
     weights: str = "auto"
     max_seqs: int = 1
+    max_prefill: int = 1024  # tokens a GPU stage prefills at once (stage.prefill_buckets)
     threads: int | None = None  # torch's CPU threads (launch.cpu_threads); None: its default
     transport: str = "ipc"  # or "tcp": endpoint, shm_name unused; bind_host, client_key, ready_fd used
     bind_host: str = "127.0.0.1"
@@ -170,6 +171,7 @@ class ShardServer:
             "torch": torch.__version__,
             "cover": [str(s.cover) for s in self.stages if hasattr(s, "cover")],
             "kernels": [s.kernels_line() for s in self.stages if hasattr(s, "kernels_line")],
+            "max_prefill": self.spec.max_prefill,
             "rss_bytes": _rss(),
         }
 
@@ -523,7 +525,7 @@ def load_stages(spec: DaemonSpec) -> list:
         device = parse_device(shard.device).torch_device(shard.local_index)
         stages.append(Stage(Path(spec.model), shard.start, shard.stop, device, max_ctx=spec.max_ctx,
                             dtype=compute_dtype(spec.dtype, device), graphs=spec.graphs,
-                            weights=spec.weights, max_seqs=spec.max_seqs))
+                            weights=spec.weights, max_seqs=spec.max_seqs, max_prefill=spec.max_prefill))
     return stages
 
 
