@@ -174,7 +174,8 @@ class BatchScheduler:
         for other in self.running:
             if other is run or other.donor is not None or id(other) in pending:
                 continue
-            n = common_prefix(other.prompt, run.prompt)
+            # one that does not share MIN_SHARED tokens past what the prefix cache gave is no donor
+            n = common_prefix(other.prompt, run.prompt, at_least=run.prefilled + MIN_SHARED)
             if n > shared:
                 best, shared = other, n
         shared = min(shared, len(run.prompt) - 1)  # at least one token must run, for the next logits

@@ -12,13 +12,25 @@ from dataclasses import dataclass
 from ..errors import ConfigError
 
 
-def common_prefix(a, b) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+def common_prefix(a, b, at_least: int = 0) -> int:
+    """How many leading tokens two sequences share. Slices of one type compare in C, so the
+    answer is found by halving the range in doubt (a burst of requests behind one 1000-token
+    system prompt asks this for every pair: a token-by-token loop cost ~50 ms of the engine's
+    thread). With `at_least`, 0 is the answer as soon as the first at_least tokens differ."""
+    if type(a) is not type(b):  # a tuple and a list are never equal
+        a, b = list(a), list(b)
+    lo, hi = 0, min(len(a), len(b))
+    if at_least and (hi < at_least or a[:at_least] != b[:at_least]):
+        return 0
+    if a[:hi] == b[:hi]:
+        return hi
+    while hi - lo > 1:  # a[:lo] == b[:lo] and a[:hi] != b[:hi]
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 @dataclass
