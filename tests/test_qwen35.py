@@ -18,6 +18,7 @@ import torch
 from shardrt.config import DraftConfig, LaunchConfig
 from shardrt.errors import ConfigError, ModelFormatError
 from shardrt.generate import generate
+from shardrt.kernels._triton import triton
 from shardrt.launch import Cluster
 from shardrt.pipeline import Pipeline
 from shardrt.placement import parse_devices
@@ -284,3 +285,43 @@ def test_a_stage_maps_only_its_layers(qwen35):
     whole = Stage(path, 0, LAYERS, "cpu", max_ctx=16)
     assert first.cover.covered_bytes < whole.cover.covered_bytes and last.cover.covered_bytes < whole.cover.covered_bytes
     assert first.state.ssm.shape[0] == 2 and first.k_cache.shape[0] == 0
+
+
+def check_the_kernels(path: str, device: str) -> dict:
+    """The family through the kernels of `device` (Triton's, the delta rule's among them), float32:
+    its logits against transformers' in the file beside the model, greedy tokens, and a rolled-back
+    verify (replayed by the same kernel) bit for bit."""
+    from pathlib import Path
+
+    path = Path(path)
+    ref, greedy = torch.load(path.with_suffix(".ref"))
+    stage = Stage(path, 0, LAYERS, device, max_ctx=64, dtype=torch.float32)
+    error = (stage.forward(PROMPT.to(device), 0, all_logits=True).cpu() - ref).abs().max().item()
+    tokens = greedy_of(Pipeline([stage]))
+    stage.truncate(len(PROMPT) + 3)
+    before = state_of(stage)
+    stage.forward(torch.tensor([5, 6, 7, 8], device=device), len(PROMPT) + 3)
+    stage.truncate(len(PROMPT) + 3)
+    return {"error": error, "greedy": tokens == greedy, "rolled_back": same_state(state_of(stage), before)}
+
+
+@pytest.fixture(scope="module")
+def with_reference(qwen35):
+    path, _, ref, greedy = qwen35
+    torch.save((ref, greedy), path.with_suffix(".ref"))
+    return path
+
+
+@pytest.mark.skipif(triton is None, reason="Triton is not installed")
+def test_the_triton_kernels_under_the_interpreter_follow_transformers(with_reference):
+    from .triton_interpreter import interpret
+
+    result = interpret("import json; from tests.test_qwen35 import check_the_kernels; "
+                       f"print(json.dumps(check_the_kernels({str(with_reference)!r}, 'cpu')))")
+    assert result["error"] < 1e-3 and result["greedy"] and result["rolled_back"], result
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_the_gpu_kernels_follow_transformers(with_reference):
+    result = check_the_kernels(str(with_reference), "cuda:0")
+    assert result["error"] < 1e-3 and result["greedy"] and result["rolled_back"], result

@@ -1,7 +1,8 @@
-"""The gated delta rule of Qwen3.5's linear-attention (DeltaNet) layers, as torch references that
-run on any device: the causal depthwise convolution over q/k/v with its carried state, the
-recurrence one token at a time (decode, speculative verifies, and replaying kept rows exactly),
-and its chunked form for long prompts.
+"""The gated delta rule of Qwen3.5's linear-attention (DeltaNet) layers: the causal depthwise
+convolution over q/k/v with its carried state, the recurrence one token at a time (decode,
+speculative verifies, and replaying kept rows exactly), and its chunked form for long prompts.
+Torch references that run on any device; the recurrence also as a Triton kernel (one program per
+sequence, value head and block of value columns, its state in registers across the tokens).
 
 The recurrent state of one head is a [k_dim, v_dim] float32 matrix S. A token with key k,
 value v, query q, decay g (a log, <= 0) and write strength beta does
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from ._triton import tl, triton, use_triton
 
 L2_EPS = 1e-6  # inside the square root of the L2 norm of q and k (as transformers and FLA use it)
 CHUNK = 64  # tokens of one block of the chunked form
@@ -49,7 +52,13 @@ def recurrent(q, k, v, g, beta, state: torch.Tensor) -> tuple[torch.Tensor, torc
     """One token at a time. q, k [b, t, key_heads, k_dim] (normalised, q scaled), v [b, t, heads,
     v_dim], g and beta [b, t, heads], all float32; state [b, heads, k_dim, v_dim] float32, not
     changed. Returns (out [b, t, heads, v_dim], the state after the last token). Each token's
-    arithmetic is the same whatever t is, so replaying kept rows gives the state bit for bit."""
+    arithmetic is the same whatever t (and b) is, so replaying kept rows gives the state bit for bit."""
+    if use_triton(v):
+        return _recurrent_triton(q, k, v, g, beta, state)
+    return recurrent_reference(q, k, v, g, beta, state)
+
+
+def recurrent_reference(q, k, v, g, beta, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     heads = v.shape[2]
     q, k = tile_heads(q, heads), tile_heads(k, heads)
     out = torch.empty_like(v)
@@ -100,3 +109,41 @@ def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, ep
     x32 = x.float()
     normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
     return (normed * F.silu(gate.float())).to(x.dtype)
+
+
+def _recurrent_triton(q, k, v, g, beta, state):
+    b, t, key_heads, k_dim = q.shape
+    heads, v_dim = v.shape[2:]
+    q, k, v, g, beta, state = (x.contiguous() for x in (q, k, v, g, beta, state))
+    out, after = torch.empty_like(v), torch.empty_like(state)
+    block_v = min(64, triton.next_power_of_2(v_dim))
+    _recurrent_kernel[(b, heads, triton.cdiv(v_dim, block_v))](
+        q, k, v, g, beta, state, out, after, t, heads, key_heads, k_dim, v_dim,
+        BLOCK_K=triton.next_power_of_2(k_dim), BLOCK_V=block_v, num_warps=4)
+    return out, after
+
+
+if triton is not None:
+    @triton.jit
+    def _recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, state_ptr, out_ptr, after_ptr, T, H, HK, DK, DV,
+                          BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
+        seq, head, block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        key_head = head % HK  # tiled: value head j reads key head j % key_heads
+        dk = tl.arange(0, BLOCK_K)
+        dv = block * BLOCK_V + tl.arange(0, BLOCK_V)
+        k_ok, v_ok = dk < DK, dv < DV
+        cell = ((seq * H + head) * DK + dk[:, None]) * DV + dv[None, :]
+        both = k_ok[:, None] & v_ok[None, :]
+        state = tl.load(state_ptr + cell, mask=both, other=0.0)  # [BLOCK_K, BLOCK_V] float32
+        for i in range(T):
+            row = seq * T + i
+            q = tl.load(q_ptr + (row * HK + key_head) * DK + dk, mask=k_ok, other=0.0)
+            k = tl.load(k_ptr + (row * HK + key_head) * DK + dk, mask=k_ok, other=0.0)
+            v = tl.load(v_ptr + (row * H + head) * DV + dv, mask=v_ok, other=0.0)
+            decay = tl.exp(tl.load(g_ptr + row * H + head))
+            beta = tl.load(beta_ptr + row * H + head)
+            state = state * decay
+            delta = (v - tl.sum(state * k[:, None], axis=0)) * beta
+            state = state + k[:, None] * delta[None, :]
+            tl.store(out_ptr + (row * H + head) * DV + dv, tl.sum(state * q[:, None], axis=0), mask=v_ok)
+        tl.store(after_ptr + cell, state, mask=both)
