@@ -1,5 +1,6 @@
 """`DeltaNetBlock`: one linear-attention layer of qwen35 (Qwen3.5 / Qwen3.6's gated DeltaNet) with
-its feed-forward, over the conv and recurrent states of its sequences instead of a KV cache.
+its feed-forward (qwen35moe's experts), over the conv and recurrent states of its sequences instead
+of a KV cache.
 
 One product gives the mixed q/k/v, the output gate z, beta and the decay input a; q/k/v pass a
 causal depthwise convolution (SiLU) that carries the last kernel - 1 inputs of each sequence; q

@@ -156,6 +156,8 @@ def expected_shape(cfg: ModelConfig, name: str) -> tuple[int, ...] | None:
         "attn_sinks.weight": (cfg.n_heads,), "attn_output.bias": (dim,), "ffn_gate_inp.bias": (cfg.n_experts,),
         "ffn_gate_exps.bias": (cfg.n_experts, cfg.expert_ffn_dim), "ffn_up_exps.bias": (cfg.n_experts, cfg.expert_ffn_dim),
         "ffn_down_exps.bias": (cfg.n_experts, dim),
+        "ffn_gate_shexp.weight": (cfg.shared_expert_ffn_dim, dim), "ffn_up_shexp.weight": (cfg.shared_expert_ffn_dim, dim),
+        "ffn_down_shexp.weight": (dim, cfg.shared_expert_ffn_dim), "ffn_gate_inp_shexp.weight": (dim,),
         "attn_qkv.weight": (cfg.conv_dim, dim), "attn_gate.weight": (inner, dim), "ssm_beta.weight": (heads, dim),
         "ssm_alpha.weight": (heads, dim), "ssm_a": (heads,), "ssm_dt.bias": (heads,),
         "ssm_conv1d.weight": (cfg.conv_dim, cfg.ssm_conv_kernel), "ssm_norm.weight": (inner // max(heads, 1),),
@@ -166,6 +168,7 @@ def expected_shape(cfg: ModelConfig, name: str) -> tuple[int, ...] | None:
 def check_shape(gguf: GGUFFile, cfg: ModelConfig, name: str) -> None:
     """A tensor whose shape disagrees with the metadata fails here, not as a torch error mid-forward."""
     shape = tuple(reversed(require_tensor(gguf, name).shape))
+    shape = shape[1:] if len(shape) == 2 and shape[0] == 1 else shape  # [1, n] is a vector too, as llama.cpp has it
     want = expected_shape(cfg, name)
     if want is not None and shape != want:
         raise ModelFormatError(
@@ -251,7 +254,7 @@ class StageWeights:
         return merged[0] if len(merged) == 1 else tuple(merged)
 
     def load_block(self, layer: int, device, dtype) -> dict[str, torch.Tensor]:
-        """A Block's weights, q/k/v and gate/up stacked (see model.BLOCK_WEIGHTS); experts' gate and
+        """A Block's weights, q/k/v and gate/up stacked (see model.block_weights); experts' gate and
         up stacked per expert; a DeltaNet layer's decay parameters in float32."""
         return {key: (self.load_experts if key.endswith(("_exps", "_exps_bias")) else self.load_stacked)(
                     tuple(f"blk.{layer}.{t}" for t in parts), device, torch.float32 if key in FLOAT32_WEIGHTS else dtype)

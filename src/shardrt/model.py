@@ -25,12 +25,12 @@ from .gguf_file import GGUFFile
 
 # architecture -> rope style its GGUF weights are laid out for
 ROPE_STYLE = {"llama": "interleaved", "mistral": "interleaved", "qwen2": "neox", "qwen3": "neox", "qwen3moe": "neox",
-              "gemma3": "neox", "gpt-oss": "neox", "qwen35": "neox"}
+              "gemma3": "neox", "gpt-oss": "neox", "qwen35": "neox", "qwen35moe": "neox"}
 # Gemma 3: embeddings scaled by sqrt(dim), GeGLU, norms after attention and after the feed-forward
 # (the GGUF's norm weights hold 1 + w, as Gemma's norms apply them), and five local layers (a
 # sliding window, rope base 10000) to every global one (the file's rope base and scaling)
 GEMMA3_LOCAL_ROPE_BASE, GEMMA3_PATTERN = 10000.0, 6
-MOE_ARCHS = ("qwen3moe", "gpt-oss")  # a router and stacked experts instead of one feed-forward
+MOE_ARCHS = ("qwen3moe", "gpt-oss", "qwen35moe")  # a router and stacked experts instead of one feed-forward
 # gpt-oss: every other layer local (a sliding window, the same rope), one learned sink logit per
 # head in each softmax, biases on q/k/v, the attention output, the router and the experts, the
 # clamped SwiGLU (kernels.clamped_swiglu), and its feed-forward norm named post_attention_norm
@@ -39,7 +39,8 @@ GPT_OSS_PATTERN = 2
 # full_attention_interval-th layer a full one, whose q projection carries an output gate per head
 # (rows q_h then gate_h), with q/k norms and rope over the first rope.dimension_count dims of a head;
 # the feed-forward norm is named post_attention_norm. The ssm.* keys give the DeltaNet's shape.
-HYBRID_ARCHS = ("qwen35",)
+# qwen35moe: the same with qwen3moe's experts and a shared expert behind a sigmoid gate.
+HYBRID_ARCHS = ("qwen35", "qwen35moe")
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class ModelConfig:
     n_experts_used: int = 0  # the top k each token goes through
     expert_ffn_dim: int = 0
     expert_weights_norm: bool = True  # the top k's probabilities renormalized to sum to one
+    shared_expert_ffn_dim: int = 0  # a shared expert beside the routed ones (qwen35moe); 0: none
     embed_scale: float = 1.0  # token embeddings are multiplied by this
     activation: str = "silu"  # the gated feed-forward's: silu (SwiGLU) or gelu (GeGLU, tanh)
     post_norms: bool = False  # RMSNorms on the attention's and the feed-forward's outputs
@@ -182,7 +184,8 @@ class ModelConfig:
         experts: dict = {}
         if moe:
             experts = {"n_experts": int(key("expert_count")), "n_experts_used": int(key("expert_used_count")),
-                       "expert_ffn_dim": int(key("expert_feed_forward_length"))}
+                       "expert_ffn_dim": int(key("expert_feed_forward_length")),
+                       "shared_expert_ffn_dim": int(key("expert_shared_feed_forward_length", 0))}
             if not 0 < experts["n_experts_used"] <= experts["n_experts"] or experts["expert_ffn_dim"] <= 0:
                 raise ModelFormatError(f"model: {arch}.expert_used_count {experts['n_experts_used']} and "
                                        f"expert_count {experts['n_experts']} are not 0 < used <= count, or "
@@ -282,11 +285,21 @@ class FeedForward:
                                                       weights["ffn_down_exps_bias"]) if cfg.expert_biases else None
         else:
             self.ffn_gate_up, self.ffn_down = weights["ffn_gate_up"], weights["ffn_down"]
+        self.shared = weights.get("ffn_gate_up_shexp") is not None
+        if self.shared:
+            self.ffn_gate_up, self.ffn_down = weights["ffn_gate_up_shexp"], weights["ffn_down_shexp"]
+            self.shared_gate = weights["ffn_gate_inp_shexp"].reshape(1, -1)
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
-        if self.cfg.moe:
-            return kernels.moe(h, self.router, self.experts_gate_up, self.experts_down, self.cfg.n_experts_used,
-                               self.cfg.expert_weights_norm, self.act, self.expert_biases)
+        if not self.cfg.moe:
+            return self.dense(h)
+        out = kernels.moe(h, self.router, self.experts_gate_up, self.experts_down, self.cfg.n_experts_used,
+                          self.cfg.expert_weights_norm, self.act, self.expert_biases)
+        if self.shared:  # the shared expert, behind its sigmoid gate
+            out = out + torch.sigmoid(kernels.linear(h, self.shared_gate)) * self.dense(h)
+        return out
+
+    def dense(self, h: torch.Tensor) -> torch.Tensor:
         return kernels.linear(self.act(kernels.linear(h, self.ffn_gate_up)), self.ffn_down)
 
 
@@ -380,8 +393,8 @@ ACTIVATIONS = {"silu": kernels.silu_mul, "gelu": kernels.gelu_mul, "clamped_swig
 BLOCK_WEIGHTS = {
     "attn_norm": ("attn_norm.weight",), "attn_qkv": ("attn_q.weight", "attn_k.weight", "attn_v.weight"),
     "attn_output": ("attn_output.weight",), "ffn_norm": ("ffn_norm.weight",),
-    "ffn_gate_up": ("ffn_gate.weight", "ffn_up.weight"), "ffn_down": ("ffn_down.weight",),
 }
+FFN_WEIGHTS = {"ffn_gate_up": ("ffn_gate.weight", "ffn_up.weight"), "ffn_down": ("ffn_down.weight",)}
 BIAS_WEIGHTS = {"attn_qkv_bias": ("attn_q.bias", "attn_k.bias", "attn_v.bias")}
 # a mixture of experts instead of ffn_gate_up / ffn_down: the router, and each expert's gate and up
 # stacked per expert ([E, 2 * ff, dim]) and its down ([E, dim, ff])
@@ -403,21 +416,24 @@ GPT_OSS_WEIGHTS = {"ffn_norm": ("post_attention_norm.weight",), "attn_sinks": ("
 QWEN35_WEIGHTS = {"ffn_norm": ("post_attention_norm.weight",)}
 DELTANET_WEIGHTS = {
     "attn_norm": ("attn_norm.weight",), "ffn_norm": ("post_attention_norm.weight",),
-    "ffn_gate_up": ("ffn_gate.weight", "ffn_up.weight"), "ffn_down": ("ffn_down.weight",),
     "ssm_in": ("attn_qkv.weight", "attn_gate.weight", "ssm_beta.weight", "ssm_alpha.weight"),
     "ssm_conv1d": ("ssm_conv1d.weight",), "ssm_a": ("ssm_a",), "ssm_dt": ("ssm_dt.bias",),
     "ssm_norm": ("ssm_norm.weight",), "ssm_out": ("ssm_out.weight",),
 }
 
 
+# qwen35moe: a shared expert beside the routed ones, its gate one row
+SHARED_EXPERT_WEIGHTS = {"ffn_gate_up_shexp": ("ffn_gate_shexp.weight", "ffn_up_shexp.weight"),
+                         "ffn_down_shexp": ("ffn_down_shexp.weight",), "ffn_gate_inp_shexp": ("ffn_gate_inp_shexp.weight",)}
+
+
 def block_weights(cfg: ModelConfig, layer: int = 0) -> dict[str, tuple[str, ...]]:
     """The weights of layer `layer`: a Block's, or a DeltaNet layer's where cfg.recurrent(layer)."""
+    weights = {**(DELTANET_WEIGHTS if cfg.recurrent(layer) else BLOCK_WEIGHTS), **(MOE_WEIGHTS if cfg.moe else FFN_WEIGHTS)}
+    if cfg.shared_expert_ffn_dim:
+        weights.update(SHARED_EXPERT_WEIGHTS)
     if cfg.recurrent(layer):
-        return dict(DELTANET_WEIGHTS)
-    weights = dict(BLOCK_WEIGHTS)
-    if cfg.moe:
-        del weights["ffn_gate_up"], weights["ffn_down"]
-        weights.update(MOE_WEIGHTS)
+        return weights
     if cfg.qkv_bias:
         weights.update(BIAS_WEIGHTS)
     if cfg.qk_norm:

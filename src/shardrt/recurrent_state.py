@@ -65,9 +65,9 @@ class RecurrentState:
     def begin(self, seq: int, at: int, n: int) -> bool:
         """Before a forward of n rows of `seq` from position `at` (where its state stands): whether
         its rows are to be kept (`keep`), the mark moved here first when they would not fit."""
-        self.draft = None if seq == 0 else self.draft
         if seq != 0:
             return False
+        self.draft = None
         if n > KEEP_ROWS:
             self.mark = None
             return False
@@ -133,12 +133,12 @@ class RecurrentState:
         """Make the live state of `seq` the one at position `at` (speculative rollback)."""
         if at == length:
             return
-        conv, ssm = self.state_at(seq, at, length)
+        if at == 0:
+            self.reset(seq)
+            return
+        conv, ssm = self.state_at(seq, at, length)  # (a replay from sequence 0's mark: it holds no other)
         self.conv[:, seq], self.ssm[:, seq] = conv, ssm
-        if seq == 0:
-            self.draft = None
-            if self.mark is not None:
-                self.kept = at - self.mark
+        self.draft, self.kept = None, at - self.mark
 
     def reset(self, seq: int | None = None) -> None:
         """Every sequence, or one, back to the empty state."""
