@@ -317,6 +317,47 @@ def test_ragged_attention_tiles_under_the_interpreter():
     assert all(e < TOLERANCE[torch.float32] for e in errors), errors
 
 
+def check_delta_rule(device: str) -> dict:
+    """qwen35's gated delta rule from a carried state: the one-token-at-a-time recurrence (the
+    Triton kernel where it runs) and the chunked form against the reference in float64 (relative
+    errors of the outputs and the final state), and whether the recurrence over t rows leaves the
+    very state that m rows and then the rest do (what rollback by replay relies on)."""
+    from shardrt.kernels import deltanet as rule
+
+    g = torch.Generator().manual_seed(5)
+    b, t, key_heads, heads, k_dim, v_dim = 2, 70, 2, 4, 32, 24  # v_dim 24: a masked block; t > one chunk
+    q = rule.l2_normalise(torch.randn(b, t, key_heads, k_dim, generator=g)) * k_dim ** -0.5
+    k = rule.l2_normalise(torch.randn(b, t, key_heads, k_dim, generator=g))
+    v = torch.randn(b, t, heads, v_dim, generator=g)
+    decay, beta = -torch.rand(b, t, heads, generator=g), torch.rand(b, t, heads, generator=g)
+    state = torch.randn(b, heads, k_dim, v_dim, generator=g)
+    want_out, want_state = rule.recurrent_reference(*(x.double() for x in (q, k, v, decay, beta, state)))
+    args = [x.to(device) for x in (q, k, v, decay, beta, state)]
+    errors = {}
+    for name, run in (("recurrent", rule.recurrent), ("chunked", rule.chunked)):
+        out, after = run(*args)
+        errors[name] = max(rel_error(out, want_out), rel_error(after, want_state))
+    _, whole = rule.recurrent(*args)
+    _, half = rule.recurrent(*(x[:, :30] for x in args[:5]), args[5])
+    _, rest = rule.recurrent(*(x[:, 30:] for x in args[:5]), half)
+    errors["split_equal"] = bool(torch.equal(whole, rest))
+    return errors
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_delta_rule_recurrent_and_chunked(device):
+    errors = check_delta_rule(device)
+    assert errors.pop("split_equal") and max(errors.values()) < TOLERANCE[torch.float32], errors
+
+
+@pytest.mark.skipif(kernels._triton.triton is None, reason="Triton is not installed")
+def test_the_delta_rule_kernel_under_the_interpreter():
+    """The recurrence's Triton source, run by Triton's interpreter on the CPU."""
+    errors = interpret("import json; from tests.test_kernels import check_delta_rule; "
+                       "print(json.dumps(check_delta_rule('cpu')))")
+    assert errors.pop("split_equal") and max(errors.values()) < TOLERANCE[torch.float32], errors
+
+
 def test_kernel_choice_is_checked(monkeypatch):
     from shardrt.errors import ConfigError
 

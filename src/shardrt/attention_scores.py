@@ -27,6 +27,9 @@ def score_prompt(stage, ids: torch.Tensor, *, window: int, skip: int, chunk: int
     scored layer), `chunk` tokens at a time, and score each token: float32 [n] on the CPU, zero
     outside the candidates [skip, n - window). The stage's cache is left holding the prompt."""
     n, cfg, span = ids.shape[0], stage.cfg, stage.span
+    if cfg.hybrid:  # its gated queries and linear layers are not what the scores below recompute
+        raise ConfigError(f"score_prompt: a {cfg.arch} model cannot be the PFlash drafter; give one of the "
+                          "attention-only families")
     if not span.embed:
         raise ConfigError(f"score_prompt: stage {span} does not hold the embedding")
     if not (window >= 1 and skip >= 0 and skip + window < n):

@@ -198,7 +198,8 @@ def cmd_plan(args) -> int:
         "where": r.process.where,
         "local_device": r.process.local_index(r.shard.device) if r.shard.device.is_gpu else None,
         "pinned_env": r.process.child_env(), "layers": str(r.span), "weight_bytes": r.weight_bytes,
-        "device_weight_bytes": r.device_bytes, "kv_bytes": r.need.kv, "working_bytes": r.need.scratch + r.need.runtime,
+        "device_weight_bytes": r.device_bytes, "kv_bytes": r.need.kv, "state_bytes": r.need.state,
+        "working_bytes": r.need.scratch + r.need.runtime,
         "need_bytes": r.need.total, "memory_pool": placement.pools[r.shard.device], "cover": r.cover,
         "python": _python_of(config, r.process), "kernels": planned_kernels(r.shard.device).describe(),
         "weights_held": "blocks" if holds_blocks(r.shard.device, config.weights) else "dense",
@@ -233,13 +234,15 @@ def _print_plan(model, cfg, config, table: list[dict], pools: dict, unchecked: d
     gib = 1 << 30
     seqs = f" x {config.seqs} sequences" if config.seqs > 1 else ""
     print(f"model {model.name}: {cfg.arch}, {cfg.n_layers} layers, max_ctx {config.max_ctx}{seqs}")
+    # the KV cache column holds the DeltaNet layers' recurrent state too (qwen35): both are per sequence
     headers = ("host", "backend", "device", "process", "pinned env", "layers", "weights", "KV cache", "needs",
                "kernels", "span cover")
     cells = [(t["host"], t["backend"], t["device"] + (f" (local {t['local_device']})" if t["local_device"] is not None
                                                        and t["process"] != "coordinator" else ""),
               " ".join(filter(None, (t["process"], t["where"]))),
               " ".join(f"{k}={v}" for k, v in t["pinned_env"].items()) or "-", t["layers"],
-              f"{t['device_weight_bytes'] / (1 << 20):.1f} MiB {t['weights_held']}", f"{t['kv_bytes'] / (1 << 20):.1f} MiB",
+              f"{t['device_weight_bytes'] / (1 << 20):.1f} MiB {t['weights_held']}",
+              f"{(t['kv_bytes'] + t['state_bytes']) / (1 << 20):.1f} MiB",
               f"{t['need_bytes'] / gib:.2f} GiB", t["kernels"], t["cover"]) for t in table]
     widths = [max(len(str(c)) for c in col) for col in zip(headers, *cells)]
     for line in (headers, *cells):

@@ -164,6 +164,11 @@ class _Verifier:
     def __init__(self, pipeline: Pipeline, sampler: Sampler, capture: tuple[int, ...], ring):
         self.pipeline, self.sampler, self.capture, self.ring = pipeline, sampler, capture, ring
 
+    def feed(self, prompt: list[int], pos: int) -> None:
+        """Prompt tokens into the cache (from `pos`) with no token sampled after them."""
+        _, captured = self.pipeline.greedy_all(torch.tensor(prompt, dtype=torch.long), pos, capture=self.capture)
+        self._keep(captured)
+
     def prefill(self, prompt: list[int], pos: int) -> int:
         """The first token after the prompt (its positions from `pos` on)."""
         x = torch.tensor(prompt, dtype=torch.long)
@@ -234,7 +239,13 @@ def generate(pipeline: Pipeline, tokenizer: Tokenizer, prompt_ids: list[int], pa
     tokens = out.tokens
     pending: list[int] = []
     if params.max_tokens:
-        pending = [verify.prefill(prompt_ids[reused:], reused)]
+        start = reused
+        stop = prefix_cache.checkpoint_at(prompt_ids, reused) if prefix_cache is not None else None
+        if stop is not None:
+            verify.feed(prompt_ids[reused:stop], reused)
+            prefix_cache.store(prompt_ids[:stop])
+            start = stop
+        pending = [verify.prefill(prompt_ids[start:], start)]
     if drafter is not None:
         drafter.begin(prompt_ids)
     t1 = time.perf_counter()

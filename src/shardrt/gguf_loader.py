@@ -71,7 +71,7 @@ class SpanCover:
 
 
 def stage_tensor_names(cfg: ModelConfig, span: LayerSpan) -> list[str]:
-    names = [f"blk.{i}.{t}" for i in range(span.start, span.stop) for t in block_tensor_names(cfg)]
+    names = [f"blk.{i}.{t}" for i in range(span.start, span.stop) for t in block_tensor_names(cfg, i)]
     if cfg.has_rope_freqs:
         names.append("rope_freqs.weight")
     if span.embed:
@@ -100,6 +100,8 @@ def require_tensor(gguf: GGUFFile, name: str) -> TensorInfo:
         raise ModelFormatError(f"model: {gguf.path.name!r} lacks tensor {name!r}")
     return info
 
+
+FLOAT32_WEIGHTS = ("ssm_a", "ssm_dt")  # a DeltaNet's decay: -exp(A_log) and its bias, exp'd over every token
 
 # float types torch reads as they are stored, without a trip through numpy float32
 PLAIN_TYPES = {GGMLQuantizationType.F32: torch.float32, GGMLQuantizationType.F16: torch.float16,
@@ -138,9 +140,10 @@ def expected_shape(cfg: ModelConfig, name: str) -> tuple[int, ...] | None:
     """The torch-order shape the model computes with for tensor `name`, as llama.cpp checks it."""
     short = name.split(".", 2)[2] if name.startswith("blk.") else name
     dim, ffn, q, kv = cfg.dim, cfg.ffn_dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    heads, inner = cfg.ssm_v_heads, cfg.ssm_inner  # a DeltaNet layer's (qwen35)
     return {
         "attn_norm.weight": (dim,), "ffn_norm.weight": (dim,), "output_norm.weight": (dim,),
-        "attn_q.weight": (q, dim), "attn_k.weight": (kv, dim), "attn_v.weight": (kv, dim),
+        "attn_q.weight": (2 * q if cfg.attention_gate else q, dim), "attn_k.weight": (kv, dim), "attn_v.weight": (kv, dim),
         "attn_output.weight": (dim, q), "attn_q.bias": (q,), "attn_k.bias": (kv,), "attn_v.bias": (kv,),
         "attn_q_norm.weight": (cfg.head_dim,), "attn_k_norm.weight": (cfg.head_dim,),
         "post_attention_norm.weight": (dim,), "post_ffw_norm.weight": (dim,),
@@ -153,12 +156,19 @@ def expected_shape(cfg: ModelConfig, name: str) -> tuple[int, ...] | None:
         "attn_sinks.weight": (cfg.n_heads,), "attn_output.bias": (dim,), "ffn_gate_inp.bias": (cfg.n_experts,),
         "ffn_gate_exps.bias": (cfg.n_experts, cfg.expert_ffn_dim), "ffn_up_exps.bias": (cfg.n_experts, cfg.expert_ffn_dim),
         "ffn_down_exps.bias": (cfg.n_experts, dim),
+        "ffn_gate_shexp.weight": (cfg.shared_expert_ffn_dim, dim), "ffn_up_shexp.weight": (cfg.shared_expert_ffn_dim, dim),
+        "ffn_down_shexp.weight": (dim, cfg.shared_expert_ffn_dim), "ffn_gate_inp_shexp.weight": (dim,),
+        "attn_qkv.weight": (cfg.conv_dim, dim), "attn_gate.weight": (inner, dim), "ssm_beta.weight": (heads, dim),
+        "ssm_alpha.weight": (heads, dim), "ssm_a": (heads,), "ssm_dt.bias": (heads,),
+        "ssm_conv1d.weight": (cfg.conv_dim, cfg.ssm_conv_kernel), "ssm_norm.weight": (inner // max(heads, 1),),
+        "ssm_out.weight": (dim, inner),
     }.get(short)
 
 
 def check_shape(gguf: GGUFFile, cfg: ModelConfig, name: str) -> None:
     """A tensor whose shape disagrees with the metadata fails here, not as a torch error mid-forward."""
     shape = tuple(reversed(require_tensor(gguf, name).shape))
+    shape = shape[1:] if len(shape) == 2 and shape[0] == 1 else shape  # [1, n] is a vector too, as llama.cpp has it
     want = expected_shape(cfg, name)
     if want is not None and shape != want:
         raise ModelFormatError(
@@ -244,11 +254,11 @@ class StageWeights:
         return merged[0] if len(merged) == 1 else tuple(merged)
 
     def load_block(self, layer: int, device, dtype) -> dict[str, torch.Tensor]:
-        """A Block's weights, q/k/v and gate/up stacked (see model.BLOCK_WEIGHTS); experts' gate and
-        up stacked per expert."""
+        """A Block's weights, q/k/v and gate/up stacked (see model.block_weights); experts' gate and
+        up stacked per expert; a DeltaNet layer's decay parameters in float32."""
         return {key: (self.load_experts if key.endswith(("_exps", "_exps_bias")) else self.load_stacked)(
-                    tuple(f"blk.{layer}.{t}" for t in parts), device, dtype)
-                for key, parts in block_weights(self.cfg).items()}
+                    tuple(f"blk.{layer}.{t}" for t in parts), device, torch.float32 if key in FLOAT32_WEIGHTS else dtype)
+                for key, parts in block_weights(self.cfg, layer).items()}
 
     def load_experts(self, names: tuple[str, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """Stacked expert tensors [E, rows, cols] (or their biases [E, rows]) side by side along each expert's rows, in one new

@@ -92,7 +92,7 @@ def plan_rows(config: LaunchConfig, gguf: GGUFFile, cfg: ModelConfig) -> list[Sh
     for shard in shards:
         span = LayerSpan.of(shard.start, shard.stop, cfg.n_layers)
         weights = StageWeights(gguf, cfg, span, prefetch=False)
-        need = shard_need(gguf, cfg, span, shard.device, config.dtype, config.weights, config.kv_tokens)
+        need = shard_need(gguf, cfg, span, shard.device, config.dtype, config.weights, config.kv_tokens, config.seqs)
         rows.append(ShardRow(shard, by_index[shard.process], span, weights.cover.covered_bytes, need,
                              str(weights.cover)))
     return rows
@@ -109,7 +109,7 @@ def plan_placement(config: LaunchConfig, gguf: GGUFFile, cfg: ModelConfig, found
         """c with an auto split resolved, or None when its devices cannot hold every layer."""
         pools, budget = memory_pools(c.devices, found), budgets(c.devices, found, c.reserve)
         if c.layer_split == "auto":
-            caps = capacities(gguf, cfg, c.devices, budget, pools, c.dtype, c.weights, c.kv_tokens)
+            caps = capacities(gguf, cfg, c.devices, budget, pools, c.dtype, c.weights, c.kv_tokens, c.seqs)
             if sum(int(x) for x in caps) < cfg.n_layers:
                 return None
             c = replace(c, layer_split=auto_split(cfg.n_layers, caps, [d.is_gpu for d in c.devices]))
@@ -145,7 +145,8 @@ def plan_placement(config: LaunchConfig, gguf: GGUFFile, cfg: ModelConfig, found
     if p is not None:
         return p  # the caller refuses it with one line per device
     pools, budget = memory_pools(config.devices, found), budgets(config.devices, found, config.reserve)
-    caps = capacities(gguf, cfg, config.devices, budget, pools, config.dtype, config.weights, config.kv_tokens)
+    caps = capacities(gguf, cfg, config.devices, budget, pools, config.dtype, config.weights, config.kv_tokens,
+                      config.seqs)
     held = ", ".join(f"{d} {c:.1f}" for d, c in zip(config.devices, caps))
     raise PlacementError(f"--layer-split auto: {','.join(map(str, config.devices))} hold {sum(int(c) for c in caps)} of "
                          f"the model's {cfg.n_layers} layers at max_ctx {config.max_ctx} ({held}); lower --max-ctx, "

@@ -2,7 +2,8 @@
 fits (`--layer-split auto`, `--max-ctx auto`), and the refusal, before any weight is read.
 
 A shard needs its weights (as they will sit on the device: quantized blocks or dequantized to
-the compute dtype), its KV cache (`max_ctx` tokens for each of `max_seqs` sequences), working
+the compute dtype), its KV cache (`max_ctx` tokens for each of `max_seqs` sequences), the
+recurrent state of its DeltaNet layers (qwen35: a fixed size per sequence), working
 memory for a prefill chunk (activations, the logits row, the scratch matrix of quantized
 weights) and, on a GPU, the runtime's own (context, libraries, graph pools). A device offers its free memory less a reserve
 (`--vram-reserve`, YAML `reserve`, `SHARDRT_VRAM_RESERVE`; by default 512 MiB per GPU, 2 GiB more
@@ -30,6 +31,7 @@ from .kernels._triton import kernels_choice
 from .kernels.support import KernelPath, kernel_path
 from .model import ModelConfig
 from .placement import DeviceSpec
+from .recurrent_state import state_bytes
 
 GIB, MIB = 1 << 30, 1 << 20
 RESERVE_ENV = "SHARDRT_VRAM_RESERVE"
@@ -68,10 +70,11 @@ class Need:
     kv: int
     scratch: int
     runtime: int
+    state: int = 0  # the DeltaNet layers' recurrent state
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv + self.scratch + self.runtime
+        return self.weights + self.kv + self.state + self.scratch + self.runtime
 
 
 def dtype_bytes(dtype: str, gpu: bool) -> int:
@@ -80,6 +83,10 @@ def dtype_bytes(dtype: str, gpu: bool) -> int:
 
 def kv_bytes(cfg: ModelConfig, layers: int, tokens: int, element: int) -> int:
     return 2 * layers * cfg.n_kv_heads * cfg.head_dim * tokens * element
+
+
+def recurrent_layers(cfg: ModelConfig, span: LayerSpan) -> int:
+    return sum(cfg.recurrent(i) for i in range(span.start, span.stop))
 
 
 def scratch_bytes(cfg: ModelConfig, gguf: GGUFFile, names: list[str], gpu: bool, element: int,
@@ -103,14 +110,16 @@ def scratch_bytes(cfg: ModelConfig, gguf: GGUFFile, names: list[str], gpu: bool,
 
 
 def shard_need(gguf: GGUFFile, cfg: ModelConfig, span: LayerSpan, device: DeviceSpec, dtype: str, weights: str,
-               kv_tokens: int) -> Need:
-    """kv_tokens: what the KV cache holds, max_ctx for each sequence slot (config.kv_tokens)."""
+               kv_tokens: int, seqs: int = 1) -> Need:
+    """kv_tokens: what the KV cache holds, max_ctx for each of the `seqs` sequence slots (config.kv_tokens)."""
     gpu = device.is_gpu
     element = dtype_bytes(dtype, gpu)
     quantized = holds_blocks(device, weights)
     names = stage_tensor_names(cfg, span)
+    recurrent = recurrent_layers(cfg, span)
     return Need(weights=device_weight_bytes(gguf, names, element, quantized),
-                kv=kv_bytes(cfg, span.stop - span.start, kv_tokens, element),
+                kv=kv_bytes(cfg, span.stop - span.start - recurrent, kv_tokens, element),
+                state=state_bytes(cfg, recurrent, seqs, element) if recurrent else 0,
                 scratch=scratch_bytes(cfg, gguf, names, gpu, element, quantized),
                 runtime=GPU_RUNTIME if gpu else 0)
 
@@ -219,24 +228,28 @@ def _proportional(n_layers: int, capacity: list[float], take: list[bool]) -> tup
     return tuple(c / n_layers for c in counts)
 
 
-def layer_bytes(gguf: GGUFFile, cfg: ModelConfig, device: DeviceSpec, dtype: str, weights: str, kv_tokens: int) -> int:
-    """A middle layer's weights and KV cache on `device`."""
+def layer_bytes(gguf: GGUFFile, cfg: ModelConfig, device: DeviceSpec, dtype: str, weights: str, kv_tokens: int,
+                seqs: int = 1) -> int:
+    """A middle layer's weights and KV cache on `device`; with DeltaNet layers beside attention
+    ones, an average layer's weights, KV cache and state."""
     mid = cfg.n_layers // 2
-    need = shard_need(gguf, cfg, LayerSpan(mid, mid + 1, False, False), device, dtype, weights, kv_tokens)
-    return need.weights + need.kv
+    span = LayerSpan(0, cfg.n_layers, False, False) if cfg.hybrid else LayerSpan(mid, mid + 1, False, False)
+    need = shard_need(gguf, cfg, span, device, dtype, weights, kv_tokens, seqs)
+    return (need.weights + need.kv + need.state) // (span.stop - span.start)
 
 
 def fixed_bytes(gguf: GGUFFile, cfg: ModelConfig, device: DeviceSpec, dtype: str, weights: str, kv_tokens: int,
-                first: bool, last: bool) -> int:
+                first: bool, last: bool, seqs: int = 1) -> int:
     """What a shard on `device` needs besides its layers: runtime, working memory, and the
     embedding if it comes first and the head if it comes last."""
     mid = cfg.n_layers // 2
-    bare = shard_need(gguf, cfg, LayerSpan(mid, mid + 1, first, last), device, dtype, weights, kv_tokens)
-    return bare.total - layer_bytes(gguf, cfg, device, dtype, weights, kv_tokens)
+    bare = shard_need(gguf, cfg, LayerSpan(mid, mid + 1, first, last), device, dtype, weights, kv_tokens, seqs)
+    middle = shard_need(gguf, cfg, LayerSpan(mid, mid + 1, False, False), device, dtype, weights, kv_tokens, seqs)
+    return bare.total - (middle.weights + middle.kv + middle.state)
 
 
 def capacities(gguf: GGUFFile, cfg: ModelConfig, devices: tuple[DeviceSpec, ...], memory: dict[str, DeviceMemory],
-               pool: dict[DeviceSpec, str], dtype: str, weights: str, kv_tokens: int) -> list[float]:
+               pool: dict[DeviceSpec, str], dtype: str, weights: str, kv_tokens: int, seqs: int = 1) -> list[float]:
     """How many layers each device can hold; devices drawing on one pool share it evenly."""
     sharing = {p: sum(1 for d in devices if pool[d] == p) for p in set(pool.values())}
     out = []
@@ -245,8 +258,10 @@ def capacities(gguf: GGUFFile, cfg: ModelConfig, devices: tuple[DeviceSpec, ...]
         if mem is None:
             raise PlacementError(f"--layer-split auto: {d} is not on this machine, so its memory is unknown; "
                                  f"give --layer-split weights instead")
-        fixed = fixed_bytes(gguf, cfg, d, dtype, weights, kv_tokens, first=i == 0, last=i == len(devices) - 1)
-        out.append(max(0.0, (mem.usable / sharing[pool[d]] - fixed) / layer_bytes(gguf, cfg, d, dtype, weights, kv_tokens)))
+        fixed = fixed_bytes(gguf, cfg, d, dtype, weights, kv_tokens, first=i == 0, last=i == len(devices) - 1,
+                            seqs=seqs)
+        out.append(max(0.0, (mem.usable / sharing[pool[d]] - fixed)
+                       / layer_bytes(gguf, cfg, d, dtype, weights, kv_tokens, seqs)))
     return out
 
 
@@ -265,9 +280,12 @@ def refusal(rows: list, memory: dict[str, DeviceMemory], pool: dict[DeviceSpec, 
         need = sum(r.need.total for r in pool_rows)
         if need > mem.usable:
             w, kv = sum(r.need.weights for r in pool_rows), sum(r.need.kv for r in pool_rows)
+            state = sum(r.need.state for r in pool_rows)
             where = ",".join(str(r.shard.device) for r in pool_rows)
+            held = f", recurrent state {state / GIB:.2f}" if state else ""
             lines.append(f"{where} ({mem.name}): needs {need / GIB:.2f} GiB (weights {w / GIB:.2f}, KV cache "
-                         f"{kv / GIB:.2f}, working memory {(need - w - kv) / GIB:.2f}) but has {mem.usable / GIB:.2f} GiB "
+                         f"{kv / GIB:.2f}{held}, working memory {(need - w - kv - state) / GIB:.2f}) but has "
+                         f"{mem.usable / GIB:.2f} GiB "
                          f"({mem.free / GIB:.2f} free less a {mem.reserve / GIB:.2f} reserve)")
     if not lines:
         return None

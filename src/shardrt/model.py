@@ -1,6 +1,7 @@
 """The decoder-only transformer of the llama family (llama, mistral, qwen2, qwen3, qwen3moe with
-mixture-of-experts feed-forwards, gemma3 with its local/global layers, and gpt-oss with attention
-sinks, biases everywhere and YaRN rope) on one screen.
+mixture-of-experts feed-forwards, gemma3 with its local/global layers, gpt-oss with attention
+sinks, biases everywhere and YaRN rope, and the full-attention layers of qwen35, whose
+linear-attention layers are deltanet.py's) on one screen.
 
 `ModelConfig` reads every shape and rope parameter from GGUF metadata; `Block` is one
 transformer layer over a preallocated KV cache, its ops from `kernels` (Triton on GPUs, the
@@ -24,16 +25,22 @@ from .gguf_file import GGUFFile
 
 # architecture -> rope style its GGUF weights are laid out for
 ROPE_STYLE = {"llama": "interleaved", "mistral": "interleaved", "qwen2": "neox", "qwen3": "neox", "qwen3moe": "neox",
-              "gemma3": "neox", "gpt-oss": "neox"}
+              "gemma3": "neox", "gpt-oss": "neox", "qwen35": "neox", "qwen35moe": "neox"}
 # Gemma 3: embeddings scaled by sqrt(dim), GeGLU, norms after attention and after the feed-forward
 # (the GGUF's norm weights hold 1 + w, as Gemma's norms apply them), and five local layers (a
 # sliding window, rope base 10000) to every global one (the file's rope base and scaling)
 GEMMA3_LOCAL_ROPE_BASE, GEMMA3_PATTERN = 10000.0, 6
-MOE_ARCHS = ("qwen3moe", "gpt-oss")  # a router and stacked experts instead of one feed-forward
+MOE_ARCHS = ("qwen3moe", "gpt-oss", "qwen35moe")  # a router and stacked experts instead of one feed-forward
 # gpt-oss: every other layer local (a sliding window, the same rope), one learned sink logit per
 # head in each softmax, biases on q/k/v, the attention output, the router and the experts, the
 # clamped SwiGLU (kernels.clamped_swiglu), and its feed-forward norm named post_attention_norm
 GPT_OSS_PATTERN = 2
+# qwen35 (Qwen3.5, Qwen3.6): gated DeltaNet linear-attention layers (deltanet.py) with every
+# full_attention_interval-th layer a full one, whose q projection carries an output gate per head
+# (rows q_h then gate_h), with q/k norms and rope over the first rope.dimension_count dims of a head;
+# the feed-forward norm is named post_attention_norm. The ssm.* keys give the DeltaNet's shape.
+# qwen35moe: the same with qwen3moe's experts and a shared expert behind a sigmoid gate.
+HYBRID_ARCHS = ("qwen35", "qwen35moe")
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,7 @@ class ModelConfig:
     n_experts_used: int = 0  # the top k each token goes through
     expert_ffn_dim: int = 0
     expert_weights_norm: bool = True  # the top k's probabilities renormalized to sum to one
+    shared_expert_ffn_dim: int = 0  # a shared expert beside the routed ones (qwen35moe); 0: none
     embed_scale: float = 1.0  # token embeddings are multiplied by this
     activation: str = "silu"  # the gated feed-forward's: silu (SwiGLU) or gelu (GeGLU, tanh)
     post_norms: bool = False  # RMSNorms on the attention's and the feed-forward's outputs
@@ -72,10 +80,35 @@ class ModelConfig:
     attention_sinks: bool = False  # gpt-oss: attn_sinks.weight, a logit per head
     output_bias: bool = False  # attn_output.bias
     expert_biases: bool = False  # gpt-oss: biases on the router and on each expert's matrices
+    full_attention_every: int = 0  # qwen35: layer i is full attention when (i + 1) % this == 0, else DeltaNet; 0: all full
+    attention_gate: bool = False  # qwen35: sigmoid(gate) on the attention output, the gate rows in attn_q
+    ssm_conv_kernel: int = 0  # DeltaNet: the causal convolution's width over q/k/v
+    ssm_k_dim: int = 0  # DeltaNet: the key (and query) head size, the state's rows
+    ssm_k_heads: int = 0  # DeltaNet: key heads (ssm.group_count)
+    ssm_v_heads: int = 0  # DeltaNet: value heads (ssm.time_step_rank), each with its own state
+    ssm_inner: int = 0  # DeltaNet: value heads x value head size (ssm.inner_size)
 
     @property
     def moe(self) -> bool:
         return self.n_experts > 0
+
+    @property
+    def hybrid(self) -> bool:
+        """Whether some layers are linear attention with a recurrent state (qwen35)."""
+        return self.full_attention_every > 0
+
+    def recurrent(self, layer: int) -> bool:
+        """Whether `layer` is a linear-attention (DeltaNet) layer, with a recurrent state and no KV."""
+        return self.hybrid and (layer + 1) % self.full_attention_every != 0
+
+    @property
+    def ssm_v_dim(self) -> int:
+        return self.ssm_inner // self.ssm_v_heads
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels of the DeltaNet's convolution: q, k and v side by side."""
+        return 2 * self.ssm_k_heads * self.ssm_k_dim + self.ssm_inner
 
     def local(self, layer: int) -> bool:
         """Whether `layer` attends through the sliding window (a local layer)."""
@@ -129,6 +162,8 @@ class ModelConfig:
             extra = {"sliding_window": window, "global_every": GPT_OSS_PATTERN, "local_rope_base": 0.0,
                      "activation": "clamped_swiglu", "attention_sinks": True, "output_bias": True,
                      "expert_biases": True}
+        if arch in HYBRID_ARCHS:
+            extra = hybrid_keys(key, arch)
         if scaling == "yarn":
             factor = float(key("rope.scaling.factor"))
             original = int(key("rope.scaling.original_context_length"))
@@ -139,6 +174,7 @@ class ModelConfig:
                 factor, original, float(key("rope.scaling.yarn_beta_fast", 32.0)),
                 float(key("rope.scaling.yarn_beta_slow", 1.0)), float(key("rope.scaling.attn_factor", 0.0)),
                 truncate=arch != "gpt-oss")
+        attention = extra.get("full_attention_every", 1) - 1  # the first attention layer: its tensors say what all have
         softcap = float(key("final_logit_softcapping", 0.0))
         if softcap:
             extra["logit_softcap"] = softcap
@@ -148,7 +184,8 @@ class ModelConfig:
         experts: dict = {}
         if moe:
             experts = {"n_experts": int(key("expert_count")), "n_experts_used": int(key("expert_used_count")),
-                       "expert_ffn_dim": int(key("expert_feed_forward_length"))}
+                       "expert_ffn_dim": int(key("expert_feed_forward_length")),
+                       "shared_expert_ffn_dim": int(key("expert_shared_feed_forward_length", 0))}
             if not 0 < experts["n_experts_used"] <= experts["n_experts"] or experts["expert_ffn_dim"] <= 0:
                 raise ModelFormatError(f"model: {arch}.expert_used_count {experts['n_experts_used']} and "
                                        f"expert_count {experts['n_experts']} are not 0 < used <= count, or "
@@ -169,12 +206,28 @@ class ModelConfig:
             rope_style=ROPE_STYLE[arch],
             rope_linear_factor=float(key("rope.scaling.factor", 1.0)) if scaling == "linear" else 1.0,
             has_rope_freqs="rope_freqs.weight" in gguf.tensors,
-            qkv_bias="blk.0.attn_q.bias" in gguf.tensors,
-            qk_norm="blk.0.attn_q_norm.weight" in gguf.tensors,
+            qkv_bias=f"blk.{attention}.attn_q.bias" in gguf.tensors,
+            qk_norm=f"blk.{attention}.attn_q_norm.weight" in gguf.tensors,
             tied_embeddings="output.weight" not in gguf.tensors,
             **experts,
             **extra,
         )
+
+
+def hybrid_keys(key, arch: str) -> dict:
+    """The DeltaNet's shape from llama.cpp's ssm.* keys, checked against each other."""
+    shape = {"ssm_conv_kernel": int(key("ssm.conv_kernel")), "ssm_k_dim": int(key("ssm.state_size")),
+             "ssm_k_heads": int(key("ssm.group_count")), "ssm_v_heads": int(key("ssm.time_step_rank")),
+             "ssm_inner": int(key("ssm.inner_size"))}
+    every = int(key("full_attention_interval", 4))
+    if min(shape.values()) <= 0 or every <= 0 or shape["ssm_conv_kernel"] < 2:
+        raise ModelFormatError(f"model: {arch}.ssm.* = {shape} and full_attention_interval = {every} are not all "
+                               "positive (and the convolution at least 2 wide)")
+    if shape["ssm_v_heads"] % shape["ssm_k_heads"] or shape["ssm_inner"] % shape["ssm_v_heads"]:
+        raise ModelFormatError(f"model: {arch}.ssm.time_step_rank {shape['ssm_v_heads']} is not a multiple of "
+                               f"ssm.group_count {shape['ssm_k_heads']}, or ssm.inner_size {shape['ssm_inner']} not a "
+                               "multiple of it")
+    return {**shape, "full_attention_every": every, "attention_gate": True}
 
 
 def rope_tables(cfg: ModelConfig, max_ctx: int, device, rope_freqs: torch.Tensor | None = None):
@@ -197,13 +250,15 @@ class Step:
     block then gets every sequence's cache). `batch`: rows of several sequences (a decode token
     each, or prompt chunks: consecutive rows of one sequence), where a negative position is a
     padding row; else tokens of slots[0]. `runs`: an eager batch's runs of rows of one sequence,
-    planned once for every layer (attention.Runs), when some run is a prompt chunk."""
+    planned once for every layer (attention.Runs), when some run is a prompt chunk. `seq_runs`: an
+    eager batch's (first row, end row, sequence) of every run, for the DeltaNet layers' states."""
 
     positions: torch.Tensor
     base_pos: int | None = None
     slots: torch.Tensor | None = None
     batch: bool = False
     runs: "kernels.attention.Runs | None" = None
+    seq_runs: tuple = ()
 
     @classmethod
     def eager(cls, base_pos: int, n: int, device) -> "Step":
@@ -214,13 +269,46 @@ class Step:
         both = torch.tensor([positions, seqs], dtype=torch.long).to(device)
         runs = kernels.attention.Runs.of(seqs, positions, both[0])
         chunks = any(stop - start > 1 for start, stop, _, _ in runs.runs)  # else one token each: a decode batch
-        return cls(both[0], slots=both[1], batch=True, runs=runs if chunks else None)
+        return cls(both[0], slots=both[1], batch=True, runs=runs if chunks else None,
+                   seq_runs=tuple((start, stop, seq) for start, stop, seq, _ in runs.runs))
+
+
+class FeedForward:
+    """A layer's gated feed-forward: one (gate/up stacked, then down), or a mixture of experts."""
+
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor]):
+        self.cfg, self.act = cfg, ACTIVATIONS[cfg.activation]
+        if cfg.moe:
+            self.router, self.experts_gate_up, self.experts_down = \
+                weights["ffn_gate_inp"], weights["ffn_gate_up_exps"], weights["ffn_down_exps"]
+            self.expert_biases = kernels.ExpertBiases(weights["ffn_gate_inp_bias"], weights["ffn_gate_up_exps_bias"],
+                                                      weights["ffn_down_exps_bias"]) if cfg.expert_biases else None
+        else:
+            self.ffn_gate_up, self.ffn_down = weights["ffn_gate_up"], weights["ffn_down"]
+        self.shared = weights.get("ffn_gate_up_shexp") is not None
+        if self.shared:
+            self.ffn_gate_up, self.ffn_down = weights["ffn_gate_up_shexp"], weights["ffn_down_shexp"]
+            self.shared_gate = weights["ffn_gate_inp_shexp"].reshape(1, -1)
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        if not self.cfg.moe:
+            return self.dense(h)
+        out = kernels.moe(h, self.router, self.experts_gate_up, self.experts_down, self.cfg.n_experts_used,
+                          self.cfg.expert_weights_norm, self.act, self.expert_biases)
+        if self.shared:  # the shared expert, behind its sigmoid gate
+            out = out + torch.sigmoid(kernels.linear(h, self.shared_gate)) * self.dense(h)
+        return out
+
+    def dense(self, h: torch.Tensor) -> torch.Tensor:
+        return kernels.linear(self.act(kernels.linear(h, self.ffn_gate_up)), self.ffn_down)
 
 
 class Block:
     """One transformer layer. `weights` holds its tensors in device layout: q/k/v fused into
     `attn_qkv` (rows q, then k, then v) and gate/up into `ffn_gate_up`, as the loader builds them;
     a matrix is dense or quantized (kernels.QuantizedWeight), whichever the loader kept."""
+
+    recurrent = False  # a DeltaNet layer (deltanet.py) is, with a state instead of KV
 
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], layer: int = 0):
         self.cfg = cfg
@@ -232,13 +320,7 @@ class Block:
         self.q_norm, self.k_norm = weights.get("attn_q_norm"), weights.get("attn_k_norm")
         self.attn_output, self.attn_output_bias = weights["attn_output"], weights.get("attn_output_bias")
         self.sinks = weights.get("attn_sinks")
-        if cfg.moe:
-            self.router, self.experts_gate_up, self.experts_down = \
-                weights["ffn_gate_inp"], weights["ffn_gate_up_exps"], weights["ffn_down_exps"]
-            self.expert_biases = kernels.ExpertBiases(weights["ffn_gate_inp_bias"], weights["ffn_gate_up_exps_bias"],
-                                                      weights["ffn_down_exps_bias"]) if cfg.expert_biases else None
-        else:
-            self.ffn_gate_up, self.ffn_down = weights["ffn_gate_up"], weights["ffn_down"]
+        self.feed_forward = FeedForward(cfg, weights)
         self.scale = cfg.attention_scale or 1.0 / math.sqrt(cfg.head_dim)
 
     def __call__(self, x, ropes: tuple, k_cache, v_cache, step: Step) -> torch.Tensor:
@@ -249,9 +331,14 @@ class Block:
         step, not once per sequence; attention reads each row's own sequence)."""
         cfg, n = self.cfg, x.shape[0]
         qkv = kernels.linear(kernels.rms_norm(x, self.attn_norm, cfg.norm_eps), self.attn_qkv, self.attn_qkv_bias)
+        gate = None
+        if cfg.attention_gate:
+            qkv, gate = split_gate(qkv, cfg)
         q = kernels.rope_kv_write(qkv, *ropes[self.local], step.positions, k_cache, v_cache, cfg.n_heads,
                                   cfg.rope_style, self.q_norm, self.k_norm, cfg.norm_eps, step.slots)
         attn = self.attend(q, k_cache, v_cache, step).reshape(n, cfg.n_heads * cfg.head_dim)
+        if gate is not None:
+            attn = attn * torch.sigmoid(gate)
         out = kernels.linear(attn, self.attn_output, self.attn_output_bias)
         if self.post_attention_norm is not None:
             out = kernels.rms_norm(out, self.post_attention_norm, cfg.norm_eps)
@@ -260,13 +347,6 @@ class Block:
         if self.post_ffw_norm is not None:
             out = kernels.rms_norm(out, self.post_ffw_norm, cfg.norm_eps)
         return x + out
-
-    def feed_forward(self, h: torch.Tensor) -> torch.Tensor:
-        act = ACTIVATIONS[self.cfg.activation]
-        if self.cfg.moe:
-            return kernels.moe(h, self.router, self.experts_gate_up, self.experts_down, self.cfg.n_experts_used,
-                               self.cfg.expert_weights_norm, act, self.expert_biases)
-        return kernels.linear(act(kernels.linear(h, self.ffn_gate_up)), self.ffn_down)
 
     def attend(self, q, k_cache, v_cache, step: Step) -> torch.Tensor:
         """q [n, heads, head_dim] over the cache: the cached-attention kernel for a few tokens, a
@@ -298,14 +378,23 @@ class Block:
         return attn[0].transpose(0, 1)
 
 
+def split_gate(qkv: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """qwen35's fused projection, its q rows a query and a gate per head, -> (q/k/v as rope_kv_write
+    takes them, the gate [n, heads * head_dim])."""
+    n, width = qkv.shape[0], 2 * cfg.n_heads * cfg.head_dim
+    q_gate = qkv[:, :width].view(n, cfg.n_heads, 2, cfg.head_dim)
+    q = q_gate[:, :, 0].reshape(n, width // 2)
+    return torch.cat((q, qkv[:, width:]), dim=1), q_gate[:, :, 1].reshape(n, width // 2)
+
+
 ACTIVATIONS = {"silu": kernels.silu_mul, "gelu": kernels.gelu_mul, "clamped_swiglu": kernels.clamped_swiglu}
 
 # a Block's weights -> the GGUF tensors (short names) stacked row-wise into each
 BLOCK_WEIGHTS = {
     "attn_norm": ("attn_norm.weight",), "attn_qkv": ("attn_q.weight", "attn_k.weight", "attn_v.weight"),
     "attn_output": ("attn_output.weight",), "ffn_norm": ("ffn_norm.weight",),
-    "ffn_gate_up": ("ffn_gate.weight", "ffn_up.weight"), "ffn_down": ("ffn_down.weight",),
 }
+FFN_WEIGHTS = {"ffn_gate_up": ("ffn_gate.weight", "ffn_up.weight"), "ffn_down": ("ffn_down.weight",)}
 BIAS_WEIGHTS = {"attn_qkv_bias": ("attn_q.bias", "attn_k.bias", "attn_v.bias")}
 # a mixture of experts instead of ffn_gate_up / ffn_down: the router, and each expert's gate and up
 # stacked per expert ([E, 2 * ff, dim]) and its down ([E, dim, ff])
@@ -321,11 +410,30 @@ GPT_OSS_WEIGHTS = {"ffn_norm": ("post_attention_norm.weight",), "attn_sinks": ("
                    "ffn_down_exps_bias": ("ffn_down_exps.bias",)}
 
 
-def block_weights(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
-    weights = dict(BLOCK_WEIGHTS)
-    if cfg.moe:
-        del weights["ffn_gate_up"], weights["ffn_down"]
-        weights.update(MOE_WEIGHTS)
+# qwen35: the feed-forward norm stored as post_attention_norm; a DeltaNet layer's q/k/v, output gate,
+# beta and decay inputs in one product (ssm_in), its convolution, decay (ssm_a = -exp(A_log), ssm_dt
+# the bias before the softplus), gated norm and output
+QWEN35_WEIGHTS = {"ffn_norm": ("post_attention_norm.weight",)}
+DELTANET_WEIGHTS = {
+    "attn_norm": ("attn_norm.weight",), "ffn_norm": ("post_attention_norm.weight",),
+    "ssm_in": ("attn_qkv.weight", "attn_gate.weight", "ssm_beta.weight", "ssm_alpha.weight"),
+    "ssm_conv1d": ("ssm_conv1d.weight",), "ssm_a": ("ssm_a",), "ssm_dt": ("ssm_dt.bias",),
+    "ssm_norm": ("ssm_norm.weight",), "ssm_out": ("ssm_out.weight",),
+}
+
+
+# qwen35moe: a shared expert beside the routed ones, its gate one row
+SHARED_EXPERT_WEIGHTS = {"ffn_gate_up_shexp": ("ffn_gate_shexp.weight", "ffn_up_shexp.weight"),
+                         "ffn_down_shexp": ("ffn_down_shexp.weight",), "ffn_gate_inp_shexp": ("ffn_gate_inp_shexp.weight",)}
+
+
+def block_weights(cfg: ModelConfig, layer: int = 0) -> dict[str, tuple[str, ...]]:
+    """The weights of layer `layer`: a Block's, or a DeltaNet layer's where cfg.recurrent(layer)."""
+    weights = {**(DELTANET_WEIGHTS if cfg.recurrent(layer) else BLOCK_WEIGHTS), **(MOE_WEIGHTS if cfg.moe else FFN_WEIGHTS)}
+    if cfg.shared_expert_ffn_dim:
+        weights.update(SHARED_EXPERT_WEIGHTS)
+    if cfg.recurrent(layer):
+        return weights
     if cfg.qkv_bias:
         weights.update(BIAS_WEIGHTS)
     if cfg.qk_norm:
@@ -334,8 +442,10 @@ def block_weights(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
         weights.update(POST_NORM_WEIGHTS)
     if cfg.arch == "gpt-oss":
         weights.update(GPT_OSS_WEIGHTS)
+    if cfg.hybrid:
+        weights.update(QWEN35_WEIGHTS)
     return weights
 
 
-def block_tensor_names(cfg: ModelConfig) -> tuple[str, ...]:
-    return tuple(name for parts in block_weights(cfg).values() for name in parts)
+def block_tensor_names(cfg: ModelConfig, layer: int = 0) -> tuple[str, ...]:
+    return tuple(name for parts in block_weights(cfg, layer).values() for name in parts)

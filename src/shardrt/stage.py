@@ -1,4 +1,5 @@
-"""`Stage`: a contiguous layer range of one model on one torch device, with its own KV cache.
+"""`Stage`: a contiguous layer range of one model on one torch device, with its own KV cache (and
+the recurrent state of its DeltaNet layers, recurrent_state.py).
 
 The same class runs inside the coordinator and inside a worker daemon. The first stage takes
 token ids, every other stage a boundary activation; the stage with the head returns logits.
@@ -22,7 +23,9 @@ from . import kernels
 from .kernels import rms_norm
 from .kernels.attention import MAX_QUERY_TOKENS
 from .kernels.support import bf16_native, device_kernel_path
+from .deltanet import DeltaNetBlock
 from .model import Block, ModelConfig, Step, rope_tables
+from .recurrent_state import RecurrentState
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +135,8 @@ class Stage:
         self.runner = None
         if self.device.type != "cpu":
             self._warm_up()
-            if graphs and self.device.type == "cuda":  # torch.cuda drives ROCm builds too
+            # a DeltaNet layer's state has no graph-safe path yet: recurrent models run eagerly
+            if graphs and self.device.type == "cuda" and self.state is None:  # torch.cuda drives ROCm builds too
                 from .kernels._triton import use_triton
                 from .runner import GraphRunner, batch_buckets
 
@@ -147,7 +151,7 @@ class Stage:
         for i in range(self.span.start, self.span.stop):
             block = weights.load_block(i, dev, dt)
             self.weight_bytes += sum(kernels.weight_bytes(w) for w in block.values())
-            self.blocks.append(Block(cfg, block, layer=i))
+            self.blocks.append((DeltaNetBlock if cfg.recurrent(i) else Block)(cfg, block, layer=i))
         rope_freqs = weights.load("rope_freqs.weight", dev, torch.float32) if cfg.has_rope_freqs else None
         self.ropes = rope_tables(cfg, self.max_ctx, dev, rope_freqs)
         self.embedding = weights.load("token_embd.weight", dev, dt) if self.span.embed else None
@@ -159,9 +163,14 @@ class Stage:
         self.weight_bytes += sum(kernels.weight_bytes(w) for w in (
             self.embedding, getattr(self, "output_norm", None),
             self.output if self.span.head and self.output is not self.embedding else None))
-        cache_shape = (len(self.blocks), self.max_seqs, cfg.n_kv_heads, self.max_ctx, cfg.head_dim)
+        # each block's row of the KV cache (attention layers) or of the recurrent state (DeltaNet layers)
+        attention = [i for i, b in enumerate(self.blocks) if not b.recurrent]
+        recurrent = [i for i, b in enumerate(self.blocks) if b.recurrent]
+        self.row_of = {i: row for rows in (attention, recurrent) for row, i in enumerate(rows)}
+        cache_shape = (len(attention), self.max_seqs, cfg.n_kv_heads, self.max_ctx, cfg.head_dim)
         self.k_cache = torch.zeros(cache_shape, device=dev, dtype=dt)
         self.v_cache = torch.zeros(cache_shape, device=dev, dtype=dt)
+        self.state = RecurrentState(cfg, len(recurrent), self.max_seqs, dt, dev) if recurrent else None
 
     @torch.inference_mode()
     def _warm_up(self) -> None:
@@ -248,6 +257,10 @@ class Stage:
         if outputs is not None and (not outputs or sorted(set(outputs)) != list(outputs) or not 0 <= outputs[0]
                                     or outputs[-1] >= b):
             raise ConfigError(f"outputs: {list(outputs)[:8]} are not increasing rows of the {b} in the batch")
+        if self.state is not None:  # each sequence from the state at its first row; a batch keeps no way back
+            for seq in ends:
+                self.state.rewind(seq, positions[seqs.index(seq)], self.lengths[seq])
+                self.state.forget(seq)
         bucket = self.runner.batch_bucket(b) if self.runner is not None else None
         if bucket is not None:
             graphed = self.runner.replay_batch(inputs, seqs, positions, bucket)
@@ -295,6 +308,8 @@ class Stage:
         if not self.span.start <= last < self.span.stop:
             raise ConfigError(f"stop_after: layer {stop_after} is outside this stage's layers {self.span}")
         keep = {layer for layer in capture if self.span.start <= layer <= last}
+        if self.state is not None and stop_after is None:
+            self.state.rewind(seq, base_pos, length)  # a forward from before the end starts from the state there
         graphable = self.runner is not None and stop_after is None
         bucket = self.runner.bucket(n, base_pos) if graphable else None
         if bucket is not None:
@@ -305,10 +320,13 @@ class Stage:
             graphed, hidden = None, self._prefill(inputs, base_pos, last, keep, seq)
         else:
             graphed = None
-            hidden = self._layers(self._embed(inputs), Step.eager(base_pos, n, self.device), last, keep, seq)
+            hidden = self._layers(self._embed(inputs), Step.eager(base_pos, n, self.device), last, keep, seq,
+                                  draft=stop_after is not None)
         captured = [Captured(layer, base_pos, hidden[layer].clone()) for layer in sorted(keep)]
         if stop_after is not None:
             self._partial_end = base_pos + n
+            if self.state is not None:
+                self.state.drafted(base_pos + n)
             return hidden[last], captured
         self._set_length(seq, base_pos + n)
         if not self.span.head:
@@ -337,7 +355,8 @@ class Stage:
         for start in range(0, n, largest):
             count = min(largest, n - start)
             pos = base_pos + start
-            padded = next((b for b in self.prefill_buckets if b >= count and pos + b <= self.max_ctx), count)
+            padded = next((b for b in self.prefill_buckets if b >= count and pos + b <= self.max_ctx), count) \
+                if self.state is None else count  # padding rows would run through a recurrent state
             chunk = inputs[start : start + count]
             if padded > count:
                 chunk = torch.cat((chunk, chunk.new_zeros((padded - count, *chunk.shape[1:]))))
@@ -347,13 +366,31 @@ class Stage:
             return pieces[0]
         return {layer: torch.cat([p[layer] for p in pieces]) for layer in pieces[0]}
 
-    def _layers(self, x: torch.Tensor, step: Step, last: int, keep: set[int], seq: int = 0) -> dict[int, torch.Tensor]:
-        """The hidden states after layer `last` and after each layer in `keep`."""
-        hidden = {}
+    def _layers(self, x: torch.Tensor, step: Step, last: int, keep: set[int], seq: int = 0,
+                draft: bool = False) -> dict[int, torch.Tensor]:
+        """The hidden states after layer `last` and after each layer in `keep`, for n tokens of
+        one sequence. A `draft` (an early exit) runs the DeltaNet layers on a scratch state."""
+        hidden, n, state = {}, x.shape[0], self.state
+        runs, kept = ((0, n, seq),), False
+        if state is not None and draft:
+            conv, ssm = state.draft_state(step.base_pos, self.lengths[seq])
+            conv, ssm, runs = conv[:, None], ssm[:, None], ((0, n, 0),)
+        elif state is not None:
+            conv, ssm = state.conv, state.ssm
+            kept = state.begin(seq, step.base_pos, n)
         for i, block in enumerate(self.blocks[: last - self.span.start + 1]):
-            x = block(x, self.ropes, self.k_cache[i, seq], self.v_cache[i, seq], step)
+            row = self.row_of[i]
+            if not block.recurrent:
+                x = block(x, self.ropes, self.k_cache[row, seq], self.v_cache[row, seq], step)
+            elif kept:
+                x, fed = block(x, conv[row], ssm[row], runs, keep=True)
+                state.keep(row, fed)
+            else:
+                x = block(x, conv[row], ssm[row], runs)
             if self.span.start + i in keep:
                 hidden[self.span.start + i] = x
+        if kept:
+            state.kept_forward(n)
         hidden[last] = x
         return hidden
 
@@ -366,7 +403,11 @@ class Stage:
 
         x, hidden = self._embed(inputs), []
         for i, block in enumerate(self.blocks):
-            x = block(x, self.ropes, self.k_cache[i], self.v_cache[i], step)
+            row = self.row_of[i]
+            if block.recurrent:  # eager only (no graphs): the runs come from the host
+                x = block(x, self.state.conv[row], self.state.ssm[row], step.seq_runs)
+            else:
+                x = block(x, self.ropes, self.k_cache[row], self.v_cache[row], step)
             if every_layer or i == len(self.blocks) - 1:
                 hidden.append(x)
         logits = self._project(x if rows is None else x[rows]) if self.span.head else None
@@ -400,6 +441,8 @@ class Stage:
         self._check_seq(seq)
         if not 0 <= n <= self.lengths[seq]:
             raise ConfigError(f"kv_truncate: {n} is outside the {self.lengths[seq]} cached tokens")
+        if self.state is not None:
+            self.state.rewind(seq, n, self.lengths[seq])
         self._set_length(seq, n)
 
     def _set_length(self, seq: int, n: int) -> None:
@@ -412,6 +455,8 @@ class Stage:
         """Empty one sequence, or every one."""
         if seq is None:
             self.lengths, self._partial_end = [0] * self.max_seqs, 0
+            if self.state is not None:
+                self.state.reset()
         else:
             self.truncate(0, seq)
 
@@ -422,6 +467,8 @@ class Stage:
         self._check_seq(seq)
         if not 0 <= n <= self.lengths[src]:
             raise ConfigError(f"kv_copy: {n} is outside the {self.lengths[src]} tokens cached for sequence {src}")
+        if self.state is not None:
+            self.state.copy(src, seq, n, self.lengths[src])
         if src != seq:
             self.k_cache[:, seq, :, :n] = self.k_cache[:, src, :, :n]
             self.v_cache[:, seq, :, :n] = self.v_cache[:, src, :, :n]
@@ -435,6 +482,8 @@ class Stage:
         self._check_seq(seq)
         n = self.lengths[seq]
         self.snapshots[slot] = (n, self.k_cache[:, seq, :, :n].clone(), self.v_cache[:, seq, :, :n].clone())
+        if self.state is not None:
+            self.state.snapshot(slot, seq)
         return n
 
     def kv_restore(self, slot: int, seq: int = 0) -> int:
@@ -447,12 +496,16 @@ class Stage:
             raise ConfigError(f"kv_restore: slot {slot} holds {n} tokens, more than max_ctx {self.max_ctx}")
         self.k_cache[:, seq, :, :n] = k
         self.v_cache[:, seq, :, :n] = v
+        if self.state is not None:
+            self.state.restore(slot, seq)
         self._set_length(seq, n)
         return n
 
     def kv_free(self, slot: int) -> None:
         if self.snapshots.pop(slot, None) is None:
             raise ConfigError(f"kv_free: slot {slot} holds no snapshot")
+        if self.state is not None:
+            self.state.free(slot)
 
     @property
     def has_head(self) -> bool:
@@ -463,6 +516,8 @@ class Stage:
         out = {"forwards": self.forwards, "forward_seconds": self.forward_seconds, "length": self.length,
                "lengths": list(self.lengths), "cover": [str(self.cover)], "graph_forwards": self.graph_forwards,
                "weight_bytes": self.weight_bytes, "quantized": self.quantized, "kernels": self.kernels.describe()}
+        if self.state is not None:
+            out["state_bytes"] = self.state.nbytes
         if self.quantized:  # which product path each matrix and row count took (this process's)
             out["quantized_paths"] = kernels.quant.choices()
         if self.runner is not None:

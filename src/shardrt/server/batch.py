@@ -16,6 +16,10 @@ with a running one (a system prompt) copies that prefix of its KV (`kv_copy`, in
 stage), waiting first if the other one has not prefilled that far; prefix-cache snapshots are
 shared by every slot, so a request may also reuse what an earlier one left. A generation that
 began alone (speculative, in slot 0) joins the batch where it stopped (`adopt`).
+
+A model with recurrent state (qwen35) shares no prefix with a running request (its state is held
+at the donor's end only), and its prompt stops one token short for a prefix-cache snapshot
+(PrefixCache.checkpoint_at), taken at the next settle.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ class Running:
     in_flight: bool = False  # a forward of this sequence is in the wavefront
     donor: "Running | None" = None  # a running request whose prompt prefix this one waits to copy
     shared: int = 0  # how much of it
+    checkpoint: int | None = None  # where its prefill stops for a prefix-cache snapshot
     started: float = field(default_factory=time.perf_counter)
     prefill_done: float | None = None
 
@@ -84,6 +89,7 @@ class BatchScheduler:
         self._joining: list[Running] = []  # admitted, their slot not set up yet
         self._leaving: list[Running] = []  # ended, their slot not yet given back
         self._copying: list[Running] = []  # their donor has prefilled what they share: copy at the next settle
+        self._checkpointing: list[Running] = []  # prefilled to their checkpoint: snapshot at the next settle
         self._free = list(range(pipeline.max_seqs))
         self.shared = ShareStats()
 
@@ -116,7 +122,7 @@ class BatchScheduler:
     def drop_all(self) -> list[Running]:
         """Every sequence, taken out (their stages failed or are closing)."""
         running = self.running
-        self.running, self._joining, self._leaving, self._copying = [], [], [], []
+        self.running, self._joining, self._leaving, self._copying, self._checkpointing = [], [], [], [], []
         self.groups = [[] for _ in self.pipeline.stages]
         self._busy = [False] * len(self.pipeline.stages)
         self.wave.clear()
@@ -127,7 +133,7 @@ class BatchScheduler:
         """Slots set up and given back, then the next forwards in flight; returns what finished."""
         gone = [r for r in self.running if r.job.cancelled() and not r.in_flight and r not in self._joining]
         finished = [self._end(r, "cancelled") for r in gone]
-        if self._joining or self._leaving or self._copying:
+        if self._joining or self._leaving or self._copying or self._checkpointing:
             finished += self.settle()
         self._put_work()
         for work in self.wave.advance():
@@ -142,6 +148,11 @@ class BatchScheduler:
         finished = []
         for work in self.wave.drain():
             finished += self._returned(work)
+        checkpointing, self._checkpointing = self._checkpointing, []
+        for run in checkpointing:
+            if run in self.running:
+                self.prefix_cache.store(run.prompt[: run.checkpoint], run.seq)
+                run.checkpoint = None
         leaving, self._leaving = self._leaving, []
         self._copy_shared(leaving)  # a leaving donor's KV is still whole until its slot is given back
         for run in leaving:
@@ -153,6 +164,7 @@ class BatchScheduler:
             pending.discard(id(run))
             if self.prefix_cache is not None:
                 run.reused = run.prefilled = self.prefix_cache.restore(run.prompt, run.seq)
+                run.checkpoint = self.prefix_cache.checkpoint_at(run.prompt, run.reused)
             else:
                 self.pipeline.reset(run.seq)
             if run.job.cancelled():
@@ -170,6 +182,8 @@ class BatchScheduler:
         """The running request whose prompt shares the most with this one's, if it shares more
         than the prefix cache gave; copied now if it is prefilled that far, else waited for.
         Requests waiting for a donor, and those not set up yet (`pending` ids), are no donors."""
+        if self.pipeline.cfg.hybrid:  # a recurrent state is held at the donor's end, not at the prefix
+            return
         best, shared = None, 0
         for other in self.running:
             if other is run or other.donor is not None or id(other) in pending:
@@ -217,7 +231,8 @@ class BatchScheduler:
         """A step for every group with none in flight: its decode tokens, then prompt chunks of the
         waiting requests (arrival order) while the step has room."""
         waiting = [r for r in self.running if r.prefilled < len(r.prompt) and not r.in_flight and r.donor is None
-                   and r not in self._leaving and r not in self._copying and not r.job.cancelled()]
+                   and r.prefilled != r.checkpoint and r not in self._leaving and r not in self._copying
+                   and not r.job.cancelled()]
         for g, group in enumerate(self.groups):
             if self._busy[g]:
                 continue
@@ -225,7 +240,8 @@ class BatchScheduler:
             room, chunks = max(self.max_batch_tokens - len(decode), MIN_CHUNK), []
             while waiting and room > 0:
                 run = waiting.pop(0)
-                chunks.append((run, min(room, len(run.prompt) - run.prefilled)))
+                end = len(run.prompt) if run.checkpoint is None else run.checkpoint
+                chunks.append((run, min(room, end - run.prefilled)))
                 room -= chunks[-1][1]
             if decode or chunks:
                 self._send(g, decode, chunks)
@@ -268,6 +284,8 @@ class BatchScheduler:
                 continue
             if not gives:
                 self._donor_progress(run)
+                if run.prefilled == run.checkpoint:
+                    self._checkpointing.append(run)
                 continue
             first = run.prefill_done is None
             if first:

@@ -2,6 +2,10 @@
 
 A new prompt that shares a prefix with a cached slot restores that slot on every stage,
 drops what does not match, and prefills only the rest. Least recently used slots go first.
+
+A model with recurrent state (qwen35's DeltaNet layers) holds that state only at the end of a
+snapshot, so an entry is reused whole or not at all; each request therefore also keeps a
+snapshot of its prompt but the last token (`checkpoint_at`).
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ class PrefixCache:
         if not isinstance(slots, int) or slots < 0:
             raise ConfigError(f"--prefix-cache-slots: {slots!r} is not a whole number >= 0")
         self.pipeline, self.slots = pipeline, slots
+        self.whole_only = pipeline.cfg.hybrid  # entries are reused whole: their recurrent state is at their end
         self.entries: OrderedDict[int, tuple[int, ...]] = OrderedDict()  # slot -> tokens, oldest first
         self.stats = PrefixStats()
 
@@ -57,6 +62,8 @@ class PrefixCache:
         best_slot, best = None, 0
         for slot, tokens in self.entries.items():
             n = common_prefix(tokens, prompt)
+            if self.whole_only and (n < len(tokens) or n >= len(prompt)):
+                continue
             if n > best:
                 best_slot, best = slot, n
         usable = min(best, len(prompt) - 1)  # at least one token must run, for the next logits
@@ -78,8 +85,10 @@ class PrefixCache:
         held = self.pipeline.length_of(seq)
         if held != len(tokens):
             raise ConfigError(f"prefix cache: sequence {seq} holds {held} tokens, not {len(tokens)}")
-        # a slot whose tokens this extends (an earlier turn of the same chat) is replaced
-        slot = next((s for s, t in self.entries.items() if common_prefix(t, tokens) == len(t)), None)
+        # a slot whose tokens this extends (an earlier turn of the same chat) is replaced; where
+        # entries are reused whole, only one of the very same tokens
+        slot = next((s for s, t in self.entries.items() if common_prefix(t, tokens) == len(t)
+                     and (not self.whole_only or len(t) == len(tokens))), None)
         if slot is None:
             if len(self.entries) >= self.slots:
                 oldest, _ = self.entries.popitem(last=False)
@@ -90,3 +99,11 @@ class PrefixCache:
         self.pipeline.kv_snapshot(slot, seq)
         self.entries[slot] = tuple(tokens)
         self.entries.move_to_end(slot)
+
+    def checkpoint_at(self, prompt: list[int], reused: int) -> int | None:
+        """Where the prefill of `prompt` (its first `reused` tokens restored) stops for a snapshot
+        of its own (`store`), before running its last token: where entries are reused whole, the
+        point a later prompt that repeats this one, or shares it but not the answer, restarts
+        from. None: no stop."""
+        end = len(prompt) - 1
+        return end if self.whole_only and self.slots and end > reused else None
