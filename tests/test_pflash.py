@@ -215,6 +215,20 @@ def test_a_drafter_with_another_vocabulary_hands_over_text(demo_model, demo_toke
     assert result.prompt_tokens == demo_tokenizer.encode(p["kept_text"]) and p["kept_tokens"] < 0.1 * len(ids)
 
 
+def test_a_warm_up_scores_a_throwaway_prompt_and_leaves_the_drafter_serving(demo_model, demo_tokenizer, tmp_path):
+    # on a GPU the cluster warms its drafter at load; here (cpu:0) it is asked to
+    drafter = write_model(tmp_path / "short.gguf", "llama", context_length=2048)
+    with Cluster(niah_config(drafter, min_prompt=100), demo_model) as running:
+        stats = running.pflash.stage.stats
+        before = stats()["length"]
+        running.pflash.warm_up()
+        assert before == 0 and stats()["length"] == 2048  # the whole context: min(max_ctx, two chunks)
+        h = haystack(demo_tokenizer, 120, 0.5, seed=3)
+        result = running.generate(demo_tokenizer, demo_tokenizer.encode(h.text), ANSWER, prompt=PromptText.plain(h.text))
+        kept = result.pflash["kept_text"]
+        assert result.pflash["passed_through"] is None and _within(kept, h.text) and h.text.endswith(kept[-16:])
+
+
 def _within(kept: str, text: str) -> bool:
     """Whether `kept` is `text` with characters left out (a gap may bring a space of its own)."""
     at = 0

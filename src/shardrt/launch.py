@@ -325,6 +325,8 @@ class Cluster:
 
         stage = self._connect(daemon, identity, span, cfg, f"drafter layers {span}", max_ctx=max_ctx)
         self.pflash = Compressor(stage, tokenizer, self.config.pflash.keep, self.config.pflash.min_prompt)
+        if self.config.pflash.device is not None and self.config.pflash.device.backend != "cpu":
+            self.pflash.warm_up()  # a GPU's first long prompt would pay its kernels' loading
 
     def _start_draft_daemon(self, draft, shared: int) -> Pipeline:
         check_same_vocabulary(self.model_path, draft.model)
