@@ -109,7 +109,7 @@ def shard_need(gguf: GGUFFile, cfg: ModelConfig, span: LayerSpan, device: Device
     element = dtype_bytes(dtype, gpu)
     quantized = holds_blocks(device, weights)
     names = stage_tensor_names(cfg, span)
-    return Need(weights=device_weight_bytes(gguf, names, element, quantized),
+    return Need(weights=device_weight_bytes(gguf, cfg, names, element, quantized),
                 kv=kv_bytes(cfg, span.stop - span.start, kv_tokens, element),
                 scratch=scratch_bytes(cfg, gguf, names, gpu, element, quantized),
                 runtime=GPU_RUNTIME if gpu else 0)
