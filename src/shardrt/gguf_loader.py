@@ -211,7 +211,8 @@ def experts_in_blocks(cfg: ModelConfig, infos: list[TensorInfo]) -> bool:
 
 class StageWeights:
     """Reads a stage's tensors into torch, counting the file bytes it touched. With `quantized`,
-    matrices of a type the kernels read stay in their GGUF blocks on a GPU (kernels.quant)."""
+    matrices of a type the kernels read stay in their GGUF blocks on a GPU (kernels.quant), and so
+    do stacked experts where `experts_in_blocks` says (kernels.experts)."""
 
     def __init__(self, gguf: GGUFFile, cfg: ModelConfig, span: LayerSpan, prefetch: bool = True,
                  quantized: bool = False):
