@@ -53,14 +53,14 @@ class Shape:
 
 SHAPES = {
     "tiny": Shape(layers=4, dim=256, heads=4, kv_heads=2, ffn=512, rope_base=10000.0),  # K-quant rows: 256s
-    "llama3-1b": Shape(layers=16, dim=2048, heads=32, kv_heads=8, ffn=8192),
-    "llama3-8b": Shape(layers=32, dim=4096, heads=32, kv_heads=8, ffn=14336),
-    "llama3-70b": Shape(layers=80, dim=8192, heads=64, kv_heads=8, ffn=28672),
     "tiny-moe": Shape(layers=2, dim=256, heads=4, kv_heads=2, ffn=512, rope_base=1e6, head_dim=64, experts=8,
                       experts_used=2, expert_ffn=256),
     # its config's intermediate_size 6144 is written as feed_forward_length, which no layer uses
     "qwen3-30b-a3b": Shape(layers=48, dim=2048, heads=32, kv_heads=4, ffn=6144, rope_base=1e6, head_dim=128,
                            experts=128, experts_used=8, expert_ffn=768),
+    "llama3-1b": Shape(layers=16, dim=2048, heads=32, kv_heads=8, ffn=8192),
+    "llama3-8b": Shape(layers=32, dim=4096, heads=32, kv_heads=8, ffn=14336),
+    "llama3-70b": Shape(layers=80, dim=8192, heads=64, kv_heads=8, ffn=28672),
 }
 Q = GGMLQuantizationType
 FLOAT_TYPES = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}

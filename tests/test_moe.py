@@ -15,7 +15,7 @@ from shardrt.errors import ModelFormatError
 from shardrt.gguf_file import GGUFFile
 from shardrt.kernels.experts import QuantizedExperts
 from shardrt.kernels.moe import gathered, route
-from shardrt.kernels.quant import Q
+from shardrt.kernels.quant import Q, dequantize_reference
 from shardrt.launch import Cluster
 from shardrt.pipeline import Pipeline
 from shardrt.placement import parse_devices
@@ -25,7 +25,8 @@ from shardrt.tokenizer import Tokenizer
 
 from .hf_gguf import PROMPT, TOKENS, greedy_of, rewrite, tiny_qwen3_moe, write_qwen3_moe, written
 from .synthetic import write_model
-from .test_quant import gguf_dequantized, random_blocks
+from .test_qdot import follows_the_cpu
+from .test_quant import random_blocks
 
 @pytest.fixture(scope="module")
 def moe(tmp_path_factory):
@@ -96,16 +97,18 @@ def test_the_gathered_experts_in_gpu_graphs_follow_the_cpu(moe):
 
 # -- experts kept in their GGUF blocks ------------------------------------------------------------
 
-def blocks_and_dense(rng, count: int, dim: int, ffn: int, types=(Q.Q4_K, Q.Q4_K, Q.Q6_K), device="cpu"):
-    """Random gate, up and down experts in blocks ((gate, up) pair, down) and the same dequantized
-    ([E, 2 ff, dim] gate rows first, [E, dim, ff]) as the dense path holds them."""
+def expert_blocks(rng, count: int, dim: int, ffn: int, types=(Q.Q4_K, Q.Q4_K, Q.Q6_K), device="cpu"):
+    """Random gate, up and down experts in blocks, Q4_K_M's types: ((gate, up), down)."""
     shapes = ((ffn, dim), (ffn, dim), (dim, ffn))
-    raws = [random_blocks(t, count * rows, cols, 1e-2, rng) for t, (rows, cols) in zip(types, shapes)]
-    blocks = [QuantizedExperts.from_blocks(raw, t, count, cols, torch.device(device))
-              for raw, t, (rows, cols) in zip(raws, types, shapes)]
-    dense = [gguf_dequantized(raw, t, count * rows, cols).float().reshape(count, rows, cols)
-             for raw, t, (rows, cols) in zip(raws, types, shapes)]
-    return ((blocks[0], blocks[1]), blocks[2]), (torch.cat(dense[:2], dim=1).to(device), dense[2].to(device))
+    gate, up, down = (QuantizedExperts.from_blocks(random_blocks(t, count * rows, cols, 1e-2, rng), t, count, cols,
+                                                   torch.device(device)) for t, (rows, cols) in zip(types, shapes))
+    return (gate, up), down
+
+
+def dense_of(experts: QuantizedExperts) -> torch.Tensor:
+    """[E, rows, cols] float32, as the dense path would hold them (quant's reference dequantization,
+    which tests/test_quant.py holds against gguf's)."""
+    return dequantize_reference(experts.stacked).reshape(experts.shape)
 
 
 @pytest.mark.parametrize("rows", [1, 5, 40])
@@ -113,7 +116,8 @@ def test_experts_in_blocks_give_what_the_dense_experts_give(rows):
     # on the CPU both the prefill path (each chosen expert over its rows) and the gathered one (the
     # chosen experts' matrices dequantized by id) read the blocks through the torch references
     rng = np.random.default_rng(rows)
-    (gate_up, down), (gate_up_dense, down_dense) = blocks_and_dense(rng, 6, 256, 256)
+    gate_up, down = expert_blocks(rng, 6, 256, 256)
+    gate_up_dense, down_dense = torch.cat([dense_of(p) for p in gate_up], dim=1), dense_of(down)
     router = torch.from_numpy(rng.standard_normal((6, 256)).astype(np.float32))
     x = torch.from_numpy(rng.standard_normal((rows, 256)).astype(np.float32))
     want = kernels.moe(x, router, gate_up_dense, down_dense, 3)
@@ -130,9 +134,11 @@ def test_a_gpu_stage_with_experts_in_blocks_follows_the_cpu(tmp_path, graphs):
     `weights: auto` keeps them in blocks on the GPU at about their file bytes, decode steps take
     the grouped integer kernels (in graphs, or eagerly), the prompt the prefill path, and the
     logits follow the CPU's float32 ones from the dequantized experts, teacher-forced over a
-    prompt and eight decode steps."""
+    prompt and eight decode steps. Every token takes all 8 experts, weighted by the router: with
+    a top k of fewer, bf16 and int8 activations would move near-tied choices to other experts
+    now and then (test_moe_qdot.py checks the kernels on ids of every kind)."""
     path = write_model(tmp_path / "moe.gguf", "qwen3moe", n_layers=3, dim=256, n_heads=4, n_kv_heads=2, qtype="Q8_0",
-                       experts=(16, 4, 256), expert_qtypes=("Q4_K", "Q4_K", "Q6_K"), seed=5)
+                       experts=(8, 8, 256), expert_qtypes=("Q4_K", "Q4_K", "Q6_K"), seed=5)
     cpu = Stage(path, 0, 3, "cpu", max_ctx=64)
     gpu = Stage(path, 0, 3, "cuda:0", max_ctx=64, graphs=graphs)
     assert gpu.quantized and gpu.dtype == torch.bfloat16
@@ -141,14 +147,7 @@ def test_a_gpu_stage_with_experts_in_blocks_follows_the_cpu(tmp_path, graphs):
     held = [b.experts_gate_up for b in gpu.blocks] + [b.experts_down for b in gpu.blocks]
     assert all(isinstance(p, QuantizedExperts) for w in held for p in (w if isinstance(w, tuple) else (w,)))
     assert sum(kernels.weight_bytes(w) for w in held) <= 1.1 * file_bytes
-    inputs, base = torch.arange(1, 20), 0
-    for step in range(9):
-        want = cpu.forward(inputs, base).view(-1).double()
-        got = gpu.forward(inputs, base).view(-1).double().cpu()
-        assert torch.nn.functional.cosine_similarity(got, want, dim=0) > 0.999, step
-        assert ((got - want).norm() / want.norm()).item() < 5e-2, step
-        base += inputs.numel()
-        inputs = torch.tensor([int(want.argmax())])
+    follows_the_cpu(cpu, gpu)
     assert not graphs or gpu.graph_forwards >= 8
 
 
@@ -157,7 +156,7 @@ def test_the_moe_decode_captured_in_a_graph_follows_each_new_routing():
     """moe() over experts in blocks captured once in a CUDA graph: each replay routes its own
     input on the device and gives what an eager call gives, however the choice of experts moves."""
     rng = np.random.default_rng(0)
-    (gate_up, down), _ = blocks_and_dense(rng, 64, 2048, 768, device="cuda")
+    gate_up, down = expert_blocks(rng, 64, 2048, 768, device="cuda")
     router = torch.from_numpy(rng.standard_normal((64, 2048)).astype(np.float32)).cuda().bfloat16()
     x = torch.zeros(4, 2048, device="cuda", dtype=torch.bfloat16)
     side = torch.cuda.Stream()
@@ -174,6 +173,6 @@ def test_the_moe_decode_captured_in_a_graph_follows_each_new_routing():
         x.copy_(fresh)
         graph.replay()
         want = kernels.moe(fresh, router, gate_up, down, 8)
-        assert want.abs().max() > 0 and torch.equal(out, want), seed
+        assert want.abs().max() > 0 and torch.allclose(out, want, rtol=1e-2, atol=1e-3 * want.abs().max().item()), seed
         chosen.append(route(fresh, router, 8, True)[1].sort(dim=1).values)
     assert not all(torch.equal(chosen[0], c) for c in chosen[1:])  # the replays read other experts
