@@ -13,6 +13,7 @@ from shardrt import kernels
 from shardrt.config import DraftConfig, LaunchConfig
 from shardrt.errors import ModelFormatError
 from shardrt.gguf_file import GGUFFile
+from shardrt.kernels import moe_qdot
 from shardrt.kernels.experts import QuantizedExperts
 from shardrt.kernels.moe import gathered, route
 from shardrt.kernels.quant import Q, dequantize_reference
@@ -159,6 +160,7 @@ def test_the_moe_decode_captured_in_a_graph_follows_each_new_routing():
     gate_up, down = expert_blocks(rng, 64, 2048, 768, device="cuda")
     router = torch.from_numpy(rng.standard_normal((64, 2048)).astype(np.float32)).cuda().bfloat16()
     x = torch.zeros(4, 2048, device="cuda", dtype=torch.bfloat16)
+    assert moe_qdot.runs(x, *gate_up, down)  # the grouped integer kernels, not the float fallback
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # compiles the kernels outside the capture
