@@ -8,6 +8,12 @@ One JSON line.
     python scripts/bench_quant.py [--shape llama3-8b] [--types bf16,q8_0,q4_k_m] [--layers N]
     python scripts/bench_quant.py --placements one --llama-bench PATH/llama-bench
     python scripts/bench_quant.py --device cpu --shape tiny --types q8_0 --placements one   # runs anywhere
+
+A mixture of experts: --shape qwen3-30b-a3b (qwen3moe, 128 experts, top 8), its experts kept in
+their blocks and decoded by the grouped kernels (kernels/moe_qdot.py); name --types q4_k_m alone
+there (its bf16 file would be 57 GiB):
+
+    python scripts/bench_quant.py --shape qwen3-30b-a3b --types q4_k_m --placements one --llama-bench PATH/llama-bench
 """
 
 from __future__ import annotations

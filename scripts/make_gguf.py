@@ -1,14 +1,17 @@
 """Write a random-weight GGUF of a real model's shape, so anyone can benchmark a box without
-downloading weights: Llama 3 8B / 1B / 70B bodies (or a tiny one for CI), llama architecture,
-with the tokenizer (and vocabulary size) of another GGUF, the demo model by default.
+downloading weights: Llama 3 8B / 1B / 70B bodies (or a tiny one for CI), llama architecture, and
+Qwen3-30B-A3B's mixture of experts (or a tiny one), qwen3moe architecture; with the tokenizer (and
+vocabulary size) of another GGUF, the demo model by default.
 
     python scripts/make_gguf.py OUT.gguf --shape llama3-8b [--layers N] [--type bf16] [--tokenizer-from GGUF]
+    python scripts/make_gguf.py OUT.gguf --shape qwen3-30b-a3b --type q4_k_m
 
 --type: f32, f16, bf16 (weights N(0, 0.02)), or quantized: q8_0, q4_0, q6_k, and q4_k_m (Q4_K, with
-attn_v, ffn_down and the output in Q6_K, as llama.cpp's Q4_K_M mostly is). Quantized tensors
-are random blocks whose scales are set to give weights of about that spread. Norms are near 1,
-in F32. Tensors are streamed to the file one at a time (drawn on the GPU when there is one), so
-a 40 GiB file needs no more than one tensor's worth of memory.
+attn_v, ffn_down (the experts' too) and the output in Q6_K, as llama.cpp's Q4_K_M mostly is).
+Quantized tensors are random blocks whose scales are set to give weights of about that spread.
+Norms are near 1 and a router in F32 (llama.cpp never quantizes either). Tensors are streamed to
+the file one at a time (drawn on the GPU when there is one), so a 40 GiB file needs no more than
+one tensor's worth of memory.
 """
 
 from __future__ import annotations
@@ -34,10 +37,27 @@ class Shape:
     kv_heads: int
     ffn: int
     rope_base: float = 500000.0
+    head_dim: int = 0  # 0: dim // heads
+    experts: int = 0  # a mixture of experts (qwen3moe): experts per layer, used per token, their ffn
+    experts_used: int = 0
+    expert_ffn: int = 0
+
+    @property
+    def arch(self) -> str:
+        return "qwen3moe" if self.experts else "llama"
+
+    @property
+    def head_width(self) -> int:
+        return self.head_dim or self.dim // self.heads
 
 
 SHAPES = {
     "tiny": Shape(layers=4, dim=256, heads=4, kv_heads=2, ffn=512, rope_base=10000.0),  # K-quant rows: 256s
+    "tiny-moe": Shape(layers=2, dim=256, heads=4, kv_heads=2, ffn=512, rope_base=1e6, head_dim=64, experts=8,
+                      experts_used=2, expert_ffn=256),
+    # its config's intermediate_size 6144 is written as feed_forward_length, which no layer uses
+    "qwen3-30b-a3b": Shape(layers=48, dim=2048, heads=32, kv_heads=4, ffn=6144, rope_base=1e6, head_dim=128,
+                           experts=128, experts_used=8, expert_ffn=768),
     "llama3-1b": Shape(layers=16, dim=2048, heads=32, kv_heads=8, ffn=8192),
     "llama3-8b": Shape(layers=32, dim=4096, heads=32, kv_heads=8, ffn=14336),
     "llama3-70b": Shape(layers=80, dim=8192, heads=64, kv_heads=8, ffn=28672),
@@ -46,12 +66,12 @@ SHAPES = {
 Q = GGMLQuantizationType
 FLOAT_TYPES = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
 NUMPY_BITS = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}
-SIX_BIT_TENSORS = ("attn_v.weight", "ffn_down.weight", "output.weight")  # Q6_K in q4_k_m
+SIX_BIT_TENSORS = ("attn_v.weight", "ffn_down.weight", "ffn_down_exps.weight", "output.weight")  # Q6_K in q4_k_m
 
 
 def tensor_type(type_name: str, name: str) -> Q:
     """The GGUF type a tensor is written in under --type `type_name`."""
-    if name.endswith("norm.weight"):
+    if name.endswith(("norm.weight", "ffn_gate_inp.weight")):
         return Q.F32
     if type_name == "q4_k_m":
         return Q.Q6_K if name.endswith(SIX_BIT_TENSORS) else Q.Q4_K
@@ -66,16 +86,22 @@ SCALE_FIELDS = {Q.Q8_0: ((0, 2.7e-4),), Q.Q4_0: ((0, 4.5e-3),), Q.Q4_K: ((0, 1e-
 
 def tensor_shapes(shape: Shape, vocab: int) -> list[tuple[str, tuple[int, ...]]]:
     """(name, torch-order shape) of every tensor, in file order."""
-    head_dim = shape.dim // shape.heads
+    head_dim, dim = shape.head_width, shape.dim
     q, kv = shape.heads * head_dim, shape.kv_heads * head_dim
-    out = [("token_embd.weight", (vocab, shape.dim))]
+    out = [("token_embd.weight", (vocab, dim))]
     for i in range(shape.layers):
-        out += [(f"blk.{i}.attn_norm.weight", (shape.dim,)), (f"blk.{i}.attn_q.weight", (q, shape.dim)),
-                (f"blk.{i}.attn_k.weight", (kv, shape.dim)), (f"blk.{i}.attn_v.weight", (kv, shape.dim)),
-                (f"blk.{i}.attn_output.weight", (shape.dim, q)), (f"blk.{i}.ffn_norm.weight", (shape.dim,)),
-                (f"blk.{i}.ffn_gate.weight", (shape.ffn, shape.dim)), (f"blk.{i}.ffn_up.weight", (shape.ffn, shape.dim)),
-                (f"blk.{i}.ffn_down.weight", (shape.dim, shape.ffn))]
-    return out + [("output_norm.weight", (shape.dim,)), ("output.weight", (vocab, shape.dim))]
+        out += [(f"blk.{i}.attn_norm.weight", (dim,)), (f"blk.{i}.attn_q.weight", (q, dim)),
+                (f"blk.{i}.attn_k.weight", (kv, dim)), (f"blk.{i}.attn_v.weight", (kv, dim)),
+                (f"blk.{i}.attn_output.weight", (dim, q)), (f"blk.{i}.ffn_norm.weight", (dim,))]
+        if shape.experts:  # qwen3's q/k norms, the router, the stacked experts
+            e, ffn = shape.experts, shape.expert_ffn
+            out += [(f"blk.{i}.attn_q_norm.weight", (head_dim,)), (f"blk.{i}.attn_k_norm.weight", (head_dim,)),
+                    (f"blk.{i}.ffn_gate_inp.weight", (e, dim)), (f"blk.{i}.ffn_gate_exps.weight", (e, ffn, dim)),
+                    (f"blk.{i}.ffn_up_exps.weight", (e, ffn, dim)), (f"blk.{i}.ffn_down_exps.weight", (e, dim, ffn))]
+        else:
+            out += [(f"blk.{i}.ffn_gate.weight", (shape.ffn, dim)), (f"blk.{i}.ffn_up.weight", (shape.ffn, dim)),
+                    (f"blk.{i}.ffn_down.weight", (dim, shape.ffn))]
+    return out + [("output_norm.weight", (dim,)), ("output.weight", (vocab, dim))]
 
 
 def random_tensor(name: str, shape: tuple[int, ...], qtype: Q, generator: torch.Generator) -> np.ndarray:
@@ -88,7 +114,7 @@ def random_tensor(name: str, shape: tuple[int, ...], qtype: Q, generator: torch.
         for at, value in SCALE_FIELDS[qtype]:
             scale = torch.full((blocks.shape[0],), value, dtype=torch.float16, device=device)
             blocks[:, at : at + 2] = scale.view(torch.uint8).view(-1, 2)
-        return blocks.cpu().numpy().reshape(shape[0], -1)
+        return blocks.cpu().numpy().reshape(*shape[:-1], -1)
     dtype = FLOAT_TYPES[qtype]
     x = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
     x = 1.0 + 0.1 * x if name.endswith("norm.weight") else 0.02 * x
@@ -103,9 +129,9 @@ def write(out: Path, shape: Shape, type_name: str, tokenizer_from: Path, seed: i
     source = GGUFReader(tokenizer_from)
     tokens = source.fields["tokenizer.ggml.tokens"]
     vocab = len(tokens.data)
-    head_dim = shape.dim // shape.heads
-    writer = GGUFWriter(out, "llama")
-    writer.add_name(f"random {shape.layers}-layer llama, dim {shape.dim} ({type_name})")
+    head_dim = shape.head_width
+    writer = GGUFWriter(out, shape.arch)
+    writer.add_name(f"random {shape.layers}-layer {shape.arch}, dim {shape.dim} ({type_name})")
     writer.add_block_count(shape.layers)
     writer.add_context_length(context)
     writer.add_embedding_length(shape.dim)
@@ -114,7 +140,13 @@ def write(out: Path, shape: Shape, type_name: str, tokenizer_from: Path, seed: i
     writer.add_head_count_kv(shape.kv_heads)
     writer.add_rope_freq_base(shape.rope_base)
     writer.add_rope_dimension_count(head_dim)
-    writer.add_layer_norm_rms_eps(1e-5)
+    if shape.experts:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+        writer.add_expert_count(shape.experts)
+        writer.add_expert_used_count(shape.experts_used)
+        writer.add_expert_feed_forward_length(shape.expert_ffn)
+    writer.add_layer_norm_rms_eps(1e-6 if shape.experts else 1e-5)
     writer.add_vocab_size(vocab)
     for key, field in source.fields.items():
         if key.startswith("tokenizer."):
@@ -131,7 +163,8 @@ def write(out: Path, shape: Shape, type_name: str, tokenizer_from: Path, seed: i
         else:
             block_elems, block_bytes = GGML_QUANT_SIZES[qtype]
             nbytes = math.prod(dims) // block_elems * block_bytes
-            writer.add_tensor_info(name, (dims[0], nbytes // dims[0]), np.dtype(np.uint8), nbytes, raw_dtype=qtype)
+            byte_shape = (*dims[:-1], dims[-1] // block_elems * block_bytes)
+            writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=qtype)
         sizes.append(nbytes)
     writer.write_header_to_file(out)
     writer.write_kv_data_to_file()

@@ -1,4 +1,5 @@
-"""Tiny synthetic GGUF models for tests: llama, qwen2 (q/k/v bias), qwen3 (q/k norm).
+"""Tiny synthetic GGUF models for tests: llama, qwen2 (q/k/v bias), qwen3 (q/k norm), qwen3moe
+(qwen3's attention, a router and stacked experts instead of the feed-forward).
 
 Weights are random (seeded numpy) and written with `gguf.GGUFWriter` in the tensor types a test
 asks for; the metadata is what llama.cpp writes and what transformers' GGUF loader reads, plus a
@@ -33,7 +34,7 @@ _K_SCALE_FIELDS: dict[Q, tuple[int, int | None]] = {
 # dmin / d for the K-quants with a minimum, so the weights come out roughly centred on zero
 _K_DMIN_RATIO = {Q.Q2_K: 1.5, Q.Q4_K: 7.5, Q.Q5_K: 15.5}
 
-ARCHS = ("llama", "qwen2", "qwen3")
+ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe")
 
 
 def qtype_of(t: str | Q) -> Q:
@@ -138,6 +139,8 @@ def write_model(
     drop_keys: Iterable[str] = (),
     tensor_types: Mapping[str, int | Q] | None = None,
     extra_keys: Mapping[str, Any] | None = None,
+    experts: tuple[int, int, int] = (8, 2, 256),
+    expert_qtypes: tuple[str | Q, str | Q, str | Q] | None = None,
 ) -> Path:
     """Write a random model to `path` and return the path.
 
@@ -152,6 +155,9 @@ def write_model(
         (for ids gguf knows) — the way to make a file holding a type shardrt does not run; an id that
         is no GGMLQuantizationType is patched into the tensor directory after writing.
     extra_keys: more metadata, name -> value (str, int, float, bool, or list); replaces a key written above.
+    experts: qwen3moe's (expert count, used per token, expert ffn width); expert_qtypes: the types
+        of its stacked gate, up and down experts (default qtype); the router stays F32, as
+        llama.cpp writes it.
     """
     path = Path(path)
     qtype, embed_qtype = qtype_of(qtype), qtype_of(embed_qtype or qtype)
@@ -177,6 +183,11 @@ def write_model(
     w.add_rope_freq_base(rope_base)
     w.add_layer_norm_rms_eps(norm_eps)
     w.add_vocab_size(vocab)
+    n_experts, n_used, expert_ffn = experts
+    if arch == "qwen3moe":
+        w.add_expert_count(n_experts)
+        w.add_expert_used_count(n_used)
+        w.add_expert_feed_forward_length(expert_ffn)
     file_types = LlamaFileType.__members__  # general.file_type: informative only
     ftype = LlamaFileType.ALL_F32 if qtype == Q.F32 else file_types.get(f"MOSTLY_{qtype.name}", LlamaFileType.GUESSED)
     w.add_file_type(int(ftype))
@@ -209,7 +220,11 @@ def write_model(
                 raw = rng.integers(0, 256, size=(rows, n_bytes // rows), dtype=np.uint8)
                 w.add_tensor(name, raw, raw_dtype=t)
                 return
-        data, raw_dtype = encode_weight(array, t, rng) if array.ndim == 2 else (array.astype(np.float32), None)
+        if array.ndim == 3 and t != Q.F32:  # stacked experts: blocks of each expert's rows, in order
+            data, raw_dtype = encode_weight(array.reshape(-1, array.shape[-1]), t, rng)
+            data = data.reshape(*array.shape[:-1], -1)
+        else:
+            data, raw_dtype = encode_weight(array, t, rng) if array.ndim == 2 else (array.astype(np.float32), None)
         w.add_tensor(name, data, raw_dtype=raw_dtype)
 
     def matrix(rows: int, cols: int) -> np.ndarray:
@@ -232,11 +247,18 @@ def write_model(
             add(p + "attn_q.bias", 0.1 * rng.standard_normal(q_dim).astype(np.float32))
             add(p + "attn_k.bias", 0.1 * rng.standard_normal(kv_dim).astype(np.float32))
             add(p + "attn_v.bias", 0.1 * rng.standard_normal(kv_dim).astype(np.float32))
-        if arch == "qwen3":
+        if arch in ("qwen3", "qwen3moe"):
             add(p + "attn_q_norm.weight", norm(head_dim))
             add(p + "attn_k_norm.weight", norm(head_dim))
         add(p + "attn_output.weight", matrix(dim, q_dim), qtype)
         add(p + "ffn_norm.weight", norm(dim))
+        if arch == "qwen3moe":
+            gate_type, up_type, down_type = (qtype_of(t) for t in expert_qtypes or (qtype,) * 3)
+            add(p + "ffn_gate_inp.weight", matrix(n_experts, dim))
+            add(p + "ffn_gate_exps.weight", np.stack([matrix(expert_ffn, dim) for _ in range(n_experts)]), gate_type)
+            add(p + "ffn_up_exps.weight", np.stack([matrix(expert_ffn, dim) for _ in range(n_experts)]), up_type)
+            add(p + "ffn_down_exps.weight", np.stack([matrix(dim, expert_ffn) for _ in range(n_experts)]), down_type)
+            continue
         add(p + "ffn_gate.weight", matrix(ffn_dim, dim), qtype)
         add(p + "ffn_up.weight", matrix(ffn_dim, dim), qtype)
         add(p + "ffn_down.weight", matrix(dim, ffn_dim), qtype)

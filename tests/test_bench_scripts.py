@@ -36,6 +36,26 @@ def test_make_gguf_writes_a_model_transformers_reads_alike(tmp_path, demo_model)
     assert (got - want).abs().max().item() < 1e-4
 
 
+def test_make_gguf_writes_a_mixture_of_experts_transformers_reads_alike(tmp_path, demo_model):
+    """The qwen3moe shapes (Qwen3-30B-A3B's, here its tiny sibling) in Q4_K_M's types: experts Q4_K
+    and Q6_K in blocks of each expert's rows, the router in F32, as llama.cpp's converter writes them."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out = tmp_path / "tiny-moe.gguf"
+    run_script("make_gguf.py", str(out), "--shape", "tiny-moe", "--type", "q4_k_m", "--tokenizer-from", str(demo_model))
+    stage = Stage(out, 0, 2, "cpu", max_ctx=64)
+    cfg = stage.cfg
+    assert (cfg.arch, cfg.n_experts, cfg.n_experts_used, cfg.expert_ffn_dim, cfg.head_dim) == ("qwen3moe", 8, 2, 256, 64)
+    # transformers' GGUF reader maps neither expert_feed_forward_length nor key_length for qwen3moe
+    config = AutoConfig.from_pretrained(out.parent, gguf_file=out.name)
+    config.moe_intermediate_size, config.head_dim = cfg.expert_ffn_dim, cfg.head_dim
+    model = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name, config=config, dtype=torch.float32)
+    ids = [1, 17, 400, 5000, 49151]
+    want = hf_last_logits(model.eval(), ids)
+    got = stage.forward(torch.tensor(ids), 0)[0]
+    assert want.abs().max() > 0.5 and (got - want).abs().max().item() < 1e-4
+
+
 def test_bench_gpu_runs_on_the_cpu_with_a_tiny_shape(tmp_path):
     line = run_script("bench_gpu.py", "--device", "cpu", "--shape", "tiny", "--prompt-tokens", "48",
                       "--decode-tokens", "8", "--hop-iters", "50", "--workdir", str(tmp_path))

@@ -239,3 +239,49 @@ def test_yaml_auto_values(tmp_path):
     cfg = load_yaml(path)
     assert (cfg.max_ctx_auto, cfg.reserve, cfg.layer_split, cfg.allow_cpu_overflow) == (True, 2 * GIB, "auto", True)
     assert replace(cfg, max_ctx_auto=False).max_ctx == 4096
+
+
+def test_experts_in_blocks_are_planned_and_held_at_about_their_file_bytes(tmp_path):
+    """A qwen3moe layer with Q4_K_M's experts (Q4_K gate and up, Q6_K down): the plan counts them as
+    blocks, the loader holds exactly that (planes as a GPU would hold them: on the meta device, and
+    for one tensor on the CPU), and both stay within 1.1x of the GGUF's bytes."""
+    import numpy as np
+    import torch
+
+    from shardrt import kernels
+    from shardrt.gguf_loader import LayerSpan, StageWeights, device_weight_bytes
+    from shardrt.kernels.experts import QuantizedExperts
+    from shardrt.kernels.quant import dequantize_reference
+    from shardrt.memory import shard_need
+
+    from .synthetic import write_model
+    from .test_quant import gguf_dequantized
+
+    path = write_model(tmp_path / "moe.gguf", "qwen3moe", n_layers=2, dim=256, qtype="Q8_0", experts=(8, 2, 256),
+                       expert_qtypes=("Q4_K", "Q4_K", "Q6_K"))
+    with GGUFFile(path) as gguf:
+        cfg = ModelConfig.from_gguf(gguf)
+        experts = [f"blk.1.{t}.weight" for t in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")]
+        layer = [n for n in gguf.tensors if n.startswith("blk.1.")]
+        file_bytes = {n: gguf.tensors[n].n_bytes for n in layer}
+        planned = device_weight_bytes(gguf, cfg, experts, 2, quantized=True)
+        loader = StageWeights(gguf, cfg, LayerSpan.of(0, 2, 2), quantized=True)
+        block = loader.load_block(1, torch.device("meta"), torch.bfloat16)
+        info = gguf.tensors[experts[2]]
+        raw = np.frombuffer(gguf.tensor_bytes(info), dtype=np.uint8).reshape(8 * 256, -1)
+        down = QuantizedExperts.from_blocks(raw, info.qtype, 8, 256, torch.device("cpu"))
+        want = gguf_dequantized(raw, info.qtype, 8 * 256, 256)[3 * 256 : 4 * 256]  # expert 3's rows
+        assert torch.equal(dequantize_reference(down.expert(3)).double(), want)
+        need = shard_need(gguf, cfg, LayerSpan.of(0, 2, 2), CUDA0, "auto", "quantized", 64)
+        dense = device_weight_bytes(gguf, cfg, experts, 2, quantized=False)
+    gate_up = block["ffn_gate_up_exps"]
+    assert isinstance(gate_up, tuple) and all(isinstance(p, QuantizedExperts)
+                                              for p in gate_up + (block["ffn_down_exps"],))
+    held = kernels.weight_bytes(gate_up) + kernels.weight_bytes(block["ffn_down_exps"])
+    expert_file_bytes = sum(file_bytes[n] for n in experts)
+    assert planned == held and down.nbytes == file_bytes[experts[2]]  # Q6_K's planes are its bytes
+    assert expert_file_bytes < held <= 1.1 * expert_file_bytes  # Q4_K's scales unpacked: +2.8%
+    assert dense > 2.4 * expert_file_bytes  # what they took dequantized to bf16
+    whole = sum(kernels.weight_bytes(w) for w in block.values())  # with Q8_0 attention, F32 norms held in bf16
+    assert whole <= 1.1 * sum(file_bytes.values())
+    assert need.weights <= 1.1 * loader.cover.covered_bytes

@@ -5,11 +5,18 @@ transformers' own GGUF loader. Float32 on the CPU; the gathered (graph) path on 
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
+from shardrt import kernels
 from shardrt.config import DraftConfig, LaunchConfig
 from shardrt.errors import ModelFormatError
+from shardrt.gguf_file import GGUFFile
+from shardrt.kernels import moe_qdot
+from shardrt.kernels.experts import QuantizedExperts
+from shardrt.kernels.moe import gathered, route
+from shardrt.kernels.quant import Q, dequantize_reference
 from shardrt.launch import Cluster
 from shardrt.pipeline import Pipeline
 from shardrt.placement import parse_devices
@@ -18,6 +25,9 @@ from shardrt.stage import Stage
 from shardrt.tokenizer import Tokenizer
 
 from .hf_gguf import PROMPT, TOKENS, greedy_of, rewrite, tiny_qwen3_moe, write_qwen3_moe, written
+from .synthetic import write_model
+from .test_qdot import follows_the_cpu
+from .test_quant import random_blocks
 
 @pytest.fixture(scope="module")
 def moe(tmp_path_factory):
@@ -84,3 +94,87 @@ def test_the_gathered_experts_in_gpu_graphs_follow_the_cpu(moe):
     gpu = Stage(path, 0, 3, "cuda:0", max_ctx=128, dtype=torch.float32)
     assert gpu.runner.buckets == (1, 2, 4, 8, 16, 32)  # GATHER_ROWS 64 / top 2
     assert greedy_of(Pipeline([gpu])) == greedy and gpu.graph_forwards >= TOKENS - 1
+
+
+# -- experts kept in their GGUF blocks ------------------------------------------------------------
+
+def expert_blocks(rng, count: int, dim: int, ffn: int, types=(Q.Q4_K, Q.Q4_K, Q.Q6_K), device="cpu"):
+    """Random gate, up and down experts in blocks, Q4_K_M's types: ((gate, up), down)."""
+    shapes = ((ffn, dim), (ffn, dim), (dim, ffn))
+    gate, up, down = (QuantizedExperts.from_blocks(random_blocks(t, count * rows, cols, 1e-2, rng), t, count, cols,
+                                                   torch.device(device)) for t, (rows, cols) in zip(types, shapes))
+    return (gate, up), down
+
+
+def dense_of(experts: QuantizedExperts) -> torch.Tensor:
+    """[E, rows, cols] float32, as the dense path would hold them (quant's reference dequantization,
+    which tests/test_quant.py holds against gguf's)."""
+    return dequantize_reference(experts.stacked).reshape(experts.shape)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 40])
+def test_experts_in_blocks_give_what_the_dense_experts_give(rows):
+    # on the CPU both the prefill path (each chosen expert over its rows) and the gathered one (the
+    # chosen experts' matrices dequantized by id) read the blocks through the torch references
+    rng = np.random.default_rng(rows)
+    gate_up, down = expert_blocks(rng, 6, 256, 256)
+    gate_up_dense, down_dense = torch.cat([dense_of(p) for p in gate_up], dim=1), dense_of(down)
+    router = torch.from_numpy(rng.standard_normal((6, 256)).astype(np.float32))
+    x = torch.from_numpy(rng.standard_normal((rows, 256)).astype(np.float32))
+    want = kernels.moe(x, router, gate_up_dense, down_dense, 3)
+    weights, experts = route(x, router, 3, True)
+    for got in (kernels.moe(x, router, gate_up, down, 3), gathered(x, weights, experts, gate_up, down),
+                gathered(x, weights, experts, gate_up_dense, down)):  # the last: dense gate/up, down in blocks
+        assert ((got - want).norm() / want.norm()).item() < 1e-6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.version.cuda is None, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("graphs", [True, False])
+def test_a_gpu_stage_with_experts_in_blocks_follows_the_cpu(tmp_path, graphs):
+    """A qwen3moe file with Q4_K_M's experts (Q4_K gate and up, Q6_K down) through the real model:
+    `weights: auto` keeps them in blocks on the GPU at about their file bytes, decode steps take
+    the grouped integer kernels (in graphs, or eagerly), the prompt the prefill path, and the
+    logits follow the CPU's float32 ones from the dequantized experts, teacher-forced over a
+    prompt and eight decode steps. Every token takes all 8 experts, weighted by the router: with
+    a top k of fewer, bf16 and int8 activations would move near-tied choices to other experts
+    now and then (test_moe_qdot.py checks the kernels on ids of every kind)."""
+    path = write_model(tmp_path / "moe.gguf", "qwen3moe", n_layers=3, dim=256, n_heads=4, n_kv_heads=2, qtype="Q8_0",
+                       experts=(8, 8, 256), expert_qtypes=("Q4_K", "Q4_K", "Q6_K"), seed=5)
+    cpu = Stage(path, 0, 3, "cpu", max_ctx=64)
+    gpu = Stage(path, 0, 3, "cuda:0", max_ctx=64, graphs=graphs)
+    assert gpu.quantized and gpu.dtype == torch.bfloat16
+    with GGUFFile(path) as gguf:
+        file_bytes = sum(i.n_bytes for n, i in gguf.tensors.items() if "_exps" in n)
+    held = [b.experts_gate_up for b in gpu.blocks] + [b.experts_down for b in gpu.blocks]
+    assert all(isinstance(p, QuantizedExperts) for w in held for p in (w if isinstance(w, tuple) else (w,)))
+    assert sum(kernels.weight_bytes(w) for w in held) <= 1.1 * file_bytes
+    follows_the_cpu(cpu, gpu)
+    assert not graphs or gpu.graph_forwards >= 8
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.version.cuda is None, reason="needs a CUDA GPU")
+def test_the_moe_decode_captured_in_a_graph_follows_each_new_routing():
+    """moe() over experts in blocks captured once in a CUDA graph: each replay routes its own
+    input on the device and gives what an eager call gives, however the choice of experts moves."""
+    rng = np.random.default_rng(0)
+    gate_up, down = expert_blocks(rng, 64, 2048, 768, device="cuda")
+    router = torch.from_numpy(rng.standard_normal((64, 2048)).astype(np.float32)).cuda().bfloat16()
+    x = torch.zeros(4, 2048, device="cuda", dtype=torch.bfloat16)
+    assert moe_qdot.runs(x, *gate_up, down)  # the grouped integer kernels, not the float fallback
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compiles the kernels outside the capture
+        kernels.moe(x, router, gate_up, down, 8)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = kernels.moe(x, router, gate_up, down, 8)
+    chosen = []
+    for seed in range(4):
+        fresh = torch.randn(4, 2048, device="cuda", generator=torch.Generator("cuda").manual_seed(seed)).bfloat16()
+        x.copy_(fresh)
+        graph.replay()
+        want = kernels.moe(fresh, router, gate_up, down, 8)
+        assert want.abs().max() > 0 and torch.allclose(out, want, rtol=1e-2, atol=1e-3 * want.abs().max().item()), seed
+        chosen.append(route(fresh, router, 8, True)[1].sort(dim=1).values)
+    assert not all(torch.equal(chosen[0], c) for c in chosen[1:])  # the replays read other experts

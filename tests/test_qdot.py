@@ -138,15 +138,21 @@ def test_a_gpu_stage_with_blocks_follows_the_dense_cpu_stage(tmp_path, qtype, gr
     cpu = Stage(path, 0, 3, "cpu", max_ctx=64)
     gpu = Stage(path, 0, 3, "cuda:0", max_ctx=64, graphs=graphs)
     assert gpu.quantized and gpu.dtype == torch.bfloat16 and gpu.kernels.path == "triton"
+    follows_the_cpu(cpu, gpu)
+    assert not graphs or gpu.graph_forwards >= 8
+
+
+def follows_the_cpu(cpu, gpu, steps: int = 9) -> None:
+    """The GPU stage's logits follow the CPU stage's, teacher-forced over a prompt and steps - 1
+    decode steps (each the CPU's greedy token)."""
     inputs, base = torch.arange(1, 20), 0
-    for step in range(9):
+    for step in range(steps):
         want = cpu.forward(inputs, base).view(-1).double()
         got = gpu.forward(inputs, base).view(-1).double().cpu()
         assert torch.nn.functional.cosine_similarity(got, want, dim=0) > 0.999, step
         assert ((got - want).norm() / want.norm()).item() < 5e-2, step
         base += inputs.numel()
         inputs = torch.tensor([int(want.argmax())])
-    assert not graphs or gpu.graph_forwards >= 8
 
 
 def test_a_forced_path_must_be_one_of_the_paths(monkeypatch):

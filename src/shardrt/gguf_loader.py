@@ -3,7 +3,9 @@
 A stage names a layer range and whether it holds the embedding and/or the head; the loader
 touches only those tensors' bytes in the memory map (the *span cover*) and dequantizes them
 with the `gguf` package's quant support (F32/F16/BF16 are read as they are) into the compute
-dtype on the target device, stacking q/k/v and gate/up into one matrix each.
+dtype on the target device, stacking q/k/v and gate/up into one matrix each. Where a GPU keeps
+quantized weights, matrices (and stacks of expert matrices) of a type the kernels read keep their
+GGUF blocks instead (kernels.quant, kernels.experts).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from gguf.quants import dequantize
 from .errors import ModelFormatError
 from .gguf_file import GGUFFile, TensorInfo
 from .kernels import quant
-from .model import ModelConfig, block_tensor_names, block_weights
+from .kernels.experts import QuantizedExperts
+from .model import MOE_WEIGHTS, ModelConfig, block_tensor_names, block_weights
 
 log = logging.getLogger(__name__)
 
@@ -177,22 +180,49 @@ def check_shape(gguf: GGUFFile, cfg: ModelConfig, name: str) -> None:
         )
 
 
-def device_weight_bytes(gguf: GGUFFile, names: list[str], dtype_bytes: int, quantized: bool) -> int:
-    """Bytes the tensors `names` take on a device: as stored for a type the kernels read (with
-    `quantized`), else dequantized to a dtype of `dtype_bytes` per element."""
+def device_weight_bytes(gguf: GGUFFile, cfg: ModelConfig, names: list[str], dtype_bytes: int, quantized: bool) -> int:
+    """Bytes the tensors `names` take on a device: as stored for what stays in blocks (with
+    `quantized`, `in_blocks`), else dequantized to a dtype of `dtype_bytes` per element."""
     total = 0
     for name in names:
         info = require_tensor(gguf, name)
-        if quantized and len(info.shape) == 2 and quant.has_kernel(info.qtype):
-            total += quant.device_bytes(info.qtype, info.shape[1], info.shape[0])
+        if quantized and in_blocks(gguf, cfg, info):
+            total += quant.device_bytes(info.qtype, info.n_elements // info.shape[0], info.shape[0])
         else:
             total += info.n_elements * dtype_bytes
     return total
 
 
+def in_blocks(gguf: GGUFFile, cfg: ModelConfig, info: TensorInfo) -> bool:
+    """Whether a tensor keeps its GGUF blocks on a device that holds quantized weights: a matrix of
+    a type the kernels read, or a stack of expert matrices that `experts_in_blocks` keeps."""
+    if len(info.shape) == 2:
+        return quant.has_kernel(info.qtype)
+    loaded_with = expert_group(info.name)
+    return loaded_with is not None and experts_in_blocks(cfg, [require_tensor(gguf, n) for n in loaded_with])
+
+
+def expert_group(name: str) -> tuple[str, ...] | None:
+    """The stacked expert matrices loaded together with tensor `name` (gate with up, down alone),
+    or None for a tensor that is none of them."""
+    if not name.startswith("blk."):
+        return None
+    _, layer, short = name.split(".", 2)
+    group = next((parts for key, parts in MOE_WEIGHTS.items() if key.endswith("_exps") and short in parts), None)
+    return tuple(f"blk.{layer}.{part}" for part in group) if group else None
+
+
+def experts_in_blocks(cfg: ModelConfig, infos: list[TensorInfo]) -> bool:
+    """Whether stacked expert matrices loaded together keep their blocks where quantized weights do:
+    each of a type the kernels read, in a family whose experts are a plain SwiGLU. gpt-oss's (biases
+    and a clamped unit, which the grouped kernels do not fuse; MXFP4 in its files) stay dense."""
+    return cfg.activation == "silu" and not cfg.expert_biases and all(quant.has_kernel(i.qtype) for i in infos)
+
+
 class StageWeights:
     """Reads a stage's tensors into torch, counting the file bytes it touched. With `quantized`,
-    matrices of a type the kernels read stay in their GGUF blocks on a GPU (kernels.quant)."""
+    matrices of a type the kernels read stay in their GGUF blocks on a GPU (kernels.quant), and so
+    do stacked experts where `experts_in_blocks` says (kernels.experts)."""
 
     def __init__(self, gguf: GGUFFile, cfg: ModelConfig, span: LayerSpan, prefetch: bool = True,
                  quantized: bool = False):
@@ -260,12 +290,17 @@ class StageWeights:
                     tuple(f"blk.{layer}.{t}" for t in parts), device, torch.float32 if key in FLOAT32_WEIGHTS else dtype)
                 for key, parts in block_weights(self.cfg, layer).items()}
 
-    def load_experts(self, names: tuple[str, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """Stacked expert tensors [E, rows, cols] (or their biases [E, rows]) side by side along each expert's rows, in one new
-        tensor on `device` (dequantized: the experts have no quantized kernel yet)."""
+    def load_experts(self, names: tuple[str, ...], device: torch.device, dtype: torch.dtype):
+        """Stacked expert tensors [E, rows, cols] (or their biases [E, rows]). Where quantized weights
+        stay in blocks and `experts_in_blocks` allows: QuantizedExperts, one per tensor (gate and up:
+        the pair). Else dequantized side by side along each expert's rows, in one new tensor on
+        `device`."""
         infos = [require_tensor(self.gguf, name) for name in names]
         self.bytes_read += sum(info.n_bytes for info in infos)
-        if self.quantized and device.type != "cpu":
+        if self.quantized and device.type != "cpu" and len(infos[0].shape) == 3:
+            if experts_in_blocks(self.cfg, infos):
+                parts = tuple(self._experts_in_blocks(info, device) for info in infos)
+                return parts if len(parts) > 1 else parts[0]
             for info in infos:
                 if info.qtype not in PLAIN_TYPES:
                     self.without_kernel[info.qtype.name] = self.without_kernel.get(info.qtype.name, 0) + 1
@@ -277,3 +312,9 @@ class StageWeights:
             out[:, row : row + part.shape[1]].copy_(part)
             row += part.shape[1]
         return out
+
+    def _experts_in_blocks(self, info: TensorInfo, device: torch.device) -> QuantizedExperts:
+        check_type(info)
+        cols, rows, count = info.shape
+        raw = np.frombuffer(self.gguf.tensor_bytes(info), dtype=np.uint8).reshape(count * rows, -1)
+        return QuantizedExperts.from_blocks(raw, info.qtype, count, cols, device)

@@ -117,7 +117,7 @@ def shard_need(gguf: GGUFFile, cfg: ModelConfig, span: LayerSpan, device: Device
     quantized = holds_blocks(device, weights)
     names = stage_tensor_names(cfg, span)
     recurrent = recurrent_layers(cfg, span)
-    return Need(weights=device_weight_bytes(gguf, names, element, quantized),
+    return Need(weights=device_weight_bytes(gguf, cfg, names, element, quantized),
                 kv=kv_bytes(cfg, span.stop - span.start - recurrent, kv_tokens, element),
                 state=state_bytes(cfg, recurrent, seqs, element) if recurrent else 0,
                 scratch=scratch_bytes(cfg, gguf, names, gpu, element, quantized),

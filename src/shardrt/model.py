@@ -397,7 +397,7 @@ BLOCK_WEIGHTS = {
 FFN_WEIGHTS = {"ffn_gate_up": ("ffn_gate.weight", "ffn_up.weight"), "ffn_down": ("ffn_down.weight",)}
 BIAS_WEIGHTS = {"attn_qkv_bias": ("attn_q.bias", "attn_k.bias", "attn_v.bias")}
 # a mixture of experts instead of ffn_gate_up / ffn_down: the router, and each expert's gate and up
-# stacked per expert ([E, 2 * ff, dim]) and its down ([E, dim, ff])
+# stacked per expert ([E, 2 * ff, dim]; in blocks, the pair of QuantizedExperts) and its down ([E, dim, ff])
 MOE_WEIGHTS = {"ffn_gate_inp": ("ffn_gate_inp.weight",), "ffn_gate_up_exps": ("ffn_gate_exps.weight", "ffn_up_exps.weight"),
                "ffn_down_exps": ("ffn_down_exps.weight",)}
 QK_NORM_WEIGHTS = {"attn_q_norm": ("attn_q_norm.weight",), "attn_k_norm": ("attn_k_norm.weight",)}

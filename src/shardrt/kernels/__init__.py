@@ -5,7 +5,8 @@ beside the torch reference it is tested against.
 GPU tensor when Triton is importable, the torch reference otherwise (CPU, or
 `SHARDRT_KERNELS=torch` to compare). Every op is graph-safe: no host sync, no shape that
 depends on tensor values, positions as device tensors. A weight is a dense tensor, a
-`QuantizedWeight` (GGUF blocks kept as they are), or a tuple of those stacked by rows.
+`QuantizedWeight` (GGUF blocks kept as they are), or a tuple of those stacked by rows; a mixture
+of experts' stacked matrices may also be `QuantizedExperts` (experts.py).
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ import torch.nn.functional as F
 from . import quant
 from .activation import clamped_swiglu, gelu_mul, silu_mul
 from .attention import cached_attention
+from .experts import QuantizedExperts
 from .moe import ExpertBiases, moe
 from .norm import add_rms_norm, rms_norm
 from .quant import QuantizedWeight
 from .rope import apply_rope, rope_kv_write, rope_tables
 
 __all__ = ["QuantizedWeight", "add_rms_norm", "apply_rope", "cached_attention", "embedding", "gelu_mul", "linear", "moe",
-           "rms_norm",
+           "rms_norm", "QuantizedExperts",
            "rope_kv_write", "rope_tables", "silu_mul", "weight_bytes", "clamped_swiglu", "ExpertBiases"]
 
 Weight = torch.Tensor | QuantizedWeight | tuple
@@ -58,6 +60,6 @@ def weight_bytes(weight: Weight | None) -> int:
         return 0
     if isinstance(weight, torch.Tensor):
         return weight.numel() * weight.element_size()
-    if isinstance(weight, QuantizedWeight):
+    if isinstance(weight, (QuantizedWeight, QuantizedExperts)):
         return weight.nbytes
     return sum(weight_bytes(part) for part in weight)
