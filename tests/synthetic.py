@@ -34,7 +34,9 @@ _K_SCALE_FIELDS: dict[Q, tuple[int, int | None]] = {
 # dmin / d for the K-quants with a minimum, so the weights come out roughly centred on zero
 _K_DMIN_RATIO = {Q.Q2_K: 1.5, Q.Q4_K: 7.5, Q.Q5_K: 15.5}
 
-ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe")
+# the dense families whose files transformers reads back (tests/test_synthetic_models.py); write_model
+# also writes qwen3moe, whose check against transformers is tests/test_moe.py's
+ARCHS = ("llama", "qwen2", "qwen3")
 
 
 def qtype_of(t: str | Q) -> Q:

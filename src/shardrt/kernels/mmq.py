@@ -28,6 +28,8 @@ the activations are read in that order too, which leaves the products' sums unch
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from gguf import GGMLQuantizationType
 
@@ -42,13 +44,14 @@ SUPER_BLOCK_TYPES = (Q.Q4_K, Q.Q5_K, Q.Q6_K)
 # program reads the activations of its K range again, so the more weight rows share them, the
 # fewer bytes per weight the caches serve. A matrix of few rows (4096 outputs: 32 programs)
 # would leave most SMs idle, so K is split over programs until there are at least two per SM,
-# each writing float32 partial sums that a second kernel adds up into `out`.
-# (weight rows per program, warps): the fastest at 16 rows on an H200 over (64, 4), (128, 4),
+# each writing float32 partial sums that a second kernel adds up into `out`. The blocks
+# (weight rows per program, warps) are the fastest at 16 rows on an H200 of (64, 4), (128, 4),
 # (128, 8), (256, 8) for Llama-3 8B's matrices (scripts/bench_matvec.py); Q6_K's larger blocks
-# (210 bytes a super-block, two products a block of 32) take fewer rows
+# (210 bytes a super-block, two products a block of 32) take fewer rows.
 BLOCKS = {Q.Q6_K: (64, 4)}
 DEFAULT_BLOCK = (128, 4)
 PROGRAMS_PER_SM = 2
+SUM_BLOCK = 1024  # outputs of one program of the partial sums' kernel
 
 
 def supported(qtype: Q, x: torch.Tensor) -> bool:
@@ -68,12 +71,17 @@ def step(qtype: Q, cols: int) -> int:
     return next(s for s in (256, 128, 64, 32) if cols % s == 0)
 
 
+@functools.cache
+def multiprocessors(device: torch.device) -> int:
+    """The device's SMs (4 for the CPU that Triton's interpreter runs on, in the tests)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
 def splits(programs: int, steps: int, device: torch.device) -> int:
     """How many programs share each row's K range (a power of two, each at least one step): the
     fewest that give PROGRAMS_PER_SM programs per SM."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
     count = 1
-    while programs * count < PROGRAMS_PER_SM * sms and 2 * count <= steps:
+    while programs * count < PROGRAMS_PER_SM * multiprocessors(device) and 2 * count <= steps:
         count *= 2
     return count
 
@@ -98,9 +106,8 @@ def linear(xq: qdot.QuantizedRows, w, out: torch.Tensor, block: tuple[int, int] 
         target.stride(-2), m * w.rows if parts > 1 else 0, per_part * width, K=w.cols, QTYPE=int(w.qtype),
         STEP=width, BLOCK_M=bm, BLOCK_N=block_n, num_warps=warps)
     if parts > 1:
-        block = 1024
-        _sum_parts_kernel[(m, triton.cdiv(w.rows, block))](target, out, w.rows, out.stride(0), m * w.rows,
-                                                             PARTS=parts, BLOCK=block, num_warps=4)
+        _sum_parts_kernel[(m, triton.cdiv(w.rows, SUM_BLOCK))](target, out, w.rows, out.stride(0), m * w.rows,
+                                                                 PARTS=parts, BLOCK=SUM_BLOCK, num_warps=4)
     return out
 
 
