@@ -11,7 +11,8 @@ import torch
 
 from shardrt.kernels import mmq, qdot, quant
 
-from .test_quant import SCALES, gguf_dequantized, random_blocks
+from .test_qdot import worst_errors
+from .test_quant import random_blocks
 from .triton_interpreter import interpret
 
 try:
@@ -22,27 +23,8 @@ except ImportError:
 
 
 def check_types(device: str, types, rows: int, cols: int, counts, config=None) -> dict:
-    """Largest relative error of mmq.linear per type over row counts and scales (NaN where the
-    kernel left an output unwritten)."""
-    worst = {}
-    for qtype in types:
-        rng = np.random.default_rng(int(qtype))
-        for scale in SCALES.values():
-            raw = random_blocks(qtype, rows, cols, scale, rng)
-            weight = quant.quantized_weight(raw, qtype, cols, torch.device(device))
-            dense = gguf_dequantized(raw, qtype, rows, cols)
-            for m in counts:
-                x = torch.from_numpy(rng.standard_normal((m, cols)).astype(np.float32)).to(device)
-                x = x if device == "cpu" else x.bfloat16()  # the interpreter computes in numpy: no bf16
-                xq = qdot.quantize_rows(x)
-                want = xq.dequantize().double().cpu() @ dense.T
-                out = torch.full((m, rows), float("nan"), device=device)
-                mmq.linear(xq, weight, out, config)
-                norm = want.norm().item()
-                got = out.double().cpu()
-                error = ((got - want).norm().item() / norm) if norm else got.abs().max().item()
-                worst[qtype.name] = max(worst.get(qtype.name, 0.0), error)
-    return worst
+    """worst_errors (test_qdot) of mmq.linear with `config`'s block."""
+    return worst_errors(device, types, rows, cols, counts, lambda xq, w, out: mmq.linear(xq, w, out, config))
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not installed")

@@ -38,8 +38,10 @@ def test_quantized_rows_are_the_nearest_steps_of_each_block():
     assert torch.allclose(xq.dequantize(), (q * step).reshape(3, 256))
 
 
-def check_types(device: str, types, rows: int = 13, cols: int = 768, counts=(1, 3, 8)) -> dict:
-    """Largest relative error of qdot.linear per type over row counts and scales."""
+def worst_errors(device: str, types, rows: int, cols: int, counts, product) -> dict:
+    """Largest relative error per type, over row counts and scales, of `product(xq, weight, out)`
+    (an integer path: x quantized per 32) against dequantize(W) @ dequantize(quantize(x)); NaN
+    where the kernel left an output unwritten."""
     worst = {}
     for qtype in types:
         rng = np.random.default_rng(int(qtype))
@@ -55,11 +57,17 @@ def check_types(device: str, types, rows: int = 13, cols: int = 768, counts=(1, 
                 assert torch.equal(xq.words.cpu(), ref.words.cpu()) and torch.equal(xq.scale.cpu(), ref.scale.cpu())
                 want = ref.dequantize().double().cpu() @ dense.T
                 out = torch.full((m, rows), float("nan"), device=device)
-                qdot.linear(xq, weight, out, block=(4, 4, 1) if device == "cpu" else None)
+                product(xq, weight, out)
                 norm = want.norm().item()
                 error = ((out.double().cpu() - want).norm().item() / norm) if norm else out.abs().max().item()
                 worst[qtype.name] = max(worst.get(qtype.name, 0.0), error)
     return worst
+
+
+def check_types(device: str, types, rows: int = 13, cols: int = 768, counts=(1, 3, 8)) -> dict:
+    """worst_errors of qdot.linear (on the CPU in programs of 4 rows, 4 units)."""
+    block = (4, 4, 1) if device == "cpu" else None
+    return worst_errors(device, types, rows, cols, counts, lambda xq, w, out: qdot.linear(xq, w, out, block=block))
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not installed")
