@@ -29,9 +29,13 @@ import torch
 from . import qdot
 from ._triton import tl, triton, use_triton
 from .experts import QuantizedExperts
-from .quant import QuantizedWeight
+from .quant import Q, QuantizedWeight
 
 MIN_PROGRAMS = 1024  # fewer rows per program until a step has this many programs (as qdot.config)
+# the down kernel's (rows per program, units per step, warps) where measured: Qwen3-30B-A3B's experts
+# on an H200 (scripts/bench_moe.py), best or within 5% of it at 1, 2, 4 and 8 tokens; the rule in
+# `config` gave 1.3-2x slower programs there (each reads k experts' rows: fewer, fuller programs win)
+DOWN_CONFIG = {Q.Q4_K: (8, 32, 8), Q.Q6_K: (4, 32, 4)}
 
 
 def runs(x: torch.Tensor, *weights) -> bool:
@@ -91,6 +95,8 @@ def down_weighted(hq: qdot.QuantizedRows, experts: torch.Tensor, weights: torch.
     n, k = experts.shape
     dim, ffn = down.rows, down.cols
     slots = triton.next_power_of_2(k)
+    if block is None and down.qtype in DOWN_CONFIG:
+        block = DOWN_CONFIG[down.qtype]
     if block is None:
         block_n, (units,), warps = config((down.qtype,), dim, ffn, n, slots)
     else:
