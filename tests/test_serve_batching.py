@@ -5,6 +5,7 @@ every request in flight, then the server serves again."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -130,8 +131,10 @@ WIDE = 64
 def wide(demo_model, tmp_path_factory):
     """64 slots and the default queue; no prefix cache, so a shared prompt can only be copied from
     a running request."""
-    with serving(demo_model, tmp_path_factory.mktemp("serve-wide") / "stderr.txt", "--max-seqs", str(WIDE),
-                 "--prefix-cache-slots", "0") as served:
+    folder = tmp_path_factory.mktemp("serve-wide")
+    with serving(demo_model, folder / "stderr.txt", "--max-seqs", str(WIDE), "--prefix-cache-slots", "0",
+                 "--step-log", str(folder / "steps.jsonl")) as served:
+        served.step_log = folder / "steps.jsonl"
         yield served
 
 
@@ -163,3 +166,19 @@ def test_a_burst_sharing_a_system_prompt_prefills_it_once(wide):
     shared = wide.metric("shardrt_prefix_shared_requests_total") - before[0]
     tokens = wide.metric("shardrt_prefix_shared_tokens_total") - before[1]
     assert shared >= len(questions) // 2 and tokens >= 50 * shared  # the system prompt: ~60 tokens each
+
+
+def test_the_step_log_accounts_for_every_request_and_prompt_row(wide):
+    """After the tests above (every request ended): each request has its line, in order of time;
+    the prompt rows the steps sent are exactly the prompt tokens the requests did not reuse."""
+    lines = [json.loads(line) for line in wide.step_log.read_text().splitlines()]
+    steps, requests = [x for x in lines if "step" in x], [x for x in lines if "request" in x]
+    assert len(requests) >= WIDE + 8 + 16 + 3 and sorted(r["request"] for r in requests) == \
+        list(range(1, len(requests) + 1))
+    for r in requests:
+        assert 0 <= r["admitted_ms"] <= r["first_token_ms"] <= r["total_ms"] and r["tokens"] == 4, r
+        assert 0 <= r["reused"] < r["prompt_tokens"] and r["finish"] == "length", r
+    assert sum(s["prefill"] for s in steps) == sum(r["prompt_tokens"] - r["reused"] for r in requests)
+    assert sum(s["joined"] for s in steps) == len(requests)
+    assert [s["step"] for s in steps] == list(range(1, len(steps) + 1))
+    assert all(s["ms"] >= s["settle_ms"] >= 0 and s["decode"] >= 0 for s in steps)

@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch-tokens", type=int, default=None, metavar="N",
                        help="rows of one batched step: every running sequence's token, then chunks of waiting "
                             "prompts while there is room (default 512)")
+    serve.add_argument("--step-log", metavar="FILE",
+                       help="append a JSON line per batched step and per request to FILE (where a request's time goes)")
     serve.add_argument("--allow-remote", action="store_true",
                        help="allow a non-loopback --host (the API has no authentication)")
     serve.add_argument("--served-model-name", metavar="NAME", help="the model name clients give (default: the GGUF file name)")
@@ -262,7 +264,7 @@ def cmd_serve(args) -> int:
     from .server.serve import ServeOptions, check_address, serve
 
     options = ServeOptions(host=args.host, port=args.port, max_queue=args.max_queue, allow_remote=args.allow_remote,
-                           model_name=args.served_model_name,
+                           model_name=args.served_model_name, step_log=args.step_log,
                            max_batch_tokens=MAX_BATCH_TOKENS if args.max_batch_tokens is None else args.max_batch_tokens)
     check_address(options)  # before the model is fetched or loaded
     config, model = _resolve(args)

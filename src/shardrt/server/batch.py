@@ -65,6 +65,8 @@ class Running:
     checkpoint: int | None = None  # where its prefill stops for a prefix-cache snapshot
     started: float = field(default_factory=time.perf_counter)
     prefill_done: float | None = None
+    number: int = 0  # in admission order (the step log's request number)
+    admitted: float = field(default_factory=time.monotonic)
 
     @property
     def prompt(self) -> list[int]:
@@ -77,11 +79,15 @@ class Running:
 
 
 class BatchScheduler:
-    def __init__(self, pipeline, tokenizer, prefix_cache=None, max_batch_tokens: int = MAX_BATCH_TOKENS):
+    def __init__(self, pipeline, tokenizer, prefix_cache=None, max_batch_tokens: int = MAX_BATCH_TOKENS,
+                 step_log=None):
         if isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
             raise ConfigError(f"--max-batch-tokens: {max_batch_tokens!r} is not a whole number >= 1")
         self.pipeline, self.tokenizer, self.prefix_cache = pipeline, tokenizer, prefix_cache
         self.max_batch_tokens = max_batch_tokens
+        self.step_log = step_log  # step_log.StepLog or None
+        self._admitted = 0
+        self._sent = [0, 0, 0]  # this step's decode rows, prompt rows, prompts (for the step log)
         self.wave = Wavefront(pipeline.stages)
         self.running: list[Running] = []  # every sequence with a slot, in arrival order
         self.groups: list[list[Running]] = [[] for _ in pipeline.stages]  # decoding, by wavefront group
@@ -97,6 +103,11 @@ class BatchScheduler:
     def free_slots(self) -> int:
         return len(self._free)
 
+    @property
+    def unsettled(self) -> bool:
+        """Ended requests whose slots (and prefix-cache snapshots) wait for a settle."""
+        return bool(self._leaving or self._copying or self._checkpointing)
+
     def admit(self, job) -> None:
         """Give `job` a slot; its prefill starts with the next step. ConfigError if it cannot run."""
         prompt, params = job.prompt_ids, job.params
@@ -105,7 +116,9 @@ class BatchScheduler:
         if len(prompt) + params.max_tokens > self.pipeline.max_ctx:
             raise ConfigError(f"prompt + max_tokens: {len(prompt)} + {params.max_tokens} exceed max_ctx "
                               f"{self.pipeline.max_ctx}")
-        run = Running(job, self._free.pop(0), Decoding(self.tokenizer, params, job.on_text), Sampler(params), 0, 0)
+        self._admitted += 1
+        run = Running(job, self._free.pop(0), Decoding(self.tokenizer, params, job.on_text), Sampler(params), 0, 0,
+                      number=self._admitted)
         self.running.append(run)
         self._joining.append(run)
 
@@ -131,13 +144,21 @@ class BatchScheduler:
 
     def step(self) -> list[tuple[Running, Generation]]:
         """Slots set up and given back, then the next forwards in flight; returns what finished."""
+        t0, joined = time.monotonic(), len(self._joining)
         gone = [r for r in self.running if r.job.cancelled() and not r.in_flight and r not in self._joining]
         finished = [self._end(r, "cancelled") for r in gone]
         if self._joining or self._leaving or self._copying or self._checkpointing:
             finished += self.settle()
+        settled = time.monotonic()
+        self._sent = [0, 0, 0]
         self._put_work()
         for work in self.wave.advance():
             finished += self._returned(work)
+        if self.step_log is not None:
+            decode, prefill, prompts = self._sent
+            self.step_log.step(settle_ms=round((settled - t0) * 1e3, 2), decode=decode, prefill=prefill,
+                               prompts=prompts, joined=joined, finished=len(finished),
+                               ms=round((time.monotonic() - t0) * 1e3, 2))
         return finished
 
     # -- slots: set up and given back while nothing is in flight (they ask every stage) --------
@@ -264,6 +285,8 @@ class BatchScheduler:
                 outputs.append(len(tokens) - 1)
             rows.append(run)
         sampled = [rows[i] for i in range(len(rows)) if rows[i] in decode or rows[i].prefilled == len(rows[i].prompt)]
+        self._sent = [self._sent[0] + len(decode), self._sent[1] + len(tokens) - len(decode),
+                      self._sent[2] + len(chunks)]
         for run in rows:
             run.in_flight = True
         self._busy[group] = True
@@ -322,6 +345,11 @@ class BatchScheduler:
         self.running.remove(run)
         self._leaving.append(run)
         text = run.out.close()
+        if self.step_log is not None:
+            job = run.job
+            self.step_log.request(run.number, job.arrived, run.admitted, job.first_token_at,
+                                  prompt_tokens=len(run.prompt), reused=run.reused, tokens=len(run.out.tokens),
+                                  finish=reason)
         now = time.perf_counter()
         prefill_end = run.prefill_done or now
         return run, Generation(list(run.prompt), list(run.out.tokens), text, reason, prefill_end - run.started,

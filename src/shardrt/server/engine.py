@@ -112,9 +112,10 @@ class StageInfo:
 
 class Engine:
     def __init__(self, config: LaunchConfig, model_path: Path, metrics: ServerMetrics, max_queue: int, timeouts=None,
-                 max_batch_tokens: int | None = None):
+                 max_batch_tokens: int | None = None, step_log=None):
         self.config, self.model_path, self.metrics = config, Path(model_path), metrics
         self.max_queue, self.timeouts, self.max_batch_tokens = max_queue, timeouts, max_batch_tokens
+        self.step_log = step_log  # step_log.StepLog (--step-log) or None
         self.tokenizer: SharedTokenizer | None = None
         self.cluster = None
         self.state = "starting"  # starting | ready | stage_died | restarting | failed | stopped
@@ -189,7 +190,8 @@ class Engine:
             from .batch import BatchScheduler
 
             self._scheduler = BatchScheduler(cluster.pipeline, self.tokenizer, cluster.prefix_cache,
-                                             **({"max_batch_tokens": self.max_batch_tokens} if self.max_batch_tokens else {}))
+                                             **({"max_batch_tokens": self.max_batch_tokens} if self.max_batch_tokens else {}),
+                                             step_log=self.step_log)
         self._prefix_base = (0, 0, 0)
         self._shared_base = (0, 0)
         self._stats_base: dict[str, tuple[int, float]] = {}
@@ -356,6 +358,11 @@ class Engine:
     def _batch_round(self) -> None:
         """Let waiting requests into free slots, then one step of the running batch."""
         scheduler = self._scheduler
+        if not scheduler.running and scheduler.unsettled and self.state == "ready":
+            # the last requests ended: keep their prefixes and free their slots now, while idle, not
+            # in front of the next burst (64 snapshots can take longer than the burst's prefill)
+            if not self._scheduled(scheduler.settle):
+                return
         with self._cond:
             if not self._queue and not scheduler.running and not self._stopping and self.state == "ready":
                 self._cond.wait(IDLE_POLL_S)

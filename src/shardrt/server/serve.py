@@ -22,6 +22,7 @@ from ..lifecycle import env_seconds
 from .engine import Engine
 from .http import REQUEST_DEADLINE_S, App, Server
 from .metrics import ServerMetrics
+from .step_log import StepLog
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class ServeOptions:
     allow_remote: bool = False
     model_name: str | None = None  # the `model` clients name; default: the GGUF file's stem
     max_batch_tokens: int = MAX_BATCH_TOKENS
+    step_log: str | None = None  # --step-log: a JSON line per batched step and per request (step_log.py)
 
     def __post_init__(self):
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 1 <= self.port <= 65535:
@@ -98,12 +100,16 @@ def serve(config: LaunchConfig, model_path: Path, options: ServeOptions) -> int:
     deadline = env_seconds(DEADLINE_ENV, REQUEST_DEADLINE_S)
     url = address.url(options.host, options.port)
     metrics = ServerMetrics()
-    engine = Engine(config, model_path, metrics, options.queue_for(config.seqs), max_batch_tokens=options.max_batch_tokens)
+    step_log = StepLog(options.step_log) if options.step_log else None
+    engine = Engine(config, model_path, metrics, options.queue_for(config.seqs), max_batch_tokens=options.max_batch_tokens,
+                    step_log=step_log)
     name = options.model_name or Path(model_path).name.removesuffix(".gguf")
     app = App(engine, metrics, name, created=int(Path(model_path).stat().st_mtime))
     try:
         server = Server(address.sockaddr, address.family, app, deadline_s=deadline)
     except OSError as exc:
+        if step_log is not None:
+            step_log.close()
         raise ConfigError(f"--port: cannot listen on {options.host}:{options.port}: {exc.strerror}") from None
     if not address.loopback:
         print(f"shardrt: warning: serving on {url}, reachable from other machines; the API has no authentication",
@@ -140,5 +146,7 @@ def serve(config: LaunchConfig, model_path: Path, options: ServeOptions) -> int:
             server.shutdown()  # stop accepting
         engine.stop()  # refuse what waits, cancel what runs, close the Cluster
         server.server_close()
+        if step_log is not None:
+            step_log.close()
     print("shardrt: stopped", file=sys.stderr, flush=True)
     return code

@@ -1,0 +1,55 @@
+"""`--step-log FILE`: one JSON line per batched step and per request, to see where a request's time
+goes under load (a burst that waits behind its own prefill, a step that settles many slots).
+
+    {"step": 12, "t": 3.2104, "settle_ms": 1.9, "decode": 28, "prefill": 312, "prompts": 36,
+     "joined": 36, "finished": 0, "ms": 24.7}
+    {"request": 7, "prompt_tokens": 1082, "reused": 1065, "queued_ms": 3.1, "admitted_ms": 4.0,
+     "first_token_ms": 61.2, "tokens": 64, "finish": "length", "total_ms": 702.5}
+
+`t` is seconds since the log opened (time.monotonic); a request's times are milliseconds after it
+entered the queue (tokenized), `admitted_ms` when it took a slot, `first_token_ms` when its first
+token was sampled. A step's `ms` is the wall time of `BatchScheduler.step` (settle, the forwards put
+in flight, and those that came back), `settle_ms` the part that set slots up and gave them back.
+Only the engine thread writes; lines are flushed as they are written.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from ..errors import ConfigError
+
+
+class StepLog:
+    def __init__(self, path: str | Path):
+        try:
+            self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - open for the server's life
+        except OSError as exc:
+            raise ConfigError(f"--step-log: cannot write {str(path)!r}: {exc.strerror}") from None
+        self._start = time.monotonic()
+        self.steps = 0
+
+    def step(self, **fields) -> None:
+        self.steps += 1
+        self._write({"step": self.steps, "t": round(time.monotonic() - self._start, 4), **fields})
+
+    def request(self, number: int, arrived: float, admitted: float | None, first_token: float | None,
+                **fields) -> None:
+        """A request that ended; the times are time.monotonic() readings."""
+        def after(t):
+            return None if t is None else round((t - arrived) * 1e3, 2)
+
+        self._write({"request": number, "admitted_ms": after(admitted), "first_token_ms": after(first_token),
+                     "total_ms": after(time.monotonic()), **fields})
+
+    def _write(self, line: dict) -> None:
+        try:
+            self._file.write(json.dumps(line) + "\n")
+            self._file.flush()
+        except (OSError, ValueError):  # a full disk or a closed file costs the log, never a request
+            pass
+
+    def close(self) -> None:
+        self._file.close()
