@@ -22,12 +22,15 @@ from shardrt.kernels._triton import triton
 from shardrt.launch import Cluster
 from shardrt.pipeline import Pipeline
 from shardrt.placement import parse_devices
-from shardrt.recurrent_state import KEEP_ROWS
+from shardrt.model import Step
+from shardrt.recurrent_state import KEEP_ROWS, SCRATCH_ROW
+from shardrt.runner import BUCKETS, GraphRunner, batch_buckets, graph_buckets
 from shardrt.sampling import SamplingParams
 from shardrt.stage import Stage
 from shardrt.tokenizer import Tokenizer
 
 from .hf_gguf import PROMPT, TOKENS, greedy_of, rewrite, tiny_qwen35, write_qwen35, written
+from .triton_interpreter import interpret
 
 LAYERS = 6  # DeltaNet, DeltaNet, attention, DeltaNet, DeltaNet, attention
 GREEDY = SamplingParams(max_tokens=TOKENS, temperature=0.0, ignore_eos=True)
@@ -244,6 +247,173 @@ def test_the_serve_scheduler_keeps_prompt_snapshots_and_reuses_them(qwen35):
     assert [done[id(j)].reused_tokens for j in again] == [len(p) - 1 for p in prompts[:3]] + [len(prompts[0]) - 1]
 
 
+# -- graph mode: the steps a GPU stage's graphs capture, run eagerly on the CPU ----------------------
+
+
+class EagerGraphs(GraphRunner):
+    """GraphRunner without CUDA: each replay stages its ids, positions, slots and kept row as the
+    runner does, into the tensors its Steps read, and runs Stage.step_outputs over the bucket's
+    Step eagerly. That is the graph-mode path (base_pos None, rows and sequences in tensors,
+    padding rows at -1 in slot 0), through Stage.run and run_batch, on a CPU."""
+
+    def __init__(self, stage: Stage):
+        self.stage, self.device, self.profile = stage, stage.device, None
+        self.buckets, self.batch_buckets = graph_buckets(stage, BUCKETS, batch_buckets(stage.max_seqs))
+        top = max(self.buckets + self.batch_buckets)
+        self.staged = torch.zeros(4, top, dtype=torch.long)
+        self.ids_positions = torch.zeros(4, top, dtype=torch.long)
+        self.activation = None  # (stages that embed)
+        self.graphs = {n: self._step(n) for n in self.buckets}
+        self.batch_graphs = {b: self._step(b, batch=True) for b in self.batch_buckets}
+
+    def _launch(self, step, inputs, stage_positions):
+        stage_positions(self.staged)
+        self.staged[0, : inputs.shape[0]] = inputs
+        self.ids_positions.copy_(self.staged)
+        return self.stage.step_outputs(self._inputs(step.positions.shape[0]), step, every_layer=not step.batch)
+
+
+def graphed_stage(path, max_seqs: int, max_ctx: int = 128) -> Stage:
+    stage = Stage(path, 0, LAYERS, "cpu", max_ctx=max_ctx, max_seqs=max_seqs)
+    stage.runner = EagerGraphs(stage)
+    return stage
+
+
+def test_graph_steps_of_a_batch_equal_the_eager_batch_and_padding_touches_no_state(qwen35):
+    path, *_ = qwen35
+    prompts = [PROMPT.tolist(), PROMPT.tolist()[:9], [3] + PROMPT.tolist()[4:], PROMPT.tolist()[5:]]
+    eager, graphed = Stage(path, 0, LAYERS, "cpu", max_ctx=128, max_seqs=4), graphed_stage(path, 4)
+    # a recurrent state: graphs for one token of one sequence and for batches of one token each
+    assert (graphed.runner.buckets, graphed.runner.batch_buckets) == ((1,), (1, 2, 4))
+    last = {}
+    for stage in (eager, graphed):
+        for seq, p in enumerate(prompts):
+            last[seq] = stage.run_argmax(torch.tensor(p), 0, seq=seq)[0][-1]  # more than one token: eager
+    assert graphed.graph_forwards == 0
+    # in bucket 4 with a padding row in slot 0 beside sequence 0's own row, sequences out of order;
+    # then without sequence 0 (its state and sequence 3's are left alone); two sequences; one
+    for seqs in ([2, 0, 1], [3, 1, 0, 2], [1, 3, 2], [2, 1], [0], [3, 0, 1]):
+        ids, positions = torch.tensor([last[s] for s in seqs]), [eager.lengths[s] for s in seqs]
+        out_of_batch = {s: state_of(graphed, s) for s in range(4) if s not in seqs}
+        want = eager.run_batch(ids, seqs, positions)
+        got = graphed.run_batch(ids, seqs, positions)
+        assert got.shape == want.shape and (got - want).abs().max() <= 1e-5
+        assert all(close_state(state_of(graphed, s), state_of(eager, s)) for s in seqs)
+        assert all(same_state(state_of(graphed, s), held) for s, held in out_of_batch.items())
+        last.update(zip(seqs, want.argmax(-1).tolist()))
+    assert graphed.graph_forwards == 6 and graphed.lengths == eager.lengths
+    # a step of padding rows only: no sequence's state (nor KV) moves; the padding slot's does
+    held = [state_of(graphed, s) for s in range(4)]
+    kv = graphed.k_cache.clone(), graphed.v_cache.clone()
+    scratch = graphed.state.padded_ssm[:, graphed.state.padding_slot].clone()
+    padding = Step(torch.full((4,), -1), slots=torch.zeros(4, dtype=torch.long), batch=True)
+    with torch.inference_mode():
+        graphed.step_outputs(torch.tensor([5, 6, 7, 8]), padding, every_layer=False)
+    assert all(same_state(state_of(graphed, s), h) for s, h in enumerate(held))
+    assert torch.equal(graphed.k_cache, kv[0]) and torch.equal(graphed.v_cache, kv[1])
+    assert not torch.equal(graphed.state.padded_ssm[:, graphed.state.padding_slot], scratch)
+
+
+def test_graph_decodes_of_sequence_0_keep_their_rows_and_roll_back_bit_for_bit(qwen35):
+    path, *_ = qwen35
+    eager, graphed = Stage(path, 0, LAYERS, "cpu", max_ctx=128, max_seqs=2), graphed_stage(path, 2)
+    for stage in (eager, graphed):
+        stage.forward(PROMPT, 0)
+        stage.forward(PROMPT[:5], 0, seq=1)
+    pos = len(PROMPT)
+    before = state_of(graphed)
+    states, token = {}, 7
+    for p in range(pos, pos + 3):  # one token a step: graph replays, each keeping its rows
+        want, got = (s.forward(torch.tensor([token]), p) for s in (eager, graphed))
+        assert (got - want).abs().max() <= 1e-5 and close_state(state_of(graphed), state_of(eager))
+        states[p + 1], token = state_of(graphed), int(want.argmax())
+    assert graphed.graph_forwards == 3 and (graphed.state.mark, graphed.state.kept) == (0, pos + 3)
+    # sequence 1's one-token step keeps nothing: what it fed goes to the scratch row, not to
+    # sequence 0's kept rows
+    kept = [rows[:, : graphed.state.kept].clone() for rows in graphed.state.rows]
+    assert not graphed.state.rows.mixed[:, SCRATCH_ROW].any()
+    want, got = (s.forward(torch.tensor([9]), 5, seq=1) for s in (eager, graphed))
+    assert (got - want).abs().max() <= 1e-5 and graphed.graph_forwards == 4
+    assert graphed.state.rows.mixed[:, SCRATCH_ROW].any()
+    assert all(torch.equal(rows[:, : graphed.state.kept], k) for rows, k in zip(graphed.state.rows, kept))
+    # a verify of four tokens runs eagerly (one token bucket for a recurrent state), kept after them
+    graphed.forward(torch.tensor([5, 6, 7, 8]), pos + 3, all_logits=True)
+    assert graphed.graph_forwards == 4 and graphed.state.kept == pos + 7
+    graphed.truncate(pos + 2)  # the mark's state, replayed through rows a graph step kept
+    assert same_state(state_of(graphed), states[pos + 2])
+    graphed.truncate(pos)
+    assert same_state(state_of(graphed), before)
+    # decodes up to KEEP_ROWS kept rows, then one more: a graph step moves the mark where it starts
+    for p in range(pos, KEEP_ROWS + 2):
+        graphed.forward(torch.tensor([p % 50]), p)
+        states[p + 1] = state_of(graphed)
+    assert (graphed.state.mark, graphed.state.kept) == (KEEP_ROWS, 2)
+    graphed.truncate(KEEP_ROWS + 1)
+    assert same_state(state_of(graphed), states[KEEP_ROWS + 1])
+    graphed.truncate(KEEP_ROWS)
+    assert same_state(state_of(graphed), states[KEEP_ROWS])
+    with pytest.raises(ConfigError, match="held only at positions"):
+        graphed.truncate(KEEP_ROWS - 1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_graphs_decode_as_the_eager_stage(qwen35):
+    """On cuda:0, float32: a stage with graphs (token bucket 1, batch buckets) against one without:
+    16 greedy tokens, a rollback into rows that graph replays kept, and batched decode steps with
+    a padding row."""
+    from shardrt.kernels._triton import use_triton
+
+    path, *_ = qwen35
+    graphed = Stage(path, 0, LAYERS, "cuda:0", max_ctx=128, dtype=torch.float32, max_seqs=4)
+    eager = Stage(path, 0, LAYERS, "cuda:0", max_ctx=128, dtype=torch.float32, max_seqs=4, graphs=False)
+    assert graphed.runner is not None and eager.runner is None and graphed.runner.buckets == (1,)
+    assert graphed.runner.batch_buckets == ((1, 2, 4) if use_triton(graphed.k_cache) else ())
+    pos, tokens, states = len(PROMPT), {}, {}
+    for stage in (eager, graphed):
+        tokens[stage] = [stage.run_argmax(PROMPT, 0)[0][-1]]  # the prompt: eager
+        while len(tokens[stage]) < 16:
+            p = pos + len(tokens[stage]) - 1
+            tokens[stage].append(stage.run_argmax(torch.tensor(tokens[stage][-1:]), p)[0][-1])
+            if stage is graphed:
+                states[p + 1] = state_of(graphed)
+    assert tokens[graphed] == tokens[eager] and len(set(tokens[eager])) > 2
+    assert graphed.stats()["graph_forwards"] == 15 and eager.stats()["graph_forwards"] == 0
+    # back into rows that graph replays kept: the state they computed (to rounding: a replay runs
+    # the kernel over many tokens at once), and the same bits from every replay
+    graphed.truncate(pos + 8)
+    replayed = state_of(graphed)
+    assert close_state(replayed, states[pos + 8])
+    graphed.forward(torch.tensor(tokens[graphed][8:9]), pos + 8)
+    graphed.truncate(pos + 8)
+    assert same_state(state_of(graphed), replayed)
+    for stage in (eager, graphed):
+        stage.truncate(pos)
+    want, got = (s.forward(torch.tensor(tokens[eager][:1]), pos) for s in (eager, graphed))
+    assert (got - want).abs().max().item() < 1e-4 and graphed.graph_forwards == 17
+    if not graphed.runner.batch_buckets:
+        return
+    prompts = [PROMPT.tolist(), PROMPT.tolist()[:9], [3] + PROMPT.tolist()[4:]]
+    last = {}
+    for stage in (eager, graphed):
+        stage.reset()
+        for seq, p in enumerate(prompts):
+            last[seq] = stage.run_argmax(torch.tensor(p), 0, seq=seq)[0][-1]
+    replays = graphed.graph_forwards
+    # bucket 4 with a padding row (slot 0) beside sequence 0's row; buckets 2 and 1 without
+    for seqs in ([0, 1, 2], [2, 0], [1], [2, 1, 0], [1, 2], [0, 2, 1]):
+        ids, positions = torch.tensor([last[s] for s in seqs]), [eager.lengths[s] for s in seqs]
+        out_of_batch = {s: state_of(graphed, s) for s in range(4) if s not in seqs}
+        want = eager.run_batch(ids, seqs, positions)
+        got = graphed.run_batch(ids, seqs, positions)
+        assert (got - want).abs().max().item() < 1e-4
+        assert all(same_state(state_of(graphed, s), held) for s, held in out_of_batch.items())
+        last.update(zip(seqs, want.argmax(-1).tolist()))
+    assert graphed.graph_forwards == replays + 6
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-4) for s in range(3)
+               for a, b in zip(state_of(graphed, s), state_of(eager, s)))
+    assert not any(t.any() for t in state_of(graphed, 3))  # the empty sequence stayed empty
+
+
 def test_the_plan_counts_the_state_the_stages_hold(qwen35):
     path, *_ = qwen35
     env = dict(os.environ, SHARDRT_CACHE=str(path.parent / "cache"))
@@ -328,11 +498,65 @@ def with_reference(qwen35):
 
 @pytest.mark.skipif(triton is None, reason="Triton is not installed")
 def test_the_triton_kernels_under_the_interpreter_follow_transformers(with_reference):
-    from .triton_interpreter import interpret
-
     result = interpret("import json; from tests.test_qwen35 import check_the_kernels; "
                        f"print(json.dumps(check_the_kernels({str(with_reference)!r}, 'cpu')))")
     assert result["error"] < 1e-3 and result["greedy"] and result["rolled_back"], result
+
+
+def check_graph_steps(path: str) -> dict:
+    """The graph-mode path (EagerGraphs) against the eager stage, through the kernels of the CPU
+    (Triton's under its interpreter): batch steps with a padding row, one-token steps of sequence
+    0 and a rollback into their kept rows; and the shapes Triton's recurrent kernel got in each
+    graph step (one shape per bucket, as a captured graph holds it)."""
+    from shardrt.kernels import deltanet as rule
+
+    kernel, shapes = rule._recurrent_triton, []
+
+    def recording(q, *args):
+        shapes.append(tuple(q.shape))
+        return kernel(q, *args)
+
+    rule._recurrent_triton = recording
+    eager, graphed = Stage(path, 0, LAYERS, "cpu", max_ctx=64, max_seqs=4), graphed_stage(path, 4, max_ctx=64)
+    prompts = [PROMPT.tolist(), PROMPT.tolist()[:9], [3] + PROMPT.tolist()[4:]]
+    last = {}
+    for stage in (eager, graphed):
+        for seq, p in enumerate(prompts):
+            last[seq] = stage.run_argmax(torch.tensor(p), 0, seq=seq)[0][-1]
+    error, held, fixed = 0.0, True, True
+    for seqs, bucket in (([2, 0, 1], 4), ([1, 2], 2), ([0], 1), ([1, 0, 2], 4)):
+        ids, positions = torch.tensor([last[s] for s in seqs]), [eager.lengths[s] for s in seqs]
+        out_of_batch = {s: state_of(graphed, s) for s in range(4) if s not in seqs}
+        want = eager.run_batch(ids, seqs, positions)
+        shapes.clear()
+        got = graphed.run_batch(ids, seqs, positions)
+        fixed &= set(shapes) == {(bucket, 1, graphed.cfg.ssm_k_heads, graphed.cfg.ssm_k_dim)}
+        error = max(error, (got - want).abs().max().item())
+        held &= all(same_state(state_of(graphed, s), h) for s, h in out_of_batch.items())
+        last.update(zip(seqs, want.argmax(-1).tolist()))
+    pos = graphed.lengths[0]
+    graphed.forward(torch.tensor([4, 5]), pos)  # kept rows from a mark here (after the batches: none)
+    eager.forward(torch.tensor([4, 5]), pos)
+    states = {}
+    for p in range(pos + 2, pos + 5):
+        shapes.clear()
+        want, got = (s.forward(torch.tensor([p % 50]), p) for s in (eager, graphed))
+        fixed &= set(shapes) == {(1, 1, graphed.cfg.ssm_k_heads, graphed.cfg.ssm_k_dim)}
+        error = max(error, (got - want).abs().max().item())
+        states[p + 1] = state_of(graphed)
+    graphed.truncate(pos + 3)
+    rolled_back = same_state(state_of(graphed), states[pos + 3])
+    return {"error": error, "held": held, "shapes_fixed": fixed, "rolled_back": rolled_back,
+            "graph_forwards": graphed.graph_forwards}
+
+
+@pytest.mark.skipif(triton is None, reason="Triton is not installed")
+def test_graph_steps_through_the_triton_kernels_under_the_interpreter(qwen35):
+    path, *_ = qwen35
+    result = interpret("import json; from tests.test_qwen35 import check_graph_steps; "
+                       f"print(json.dumps(check_graph_steps({str(path)!r})))")
+    assert result == {**result, "held": True, "shapes_fixed": True, "rolled_back": True, "graph_forwards": 7}, result
+    assert result["error"] <= 1e-5, result
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

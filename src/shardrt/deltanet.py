@@ -7,6 +7,10 @@ causal depthwise convolution (SiLU) that carries the last kernel - 1 inputs of e
 and k are L2-normalised, and the delta rule (kernels.deltanet) updates each value head's state:
 decay exp(g) with g = ssm_a * softplus(a + ssm_dt) (ssm_a = -exp(A_log)), write strength
 sigmoid(b). The heads' outputs go through an RMSNorm gated by silu(z), then the output projection.
+
+Two ways through the states: the host's runs of rows of each sequence (eager forwards: prompts,
+verifies, batches with prompt chunks), and `decode`, one token per row with the rows' sequences
+in a device tensor, which a CUDA graph captures (runner.GraphRunner).
 """
 
 from __future__ import annotations
@@ -50,12 +54,8 @@ class DeltaNetBlock:
         the rows of each sequence, in position order (rows outside every run are padding, left
         alone). Returns the layer's output, and with `keep` (one run) also what it fed (`Fed`)."""
         cfg, n = self.cfg, x.shape[0]
-        heads, v_dim = cfg.ssm_v_heads, cfg.ssm_v_dim
-        h = kernels.rms_norm(x, self.attn_norm, cfg.norm_eps)
-        mixed, z, b, a = kernels.linear(h, self.ssm_in).split([cfg.conv_dim, cfg.ssm_inner, heads, heads], dim=1)
-        beta = b.float().sigmoid()
-        g = self.a * F.softplus(a.float() + self.dt)
-        core = torch.zeros(n, heads, v_dim, dtype=torch.float32, device=x.device)
+        mixed, z, beta, g = self._inputs(x)
+        core = torch.zeros(n, cfg.ssm_v_heads, cfg.ssm_v_dim, dtype=torch.float32, device=x.device)
         fed = None
         single = [r for r in runs if r[1] - r[0] == 1]  # decode rows of many sequences: one step for all
         groups = ([single] if single else []) + [[r] for r in runs if r[1] - r[0] > 1]
@@ -63,25 +63,57 @@ class DeltaNetBlock:
             rows = torch.cat([torch.arange(start, stop, device=x.device) for start, stop, _ in group])
             seqs = torch.tensor([seq for _, _, seq in group], device=x.device)
             t = group[0][1] - group[0][0]
-            out, fed = self._rule(mixed[rows].view(len(group), t, -1), g[rows].view(len(group), t, -1),
-                                  beta[rows].view(len(group), t, -1), conv, ssm, seqs)
-            core[rows] = out.reshape(-1, heads, v_dim)
-        gated = rule.gated_rms_norm(core.to(x.dtype), z.view(n, heads, v_dim), self.norm, cfg.norm_eps)
-        x, h = kernels.add_rms_norm(x, kernels.linear(gated.reshape(n, cfg.ssm_inner), self.out), self.ffn_norm,
-                                    cfg.norm_eps)
-        x = x + self.feed_forward(h)
+            out, conv[seqs], ssm[seqs], fed = self._rule(
+                mixed[rows].view(len(group), t, -1), g[rows].view(len(group), t, -1),
+                beta[rows].view(len(group), t, -1), conv[seqs], ssm[seqs])
+            core[rows] = out.reshape(-1, cfg.ssm_v_heads, cfg.ssm_v_dim)
+        x = self._output(x, core, z)
         return (x, fed) if keep else x
 
-    def _rule(self, mixed, g, beta, conv, ssm, seqs) -> tuple[torch.Tensor, Fed]:
-        """The convolution and the delta rule over [b, t, ...] rows of the sequences `seqs`."""
+    def decode(self, x: torch.Tensor, conv: torch.Tensor, ssm: torch.Tensor,
+               seqs: torch.Tensor) -> tuple[torch.Tensor, Fed]:
+        """The graph-safe form of a decode step: row i of x [n, dim] is one token of sequence
+        seqs[i] ([n] int64 on the device; distinct, but for the padding slot that a graph's padding
+        rows name, whose state is scratch). The states are gathered and scattered by that index, so
+        nothing here waits for the device or depends on its values: the same launches for every
+        replay of a bucket. Returns the layer's output and what row 0 fed (a one-token step's)."""
+        cfg, n = self.cfg, x.shape[0]
+        mixed, z, beta, g = self._inputs(x)
+        out, conv_after, ssm_after, fed = self._rule(mixed[:, None], g[:, None], beta[:, None],
+                                                     conv.index_select(0, seqs), ssm.index_select(0, seqs))
+        conv.index_copy_(0, seqs, conv_after)
+        ssm.index_copy_(0, seqs, ssm_after)
+        return self._output(x, out.reshape(n, cfg.ssm_v_heads, cfg.ssm_v_dim), z), fed
+
+    def _inputs(self, x: torch.Tensor):
+        """The one product's parts for rows x: (mixed, z, beta, g)."""
+        cfg, heads = self.cfg, self.cfg.ssm_v_heads
+        h = kernels.rms_norm(x, self.attn_norm, cfg.norm_eps)
+        mixed, z, b, a = kernels.linear(h, self.ssm_in).split([cfg.conv_dim, cfg.ssm_inner, heads, heads], dim=1)
+        return mixed, z, b.float().sigmoid(), self.a * F.softplus(a.float() + self.dt)
+
+    def _output(self, x: torch.Tensor, core: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The heads' outputs core [n, heads, v_dim] (float32) through the gated norm, the output
+        projection and the feed-forward, added to x."""
+        cfg, n = self.cfg, x.shape[0]
+        gated = rule.gated_rms_norm(core.to(x.dtype), z.view(n, cfg.ssm_v_heads, cfg.ssm_v_dim), self.norm,
+                                    cfg.norm_eps)
+        x, h = kernels.add_rms_norm(x, kernels.linear(gated.reshape(n, cfg.ssm_inner), self.out), self.ffn_norm,
+                                    cfg.norm_eps)
+        return x + self.feed_forward(h)
+
+    def _rule(self, mixed, g, beta, conv, ssm) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Fed]:
+        """The convolution and the delta rule over [b, t, ...] rows of b sequences from their states
+        conv and ssm ([b, ...], not changed): (out, the conv state after, the ssm state after, what
+        the first sequence fed)."""
         cfg = self.cfg
         b, t = mixed.shape[:2]
-        qkv, conv[seqs] = rule.causal_conv(mixed, conv[seqs], self.conv1d)
+        qkv, conv = rule.causal_conv(mixed, conv, self.conv1d)
         key = cfg.ssm_k_heads * cfg.ssm_k_dim
         q, k, v = qkv.split([key, key, cfg.ssm_inner], dim=-1)
         q = rule.l2_normalise(q.reshape(b, t, cfg.ssm_k_heads, cfg.ssm_k_dim)) * cfg.ssm_k_dim ** -0.5
         k = rule.l2_normalise(k.reshape(b, t, cfg.ssm_k_heads, cfg.ssm_k_dim))
         v = v.float().reshape(b, t, cfg.ssm_v_heads, cfg.ssm_v_dim)
         delta = rule.recurrent if t <= rule.CHUNK else rule.chunked
-        out, ssm[seqs] = delta(q, k, v, g, beta, ssm[seqs])
-        return out, Fed(mixed[0], q[0], k[0], v[0], g[0], beta[0])
+        out, ssm = delta(q, k, v, g, beta, ssm)
+        return out, conv, ssm, Fed(mixed[0], q[0], k[0], v[0], g[0], beta[0])

@@ -251,7 +251,10 @@ class Step:
     each, or prompt chunks: consecutive rows of one sequence), where a negative position is a
     padding row; else tokens of slots[0]. `runs`: an eager batch's runs of rows of one sequence,
     planned once for every layer (attention.Runs), when some run is a prompt chunk. `seq_runs`: an
-    eager batch's (first row, end row, sequence) of every run, for the DeltaNet layers' states."""
+    eager batch's (first row, end row, sequence) of every run, for the DeltaNet layers' states;
+    without them (a graph's step) a DeltaNet layer takes each row as one token of its slot's
+    sequence. `kept_at`: in a graph's one-token step, [1] int64, the kept row (recurrent_state)
+    that the DeltaNet layers write what they fed to."""
 
     positions: torch.Tensor
     base_pos: int | None = None
@@ -259,6 +262,7 @@ class Step:
     batch: bool = False
     runs: "kernels.attention.Runs | None" = None
     seq_runs: tuple = ()
+    kept_at: torch.Tensor | None = None
 
     @classmethod
     def eager(cls, base_pos: int, n: int, device) -> "Step":

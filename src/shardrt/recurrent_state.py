@@ -12,6 +12,10 @@ A KV cache goes back by moving a length; a recurrent state cannot be undone. So:
 - **Snapshots** (the prefix cache) copy a sequence's state at its length, beside its KV.
 - **Early exits** (the capture drafter) run on a scratch copy, so the state a verify starts from
   is never touched by a draft.
+- **Graph steps** (runner.GraphRunner) cannot ask the host where rows go: the states hold one slot
+  more than there are sequences (`padding_slot`), which a batch graph's padding rows run through,
+  and the kept rows one more row (`SCRATCH_ROW`), which a one-token graph writes to when its step
+  keeps nothing; `begin` still decides on the host, and the row to write is staged like a position.
 Any other position is refused by name: nothing silently computes from a wrong state.
 """
 
@@ -25,15 +29,17 @@ from .kernels import deltanet as rule
 from .model import ModelConfig
 
 KEEP_ROWS = 64  # rows of sequence 0 replayable after its mark: a verify of up to 63 drafts rolls back exactly
+SCRATCH_ROW = KEEP_ROWS  # the row past the kept ones: what a graph step that keeps nothing writes goes here
 
 
 def state_bytes(cfg: ModelConfig, layers: int, seqs: int, element: int) -> int:
     """What RecurrentState holds for `layers` DeltaNet layers and `seqs` sequences: the states
-    (the recurrent one float32), sequence 0's mark, and its kept rows."""
+    (the recurrent one float32) with the padding slot, sequence 0's mark, and its kept rows with
+    the scratch row."""
     conv = cfg.conv_dim * (cfg.ssm_conv_kernel - 1) * element
     ssm = cfg.ssm_v_heads * cfg.ssm_k_dim * cfg.ssm_v_dim * 4
     row = cfg.conv_dim * element + (2 * cfg.ssm_k_heads * cfg.ssm_k_dim + cfg.ssm_inner + 2 * cfg.ssm_v_heads) * 4
-    return layers * ((seqs + 1) * (conv + ssm) + KEEP_ROWS * row)
+    return layers * ((seqs + 2) * (conv + ssm) + (KEEP_ROWS + 1) * row)
 
 
 class RecurrentState:
@@ -41,14 +47,17 @@ class RecurrentState:
         self.cfg = cfg
         conv_shape = (cfg.conv_dim, cfg.ssm_conv_kernel - 1)
         ssm_shape = (cfg.ssm_v_heads, cfg.ssm_k_dim, cfg.ssm_v_dim)
-        self.conv = torch.zeros(layers, max_seqs, *conv_shape, dtype=dtype, device=device)
-        self.ssm = torch.zeros(layers, max_seqs, *ssm_shape, dtype=torch.float32, device=device)
+        # every sequence's slot and the padding slot after them; conv and ssm are the sequences' part
+        self.padding_slot = max_seqs
+        self.padded_conv = torch.zeros(layers, max_seqs + 1, *conv_shape, dtype=dtype, device=device)
+        self.padded_ssm = torch.zeros(layers, max_seqs + 1, *ssm_shape, dtype=torch.float32, device=device)
+        self.conv, self.ssm = self.padded_conv[:, :max_seqs], self.padded_ssm[:, :max_seqs]
         self.mark: int | None = None  # the position of mark_conv / mark_ssm (sequence 0), None: no way back
         self.mark_conv = torch.zeros(layers, *conv_shape, dtype=dtype, device=device)
         self.mark_ssm = torch.zeros(layers, *ssm_shape, dtype=torch.float32, device=device)
         self.kept = 0  # rows fed since the mark, in `rows`
         key = (cfg.ssm_k_heads, cfg.ssm_k_dim)
-        self.rows = Fed(*(torch.zeros(layers, KEEP_ROWS, *shape, dtype=kind, device=device) for shape, kind in (
+        self.rows = Fed(*(torch.zeros(layers, KEEP_ROWS + 1, *shape, dtype=kind, device=device) for shape, kind in (
             ((cfg.conv_dim,), dtype), (key, torch.float32), (key, torch.float32),
             ((cfg.ssm_v_heads, cfg.ssm_v_dim), torch.float32), ((cfg.ssm_v_heads,), torch.float32),
             ((cfg.ssm_v_heads,), torch.float32))))
@@ -57,7 +66,7 @@ class RecurrentState:
 
     @property
     def nbytes(self) -> int:
-        tensors = (self.conv, self.ssm, self.mark_conv, self.mark_ssm, *self.rows)
+        tensors = (self.padded_conv, self.padded_ssm, self.mark_conv, self.mark_ssm, *self.rows)
         return sum(t.numel() * t.element_size() for t in tensors)
 
     # -- forwards ---------------------------------------------------------------------------
@@ -82,6 +91,12 @@ class RecurrentState:
         t = fed.mixed.shape[0]
         for kept, new in zip(self.rows, fed):
             kept[layer, self.kept : self.kept + t] = new
+
+    def keep_at(self, layer: int, fed: Fed, row: torch.Tensor) -> None:
+        """`keep` inside a graph: what layer `layer` fed for a one-token step goes to kept row
+        `row` ([1] int64 on the device, staged by the host from `begin`: `kept`, or SCRATCH_ROW)."""
+        for kept, new in zip(self.rows, fed):
+            kept[layer].index_copy_(0, row, new.to(kept.dtype))
 
     def kept_forward(self, n: int) -> None:
         """Every layer has kept the n rows of the forward."""
@@ -143,8 +158,8 @@ class RecurrentState:
     def reset(self, seq: int | None = None) -> None:
         """Every sequence, or one, back to the empty state."""
         if seq is None:
-            self.conv.zero_()
-            self.ssm.zero_()
+            self.padded_conv.zero_()
+            self.padded_ssm.zero_()
         else:
             self.conv[:, seq] = 0
             self.ssm[:, seq] = 0

@@ -8,6 +8,14 @@ launches from Python. Two families of graphs:
 - batch buckets (a stage with several sequence slots): one token of each of b sequences, each at
   its own position. Their padding rows sit at position -1: they write no KV and see no keys.
 
+A hybrid model (qwen35: DeltaNet layers with a recurrent state per sequence) gets token bucket 1
+and the batch buckets only. Its layers take every row of a graph's step as one token of the
+sequence its slot names (deltanet.DeltaNetBlock.decode); a token bucket's padding rows after the
+real ones would run through the recurrence of that sequence and move its state on, so its
+verifies and prompt chunks run eagerly. Padding rows of a batch run through a padding slot of the
+state, and a one-token step keeps what it fed for rollback at a row the host stages beside the
+positions (recurrent_state).
+
 A step replays the smallest bucket that holds it. The runner owns what a graph reads and writes:
 the input (token ids or boundary activation), the positions and the slots, staged through pinned
 host memory and copied in one go; and the outputs (every layer's hidden state, and on the stage
@@ -23,6 +31,7 @@ import torch
 
 from .kernels.moe import GATHER_ROWS
 from .model import Step
+from .recurrent_state import SCRATCH_ROW
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # decode, speculative verifies of up to 15 draft tokens, short prompts
 MAX_BATCH_BUCKET = 128  # larger batches run eagerly: their steps are long enough to hide the launches
@@ -44,18 +53,28 @@ def batch_buckets(max_seqs: int) -> tuple[int, ...]:
     return tuple(sorted(sizes | {min(max_seqs, MAX_BATCH_BUCKET)})) if max_seqs > 1 else ()
 
 
+def graph_buckets(stage, buckets: tuple[int, ...], batches: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The token and batch buckets of those asked that a stage's graphs can run: a mixture of
+    experts only the rows it gathers experts for (kernels.moe), a recurrent state one token per
+    sequence (see above)."""
+    most = GATHER_ROWS // stage.cfg.n_experts_used if stage.cfg.moe else None
+    recurrent = stage.state is not None
+    tokens = tuple(b for b in sorted(buckets) if b <= stage.max_ctx and (most is None or b <= most)
+                   and (not recurrent or b == 1))
+    return tokens, tuple(b for b in sorted(batches) if most is None or b <= most)
+
+
 class GraphRunner:
     def __init__(self, stage, buckets: tuple[int, ...] = BUCKETS, batches: tuple[int, ...] = ()):
         self.stage, self.device = stage, stage.device
-        # a mixture of experts is graph-safe only for the rows it gathers experts for (kernels.moe)
-        most = GATHER_ROWS // stage.cfg.n_experts_used if stage.cfg.moe else None
-        self.buckets = tuple(b for b in sorted(buckets) if b <= stage.max_ctx and (most is None or b <= most))
-        self.batch_buckets = tuple(b for b in sorted(batches) if most is None or b <= most)
+        self.buckets, self.batch_buckets = graph_buckets(stage, buckets, batches)
         top = max(self.buckets + self.batch_buckets)
         self.profile: dict | None = None
         with torch.cuda.device(self.device), torch.inference_mode():
-            self.staged = torch.zeros(3, top, dtype=torch.long).pin_memory()  # token ids, positions, slots
-            self.ids_positions = torch.zeros(3, top, dtype=torch.long, device=self.device)
+            # token ids, positions, slots, and (first column) the kept row of a one-token step
+            self.staged = torch.zeros(4, top, dtype=torch.long).pin_memory()
+            self.ids_positions = torch.zeros(4, top, dtype=torch.long, device=self.device)
+            self.ids_positions[3].fill_(SCRATCH_ROW)  # the warm-up and capture runs keep nothing
             self.activation = None if stage.span.embed else \
                 torch.zeros(top, stage.cfg.dim, dtype=stage.dtype, device=self.device)
             self.copied = torch.cuda.Event()  # the staging buffer may be written again
@@ -69,7 +88,8 @@ class GraphRunner:
         stage.reset()
 
     def _step(self, n: int, batch: bool = False) -> Step:
-        return Step(self.ids_positions[1, :n], slots=self.ids_positions[2, :n], batch=batch)
+        return Step(self.ids_positions[1, :n], slots=self.ids_positions[2, :n], batch=batch,
+                    kept_at=None if batch else self.ids_positions[3, :1])
 
     def _inputs(self, n: int) -> torch.Tensor:
         return self.ids_positions[0, :n] if self.activation is None else self.activation[:n]
@@ -94,12 +114,15 @@ class GraphRunner:
         """The batch bucket a step of b sequences replays; None: run it eagerly."""
         return next((size for size in self.batch_buckets if size >= b), None)
 
-    def replay(self, inputs: torch.Tensor, base_pos: int, bucket: int, seq: int = 0) -> StepOutputs:
-        """Run the graph for `bucket` over `inputs` (n <= bucket rows of sequence `seq`) at base_pos.
+    def replay(self, inputs: torch.Tensor, base_pos: int, bucket: int, seq: int = 0,
+               kept_at: int = SCRATCH_ROW) -> StepOutputs:
+        """Run the graph for `bucket` over `inputs` (n <= bucket rows of sequence `seq`) at base_pos;
+        a recurrent state's layers keep what they fed at kept row `kept_at` (RecurrentState.begin).
         The outputs are the graph's own tensors: read or copy them before the next replay."""
         def stage_positions(staged):
             torch.arange(base_pos, base_pos + bucket, out=staged[1, :bucket])
             staged[2, :bucket] = seq
+            staged[3, 0] = kept_at
 
         return self._launch(self.graphs[bucket], inputs, stage_positions)
 
@@ -109,7 +132,7 @@ class GraphRunner:
         b = len(seqs)
 
         def stage_positions(staged):
-            staged[1:, :b] = torch.tensor([positions, seqs])
+            staged[1:3, :b] = torch.tensor([positions, seqs])
             staged[1, b:bucket] = -1
             staged[2, b:bucket] = 0
 

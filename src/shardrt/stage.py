@@ -25,7 +25,7 @@ from .kernels.attention import MAX_QUERY_TOKENS
 from .kernels.support import bf16_native, device_kernel_path
 from .deltanet import DeltaNetBlock
 from .model import Block, ModelConfig, Step, rope_tables
-from .recurrent_state import RecurrentState
+from .recurrent_state import SCRATCH_ROW, RecurrentState
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +135,11 @@ class Stage:
         self.runner = None
         if self.device.type != "cpu":
             self._warm_up()
-            # a DeltaNet layer's state has no graph-safe path yet: recurrent models run eagerly
-            if graphs and self.device.type == "cuda" and self.state is None:  # torch.cuda drives ROCm builds too
+            # a hybrid model (DeltaNet layers) gets graphs for one token of one sequence and for
+            # batches of one token per sequence only: in a larger token bucket the padding rows after
+            # the real ones would run through the recurrence (runner.py), so its verifies and prompt
+            # chunks stay eager
+            if graphs and self.device.type == "cuda":  # torch.cuda drives ROCm builds too
                 from .kernels._triton import use_triton
                 from .runner import GraphRunner, batch_buckets
 
@@ -261,7 +264,9 @@ class Stage:
             for seq in ends:
                 self.state.rewind(seq, positions[seqs.index(seq)], self.lengths[seq])
                 self.state.forget(seq)
-        bucket = self.runner.batch_bucket(b) if self.runner is not None else None
+        # a recurrent state's batch graph takes one row per sequence (a decode batch)
+        graphable = self.runner is not None and (self.state is None or len(ends) == b)
+        bucket = self.runner.batch_bucket(b) if graphable else None
         if bucket is not None:
             graphed = self.runner.replay_batch(inputs, seqs, positions, bucket)
             self.graph_forwards += 1
@@ -313,7 +318,12 @@ class Stage:
         graphable = self.runner is not None and stop_after is None
         bucket = self.runner.bucket(n, base_pos) if graphable else None
         if bucket is not None:
-            graphed = self.runner.replay(inputs, base_pos, bucket, seq)
+            # a recurrent state: what the graph's layers feed is kept where `begin` says, as `_layers` does
+            kept = self.state is not None and self.state.begin(seq, base_pos, n)
+            graphed = self.runner.replay(inputs, base_pos, bucket, seq,
+                                         kept_at=self.state.kept if kept else SCRATCH_ROW)
+            if kept:
+                self.state.kept_forward(n)
             self.graph_forwards += 1
             hidden = {layer: graphed.hidden[layer - self.span.start][:n] for layer in keep | {last}}
         elif self.device.type != "cpu" and n > MAX_QUERY_TOKENS:
@@ -398,14 +408,26 @@ class Stage:
                      rows: torch.Tensor | None = None) -> "StepOutputs":
         """The whole stage as the graph runner captures it: every layer's hidden state (or only
         the last), and on the stage with the head the logits of every row (or of `rows`) and their
-        argmax. The step's slots name the sequence of each row."""
+        argmax. The step's slots name the sequence of each row. A DeltaNet layer follows the host's
+        runs of an eager batch (`seq_runs`); a graph's step has none, and there each row is one
+        token of its slot's sequence, a padding row (position < 0) one of the padding slot."""
         from .runner import StepOutputs
 
-        x, hidden = self._embed(inputs), []
+        x, hidden, state = self._embed(inputs), [], self.state
+        graphed = state is not None and not step.seq_runs
+        if graphed:
+            if not step.batch and x.shape[0] > 1:
+                raise ConfigError(f"graph step: {x.shape[0]} tokens of one sequence through a recurrent state; "
+                                  "a graph step of a hybrid model takes one token per sequence")
+            seqs = torch.where(step.positions >= 0, step.slots, state.padding_slot)
         for i, block in enumerate(self.blocks):
             row = self.row_of[i]
-            if block.recurrent:  # eager only (no graphs): the runs come from the host
-                x = block(x, self.state.conv[row], self.state.ssm[row], step.seq_runs)
+            if block.recurrent and graphed:
+                x, fed = block.decode(x, state.padded_conv[row], state.padded_ssm[row], seqs)
+                if step.kept_at is not None:
+                    state.keep_at(row, fed, step.kept_at)
+            elif block.recurrent:
+                x = block(x, state.conv[row], state.ssm[row], step.seq_runs)
             else:
                 x = block(x, self.ropes, self.k_cache[row], self.v_cache[row], step)
             if every_layer or i == len(self.blocks) - 1:
