@@ -149,7 +149,7 @@ class BatchScheduler:
         finished = [self._end(r, "cancelled") for r in gone]
         if self._joining or self._leaving or self._copying or self._checkpointing:
             finished += self.settle()
-        settled = time.monotonic()
+        settled, forwarded = time.monotonic(), self._forward_seconds()
         self._sent = [0, 0, 0]
         self._put_work()
         for work in self.wave.advance():
@@ -158,8 +158,13 @@ class BatchScheduler:
             decode, prefill, prompts = self._sent
             self.step_log.step(settle_ms=round((settled - t0) * 1e3, 2), decode=decode, prefill=prefill,
                                prompts=prompts, joined=joined, finished=len(finished),
+                               forward_ms=round((self._forward_seconds() - forwarded) * 1e3, 2),
                                ms=round((time.monotonic() - t0) * 1e3, 2))
         return finished
+
+    def _forward_seconds(self) -> float:
+        """Time the stages' forwards have taken so far (a daemon's: from its request to its reply)."""
+        return sum(getattr(stage, "forward_seconds", 0.0) for stage in self.pipeline.stages)
 
     # -- slots: set up and given back while nothing is in flight (they ask every stage) --------
 
