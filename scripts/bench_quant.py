@@ -1,9 +1,9 @@
-"""Quantized weights on GPUs, in one run: the same random Llama-3-8B-shaped model written as
-bf16, Q8_0 and Q4_K_M (Q4_K with Q6_K for attn_v, ffn_down and the head), each decoded on one
-GPU and split over two, with the weight memory every stage holds beside the GGUF bytes of its
-span; with --llama-bench, llama.cpp's llama-bench on each same file right after (prefill of the
-prompt, decode at the prompt's depth, flash attention, every layer on the GPU), and the ratios.
-One JSON line.
+"""Quantized weights on GPUs, in one run: the same random model of one of make_gguf.py's shapes
+(Llama-3-8B's by default) written as bf16, Q8_0 and Q4_K_M (Q4_K with Q6_K for attn_v, a
+DeltaNet's attn_qkv, ffn_down and the head), each decoded on one GPU and split over two, with the
+weight memory every stage holds beside the GGUF bytes of its span; with --llama-bench, llama.cpp's
+llama-bench on each same file right after (prefill of the prompt, decode at the prompt's depth,
+flash attention, every layer on the GPU), and the ratios. One JSON line.
 
     python scripts/bench_quant.py [--shape llama3-8b] [--types bf16,q8_0,q4_k_m] [--layers N]
     python scripts/bench_quant.py --placements one --llama-bench PATH/llama-bench
@@ -14,6 +14,12 @@ their blocks and decoded by the grouped kernels (kernels/moe_qdot.py); name --ty
 there (its bf16 file would be 57 GiB):
 
     python scripts/bench_quant.py --shape qwen3-30b-a3b --types q4_k_m --placements one --llama-bench PATH/llama-bench
+
+A hybrid: --shape qwen3.6-27b (qwen35, Qwen3.6-27B's body: 48 gated DeltaNet layers, each with a
+recurrent state instead of a KV cache, and 16 gated full-attention ones; vocabulary 248320); its
+Q4_K_M file is 16.4 GiB, its bf16 one 50 GiB:
+
+    python scripts/bench_quant.py --shape qwen3.6-27b --types q4_k_m --placements one --llama-bench PATH/llama-bench
 """
 
 from __future__ import annotations
