@@ -127,8 +127,12 @@ class BatchScheduler:
         its last token, which its KV does not hold yet."""
         self._free.remove(seq)
         out = handover.out
+        self._admitted += 1
+        # it took its slot when it started, alone (`started` is a perf_counter reading)
+        admitted = time.monotonic() - (time.perf_counter() - handover.started)
         run = Running(job, seq, out, handover.sampler, handover.reused, len(job.prompt_ids), out.tokens[-1],
-                      started=handover.started, prefill_done=handover.prefill_done)
+                      started=handover.started, prefill_done=handover.prefill_done, number=self._admitted,
+                      admitted=admitted)
         self.running.append(run)
         min(self.groups, key=len).append(run)
 
@@ -147,7 +151,7 @@ class BatchScheduler:
         t0, joined = time.monotonic(), len(self._joining)
         gone = [r for r in self.running if r.job.cancelled() and not r.in_flight and r not in self._joining]
         finished = [self._end(r, "cancelled") for r in gone]
-        if self._joining or self._leaving or self._copying or self._checkpointing:
+        if self._joining or self.unsettled:
             finished += self.settle()
         settled, forwarded = time.monotonic(), self._forward_seconds()
         self._sent = [0, 0, 0]
