@@ -49,8 +49,17 @@ def same_state(a, b) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+# float32 sums taken in another order (a batch against one sequence, chunks of other lengths) part
+# by up to ~2e-5 (logits near 1 through six layers of the decode step against the chunked form)
+TOLERANCE = dict(rtol=1e-5, atol=5e-5)
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.allclose(a, b, **TOLERANCE)
+
+
 def close_state(a, b) -> bool:
-    return all(torch.allclose(x, y, rtol=0, atol=1e-5) for x, y in zip(a, b))
+    return all(close(x, y) for x, y in zip(a, b))
 
 
 def test_the_layers_are_what_qwen35_makes_them(qwen35):
@@ -297,7 +306,7 @@ def test_graph_steps_of_a_batch_equal_the_eager_batch_and_padding_touches_no_sta
         out_of_batch = {s: state_of(graphed, s) for s in range(4) if s not in seqs}
         want = eager.run_batch(ids, seqs, positions)
         got = graphed.run_batch(ids, seqs, positions)
-        assert got.shape == want.shape and (got - want).abs().max() <= 1e-5
+        assert close(got, want)
         assert all(close_state(state_of(graphed, s), state_of(eager, s)) for s in seqs)
         assert all(same_state(state_of(graphed, s), held) for s, held in out_of_batch.items())
         last.update(zip(seqs, want.argmax(-1).tolist()))
@@ -325,7 +334,7 @@ def test_graph_decodes_of_sequence_0_keep_their_rows_and_roll_back_bit_for_bit(q
     states, token = {}, 7
     for p in range(pos, pos + 3):  # one token a step: graph replays, each keeping its rows
         want, got = (s.forward(torch.tensor([token]), p) for s in (eager, graphed))
-        assert (got - want).abs().max() <= 1e-5 and close_state(state_of(graphed), state_of(eager))
+        assert close(got, want) and close_state(state_of(graphed), state_of(eager))
         states[p + 1], token = state_of(graphed), int(want.argmax())
     assert graphed.graph_forwards == 3 and (graphed.state.mark, graphed.state.kept) == (0, pos + 3)
     # sequence 1's one-token step keeps nothing: what it fed goes to the scratch row, not to
@@ -333,7 +342,7 @@ def test_graph_decodes_of_sequence_0_keep_their_rows_and_roll_back_bit_for_bit(q
     kept = [rows[:, : graphed.state.kept].clone() for rows in graphed.state.rows]
     assert not graphed.state.rows.mixed[:, SCRATCH_ROW].any()
     want, got = (s.forward(torch.tensor([9]), 5, seq=1) for s in (eager, graphed))
-    assert (got - want).abs().max() <= 1e-5 and graphed.graph_forwards == 4
+    assert close(got, want) and graphed.graph_forwards == 4
     assert graphed.state.rows.mixed[:, SCRATCH_ROW].any()
     assert all(torch.equal(rows[:, : graphed.state.kept], k) for rows, k in zip(graphed.state.rows, kept))
     # a verify of four tokens runs eagerly (one token bucket for a recurrent state), kept after them
@@ -531,7 +540,7 @@ def check_graph_steps(path: str) -> dict:
         shapes.clear()
         got = graphed.run_batch(ids, seqs, positions)
         fixed &= set(shapes) == {(bucket, 1, graphed.cfg.ssm_k_heads, graphed.cfg.ssm_k_dim)}
-        error = max(error, (got - want).abs().max().item())
+        error = max(error, ((got - want).abs() / (1 + want.abs())).max().item())  # relative past 1
         held &= all(same_state(state_of(graphed, s), h) for s, h in out_of_batch.items())
         last.update(zip(seqs, want.argmax(-1).tolist()))
     pos = graphed.lengths[0]
@@ -542,7 +551,7 @@ def check_graph_steps(path: str) -> dict:
         shapes.clear()
         want, got = (s.forward(torch.tensor([p % 50]), p) for s in (eager, graphed))
         fixed &= set(shapes) == {(1, 1, graphed.cfg.ssm_k_heads, graphed.cfg.ssm_k_dim)}
-        error = max(error, (got - want).abs().max().item())
+        error = max(error, ((got - want).abs() / (1 + want.abs())).max().item())  # relative past 1
         states[p + 1] = state_of(graphed)
     graphed.truncate(pos + 3)
     rolled_back = same_state(state_of(graphed), states[pos + 3])
