@@ -23,6 +23,7 @@ kernel: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_
 from __future__ import annotations
 
 import functools
+import warnings
 import os
 from dataclasses import dataclass
 
@@ -78,8 +79,9 @@ def device_bytes(qtype: Q, rows: int, cols: int) -> int:
 
 # -- planes: the blocks' fields, each a contiguous array per row ---------------------------------
 
-def split_planes(raw: np.ndarray, qtype: Q, cols: int) -> tuple[np.ndarray, ...]:
-    """raw: uint8 [rows, row_bytes] as stored in the file -> the planes of `qtype`:
+def split_planes(raw: torch.Tensor, qtype: Q, cols: int) -> tuple[torch.Tensor, ...]:
+    """raw: uint8 [rows, row_bytes] as stored in the file, on any device -> the planes of `qtype`,
+    on that device (so a GPU re-lays a matrix at its memory's pace, not the host's):
 
     Q8_0: qs int8 [r, c], d f16 [r, c/32]
     Q4_0: qs uint8 [r, c/2], d f16 [r, c/32]              Q4_1: qs, (d, m) f16 [r, c/32, 2]
@@ -100,25 +102,28 @@ def split_planes(raw: np.ndarray, qtype: Q, cols: int) -> tuple[np.ndarray, ...]
     block_elems, block_bytes = GGML_QUANT_SIZES[qtype]
     b = raw.reshape(rows, cols // block_elems, block_bytes)
 
-    def f16(lo: int, hi: int) -> np.ndarray:
-        return np.ascontiguousarray(b[..., lo:hi]).view(np.float16)
+    def f16(lo: int, hi: int) -> torch.Tensor:
+        return b[..., lo:hi].contiguous().view(torch.float16)
 
-    def flat(lo: int, hi: int, dtype=np.uint8) -> np.ndarray:
-        return np.ascontiguousarray(b[..., lo:hi]).view(dtype).reshape(rows, -1)
+    def flat(lo: int, hi: int, dtype=torch.uint8) -> torch.Tensor:
+        return b[..., lo:hi].contiguous().view(dtype).reshape(rows, -1)
+
+    def word(lo: int) -> torch.Tensor:  # int32 [rows, blocks]
+        return b[..., lo : lo + 4].contiguous().view(torch.int32)[..., 0]
 
     if qtype == Q.Q8_0:
-        return flat(2, 34, np.int8), f16(0, 2)[..., 0]
+        return flat(2, 34, torch.int8), f16(0, 2)[..., 0]
     if qtype in (Q.Q4_0, Q.IQ4_NL):
         return flat(2, 18), f16(0, 2)[..., 0]
     if qtype == Q.Q4_1:
         return flat(4, 20), f16(0, 4)
     if qtype == Q.Q5_0:
-        return flat(6, 22), f16(0, 2)[..., 0], np.ascontiguousarray(b[..., 2:6]).view(np.int32)[..., 0]
+        return flat(6, 22), f16(0, 2)[..., 0], word(2)
     if qtype == Q.Q5_1:
-        return flat(8, 24), f16(0, 4), np.ascontiguousarray(b[..., 4:8]).view(np.int32)[..., 0]
+        return flat(8, 24), f16(0, 4), word(4)
     if qtype in (Q.Q4_K, Q.Q5_K):
         packed = b[..., 4:16]  # 8 six-bit scales and 8 six-bit mins (llama.cpp's get_scale_min_k4)
-        scale_min = np.empty((rows, b.shape[1], 8, 2), dtype=np.uint8)
+        scale_min = torch.empty((rows, b.shape[1], 8, 2), dtype=torch.uint8, device=raw.device)
         scale_min[..., :4, 0] = packed[..., 0:4] & 63
         scale_min[..., :4, 1] = packed[..., 4:8] & 63
         scale_min[..., 4:, 0] = (packed[..., 8:12] & 0xF) | ((packed[..., 0:4] >> 6) << 4)
@@ -126,37 +131,47 @@ def split_planes(raw: np.ndarray, qtype: Q, cols: int) -> tuple[np.ndarray, ...]
         planes = (flat(16, 144) if qtype == Q.Q4_K else flat(48, 176), f16(0, 4), scale_min.reshape(rows, -1, 2))
         return planes if qtype == Q.Q4_K else planes + (flat(16, 48),)
     if qtype == Q.Q6_K:
-        return flat(0, 128), f16(208, 210)[..., 0], flat(192, 208, np.int8), flat(128, 192)
+        return flat(0, 128), f16(208, 210)[..., 0], flat(192, 208, torch.int8), flat(128, 192)
     if qtype == Q.Q2_K:
-        return flat(16, 80), f16(80, 84), np.ascontiguousarray(b[..., UNIT_SCALE_ORDER]).reshape(rows, -1)
+        return flat(16, 80), f16(80, 84), b[..., unit_scale_order(raw.device)].reshape(rows, -1)
     if qtype == Q.Q3_K:
-        scales = q3k_scales(b[..., 96:108])[..., UNIT_SCALE_ORDER]
-        return flat(32, 96), f16(108, 110)[..., 0], np.ascontiguousarray(scales).reshape(rows, -1), flat(0, 32)
+        scales = q3k_scales(b[..., 96:108])[..., unit_scale_order(raw.device)]
+        return flat(32, 96), f16(108, 110)[..., 0], scales.reshape(rows, -1), flat(0, 32)
     if qtype == Q.IQ4_XS:
-        high = np.ascontiguousarray(b[..., 2:4]).view(np.uint16)  # [rows, blocks, 1]: 2 bits per sub-block
-        low = b[..., 4:8]
-        sub = np.arange(8)
-        scales = ((low[..., sub // 2] >> (4 * (sub % 2))) & 0xF) | (((high >> (2 * sub)) & 3).astype(np.uint8) << 4)
-        return flat(8, 136), f16(0, 2)[..., 0], (scales.astype(np.int16) - 32).astype(np.int8).reshape(rows, -1)
+        high = b[..., 2:4].contiguous().view(torch.int16).int() & 0xFFFF  # [rows, blocks, 1]: 2 bits a sub-block
+        low = b[..., 4:8].int()
+        sub = torch.arange(8, device=raw.device)
+        scales = ((low[..., sub // 2] >> (4 * (sub % 2))) & 0xF) | (((high >> (2 * sub)) & 3) << 4)
+        return flat(8, 136), f16(0, 2)[..., 0], (scales - 32).to(torch.int8).reshape(rows, -1)
     raise ValueError(f"{qtype.name} has no kernel")
 
 
 # Q2_K/Q3_K: position 4 * (2 * half + g) + j of the re-laid scales holds the file's 8 * half + 2j + g
-UNIT_SCALE_ORDER = np.array([8 * half + 2 * j + g for half in range(2) for g in range(2) for j in range(4)])
+UNIT_SCALE_ORDER = [8 * half + 2 * j + g for half in range(2) for g in range(2) for j in range(4)]
 
 
-def q3k_scales(packed: np.ndarray) -> np.ndarray:
+def unit_scale_order(device: torch.device) -> torch.Tensor:
+    return torch.tensor(UNIT_SCALE_ORDER, device=device)
+
+
+def q3k_scales(packed: torch.Tensor) -> torch.Tensor:
     """Q3_K's twelve bytes of scales [..., 12] -> the sixteen signed scales [..., 16], less 32:
     scale k has its low four bits in byte k (k < 8) or the high nibble of byte k - 8, and its
     top two bits at bit 2 * (k // 4) of byte 8 + k % 4."""
-    k = np.arange(16)
+    k = torch.arange(16, device=packed.device)
+    packed = packed.int()
     low = (packed[..., k % 8] >> (4 * (k // 8))) & 0xF
     high = (packed[..., 8 + k % 4] >> (2 * (k // 4))) & 3
-    return ((low | (high << 4)).astype(np.int16) - 32).astype(np.int8)
+    return ((low | (high << 4)) - 32).to(torch.int8)
 
 
 def quantized_weight(raw: np.ndarray, qtype: Q, cols: int, device: torch.device) -> QuantizedWeight:
-    planes = tuple(torch.from_numpy(p).to(device) for p in split_planes(raw, qtype, cols))
+    """raw: uint8 [rows, row_bytes] as the file holds them (a read-only map, say): copied to the
+    device as they are, then split into planes there."""
+    with warnings.catch_warnings():  # a read-only map: torch warns it cannot write, and it never does
+        warnings.simplefilter("ignore", UserWarning)
+        blocks = torch.from_numpy(raw)
+    planes = split_planes(blocks.to(device), qtype, cols)
     return QuantizedWeight(qtype, raw.shape[0], cols, planes)
 
 
