@@ -102,14 +102,34 @@ def linear(xq: qdot.QuantizedRows, w, out: torch.Tensor, block: tuple[int, int] 
     planes = w.planes + (w.planes[0],) * (4 - len(w.planes))  # unused pointers: any valid tensor
     target = out if parts == 1 else torch.empty((parts, m, w.rows), dtype=torch.float32, device=out.device)
     _mmq_kernel[(tiles[0], parts, tiles[1])](
-        x8, xq.scale, xq.sums, target, *planes, m, w.rows, x8.stride(0), xq.scale.stride(0), xq.sums.stride(0),
-        target.stride(-2), m * w.rows if parts > 1 else 0, per_part * width, K=w.cols, QTYPE=int(w.qtype),
-        STEP=width, BLOCK_M=bm, BLOCK_N=block_n, num_warps=warps)
+        x8, xq.scale, xq.sums, target, *planes, x8, x8, x8, m, w.rows, x8.stride(0), xq.scale.stride(0),
+        xq.sums.stride(0), target.stride(-2), m * w.rows if parts > 1 else 0, per_part * width, K=w.cols,
+        QTYPE=int(w.qtype), STEP=width, BLOCK_M=bm, BLOCK_N=block_n, GROUPED=False, num_warps=warps)
     if parts > 1:
         _sum_parts_kernel[(m, triton.cdiv(w.rows, SUM_BLOCK))](target, out, w.rows, out.stride(0), m * w.rows,
                                                                  PARTS=parts, BLOCK=SUM_BLOCK, num_warps=4)
     return out
 
+
+
+def grouped_linear(xq: qdot.QuantizedRows, experts, tiles, out: torch.Tensor,
+                   block: tuple[int, int] | None = None) -> torch.Tensor:
+    """A mixture of experts' products in one launch: row p of out [tiles.capacity, experts.rows]
+    is activation row tiles.src[p] of xq times the matrix of the expert of p's tile (`moe_mmq.Tiles`:
+    each tile's rows are one expert's slots), a row of zeros for padding; rows of tiles past the
+    count in use are left as they were. `experts`: a `QuantizedExperts` (kernels.experts)."""
+    w = experts.stacked
+    bm = tiles.block_m
+    block_n, warps = block or BLOCKS.get(w.qtype, DEFAULT_BLOCK)
+    width = step(w.qtype, w.cols)
+    x8 = xq.words.view(torch.int8)
+    planes = w.planes + (w.planes[0],) * (4 - len(w.planes))
+    grid = (triton.cdiv(experts.rows, block_n), 1, tiles.capacity // bm)
+    _mmq_kernel[grid](
+        x8, xq.scale, xq.sums, out, *planes, tiles.src, tiles.tile_expert, tiles.count, tiles.capacity,
+        experts.rows, x8.stride(0), xq.scale.stride(0), xq.sums.stride(0), out.stride(0), 0, w.cols, K=w.cols,
+        QTYPE=int(w.qtype), STEP=width, BLOCK_M=bm, BLOCK_N=block_n, GROUPED=True, num_warps=warps)
+    return out
 
 if triton is not None:
     @triton.jit
@@ -145,12 +165,16 @@ if triton is not None:
         tl.store(out_ptr + m * stride_out + n, total.to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _mmq_kernel(x_ptr, xd_ptr, xs_ptr, out_ptr, p0, p1, p2, p3, M, N, stride_x, stride_xd, stride_xs,
-                    stride_out, stride_part, PART_K, K: tl.constexpr, QTYPE: tl.constexpr, STEP: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _mmq_kernel(x_ptr, xd_ptr, xs_ptr, out_ptr, p0, p1, p2, p3, src_ptr, tile_expert_ptr, tiles_ptr, M, N,
+                    stride_x, stride_xd, stride_xs, stride_out, stride_part, PART_K, K: tl.constexpr,
+                    QTYPE: tl.constexpr, STEP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    GROUPED: tl.constexpr):
         """out[m, n] for the program's tile (of part program_id(1) of K, PART_K elements: out then
         holds that part's partial sums, at stride_part): the sum over the blocks of each weight
-        row of the block's int8 product with the activations, scaled (see the module's docstring)."""
+        row of the block's int8 product with the activations, scaled (see the module's docstring).
+        GROUPED: the tile's rows are slots of one expert (`tile_expert_ptr`), each reading the
+        activation row `src_ptr` names (-1: padding, a row of zeros), and N is one expert's rows;
+        tiles past the count at `tiles_ptr` do nothing."""
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
         k_start = tl.program_id(1) * PART_K
@@ -158,6 +182,14 @@ if triton is not None:
         n_ok = n < N
         m_ok = m < M
         r = n.to(tl.int64)
+        store_m = m
+        if GROUPED:
+            if tl.program_id(2) >= tl.load(tiles_ptr):
+                return
+            r += tl.load(tile_expert_ptr + tl.program_id(2)).to(tl.int64) * N
+            src = tl.load(src_ptr + m, mask=m_ok, other=-1)
+            m_ok = src >= 0
+            m = tl.where(m_ok, src, 0)
         r2 = r[:, None]
         ok2 = n_ok[:, None]
         i = tl.arange(0, 32)
@@ -243,5 +275,5 @@ if triton is not None:
                         dot0, dot1 = _half_dots(x_ptr, stride_x, m, m_ok, b * 32 + i, w)
                         dot = dot0 * sc0[None, :] + dot1 * sc1[None, :]
                         acc += dot.to(tl.float32) * xd[:, None] * d[None, :]
-        tl.store(out_ptr + m[:, None] * stride_out + n[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=m_ok[:, None] & n_ok[None, :])
+        tl.store(out_ptr + store_m[:, None] * stride_out + n[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=(store_m < M)[:, None] & n_ok[None, :])

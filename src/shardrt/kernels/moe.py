@@ -10,8 +10,10 @@ them, the same function:
   are read, with no host sync, so it runs inside a captured graph: blocks through the grouped
   integer kernels (`moe_qdot`), else the chosen matrices gathered (dequantized from blocks) into
   one batched product per matrix;
-- more rows (prefill, and always on a CPU): each expert that some row chose multiplies all its rows
-  at once (the host learns, in one sync, how many rows each expert has), as transformers does.
+- more rows (prefill, large batches) on a GPU, SwiGLU experts in blocks: the slots sorted by expert
+  into tiles, each tile multiplied by its expert in one launch per matrix (`moe_mmq`), no host sync;
+- otherwise (always on a CPU): each expert that some row chose multiplies all its rows at once (the
+  host learns, in one sync, how many rows each expert has), as transformers does.
 
 The top k is one Triton kernel on GPUs (`_top_experts_kernel`: softmax, k maxima, renormalized),
 beside its torch reference, so a decode step does not spend half a dozen launches routing.
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import moe_qdot, qdot, quant
+from . import moe_mmq, moe_qdot, qdot, quant
 from ._triton import tl, triton, use_triton
 from .activation import silu_mul
 from .experts import QuantizedExperts
@@ -86,6 +88,9 @@ def moe(x: torch.Tensor, router: torch.Tensor, gate_up: Experts, down: Experts, 
     weights, experts = route(x, router, k, normalize, biases.router if biases is not None else None)
     if gathers(x, k):
         return gathered(x, weights, experts, gate_up, down, act, biases)
+    if biases is None and act is silu_mul and isinstance(gate_up, tuple) and len(gate_up) == 2 \
+            and x.device.type != "cpu" and moe_mmq.runs(x, *gate_up, down):
+        return moe_mmq.moe_experts(x, weights, experts, gate_up, down)
     return by_expert(x, weights, experts, gate_up, down, act, biases)
 
 
