@@ -20,6 +20,10 @@ recurrent state instead of a KV cache, and 16 gated full-attention ones; vocabul
 Q4_K_M file is 16.4 GiB, its bf16 one 50 GiB:
 
     python scripts/bench_quant.py --shape qwen3.6-27b --types q4_k_m --placements one --llama-bench PATH/llama-bench
+
+Several shapes in one run (`--shape qwen3-30b-a3b,qwen3.6-27b`): shardrt runs on every file first,
+then llama-bench on each, and the line holds one report per shape under "shapes". Without --keep
+the files stay in the temporary folder until llama-bench has read them.
 """
 
 from __future__ import annotations
@@ -49,7 +53,8 @@ FLOAT_TYPES = ("f32", "f16", "bf16")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--shape", choices=sorted(make_gguf.SHAPES), default="llama3-8b")
+    parser.add_argument("--shape", default="llama3-8b",
+                        help=f"one or more of make_gguf's shapes, comma-separated: {', '.join(sorted(make_gguf.SHAPES))}")
     parser.add_argument("--layers", type=int, help="layers of the shape to write (default: all)")
     parser.add_argument("--types", default="bf16,q8_0,q4_k_m")
     parser.add_argument("--placements", default="one,split")
@@ -60,54 +65,72 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-ctx", type=int, default=4096)
     parser.add_argument("--weights", choices=("auto", "quantized", "dequantized"), default="auto",
                         help="how quantized files are held (bf16 files: always as they are)")
-    parser.add_argument("--llama-bench", type=Path, help="llama.cpp's llama-bench, run on the same files")
+    parser.add_argument("--llama-bench", type=Path,
+                        help="llama.cpp's llama-bench, run on the same files once shardrt has run on all of them")
     parser.add_argument("--profile", action="store_true", help="profile one decode replay per stage (a second load)")
     parser.add_argument("--keep", type=Path, help="write the files here and keep them (default: a temporary folder)")
     args = parser.parse_args(argv)
     if args.llama_bench and not args.llama_bench.is_file():
         parser.error(f"--llama-bench: {str(args.llama_bench)!r} is not a file")
-    shape = make_gguf.SHAPES[args.shape]
+    shapes = args.shape.split(",")
+    unknown = [name for name in shapes if name not in make_gguf.SHAPES]
+    if unknown:
+        parser.error(f"--shape: {unknown[0]!r} is not one of {', '.join(sorted(make_gguf.SHAPES))}")
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        folder = args.keep or Path(tmp)
+        reports = [run_shape(args, name, folder) for name in shapes]
+        if args.llama_bench:  # after shardrt's runs, so that a build of it may still be finishing then
+            for report in reports:
+                for entry in report["types"].values():
+                    entry["llama_bench"] = llama_bench(args.llama_bench, Path(entry["file"]), args.prompt_tokens,
+                                                       args.decode_tokens)
+        for report in reports:  # the temporary folder goes with its files
+            for entry in report["types"].values():
+                entry.pop("file")
+            report["ratios"] = ratios(report["types"])
+    print(json.dumps(reports[0] if len(reports) == 1 else {"bench": "quant", "shapes": reports}))
+    return 0
+
+
+def run_shape(args, shape_name: str, folder: Path) -> dict:
+    """shardrt on each type's file of one shape (written into `folder` unless it is there)."""
+    shape = make_gguf.SHAPES[shape_name]
     if args.layers:
         shape = replace(shape, layers=args.layers)
     dtype = "bfloat16" if args.device == "cuda" else "float32"
     gpus = torch.cuda.device_count() if args.device == "cuda" else 2
     placements = {"one": f"{args.device}:0", "split": f"{args.device}:0,{args.device}:1" if gpus >= 2 else None}
     report: dict = {"bench": "quant", "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
-                    "shape": args.shape, "layers": shape.layers, "prompt_tokens": args.prompt_tokens,
+                    "shape": shape_name, "layers": shape.layers, "prompt_tokens": args.prompt_tokens,
                     "decode_tokens": args.decode_tokens, "types": {}}
-    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        for type_name in args.types.split(","):
-            # named for what it holds, so a kept file is reused only for the same shape and layers
-            model = (args.keep or Path(tmp)) / f"random-{args.shape}-{shape.layers}l-{type_name}.gguf"
-            if not model.is_file():
-                make_gguf.write(model, shape, type_name, args.tokenizer_from or demo_model_path(progress=False), seed=0,
-                                progress=False)
-            with GGUFFile(model) as gguf:
-                file_bytes = gguf.file_size
-            tokenizer = Tokenizer(model)
-            prompt = tokenizer.encode(bench_gpu.TEXT * (args.prompt_tokens // 20 + 1))[: args.prompt_tokens]
-            entry: dict = {"file_gib": round(file_bytes / 2**30, 3), "placements": {}}
-            for name in args.placements.split(","):
-                if placements.get(name) is None:
-                    entry["placements"][name] = {"skipped": f"needs 2 GPUs, torch sees {gpus}"}
-                    continue
-                run = bench_gpu.run_placement(model, tokenizer, prompt, placements[name], all_daemons=False, graphs=True,
-                                              decode_tokens=args.decode_tokens, max_ctx=args.max_ctx, dtype=dtype,
-                                              weights="dequantized" if type_name in FLOAT_TYPES else args.weights)
-                run.pop("tokens", None)
-                run["weight_gib"] = round(sum(s["weight_gib"] for s in run["stages"]), 3)
-                if args.profile and args.device == "cuda":
-                    bench_gpu.add_profiles(model, placements[name], run["stages"], args.max_ctx, dtype,
-                                           "dequantized" if type_name in FLOAT_TYPES else args.weights)
-                entry["placements"][name] = run
-            if args.llama_bench:
-                entry["llama_bench"] = llama_bench(args.llama_bench, model, args.prompt_tokens, args.decode_tokens)
-            report["types"][type_name] = entry
-            if not args.keep:
-                model.unlink()
-    report["ratios"] = ratios(report["types"])
-    print(json.dumps(report))
-    return 0
+    for type_name in args.types.split(","):
+        # named for what it holds, so a kept file is reused only for the same shape and layers
+        model = folder / f"random-{shape_name}-{shape.layers}l-{type_name}.gguf"
+        if not model.is_file():
+            make_gguf.write(model, shape, type_name, args.tokenizer_from or demo_model_path(progress=False), seed=0,
+                            progress=False)
+        with GGUFFile(model) as gguf:
+            file_bytes = gguf.file_size
+        tokenizer = Tokenizer(model)
+        prompt = tokenizer.encode(bench_gpu.TEXT * (args.prompt_tokens // 20 + 1))[: args.prompt_tokens]
+        entry: dict = {"file_gib": round(file_bytes / 2**30, 3), "placements": {}, "file": str(model)}
+        weights = "dequantized" if type_name in FLOAT_TYPES else args.weights
+        for name in args.placements.split(","):
+            if placements.get(name) is None:
+                entry["placements"][name] = {"skipped": f"needs 2 GPUs, torch sees {gpus}"}
+                continue
+            run = bench_gpu.run_placement(model, tokenizer, prompt, placements[name], all_daemons=False, graphs=True,
+                                          decode_tokens=args.decode_tokens, max_ctx=args.max_ctx, dtype=dtype,
+                                          weights=weights)
+            run.pop("tokens", None)
+            run["weight_gib"] = round(sum(s["weight_gib"] for s in run["stages"]), 3)
+            if args.profile and args.device == "cuda":
+                bench_gpu.add_profiles(model, placements[name], run["stages"], args.max_ctx, dtype, weights)
+            entry["placements"][name] = run
+        report["types"][type_name] = entry
+        if not args.keep and not args.llama_bench:  # nothing reads it again: free the disk for the next
+            model.unlink()
+    return report
 
 
 def llama_bench(binary: Path, model: Path, prompt_tokens: int, decode_tokens: int) -> dict:
