@@ -15,7 +15,8 @@ from shardrt.errors import ModelFormatError
 from shardrt.gguf_file import GGUFFile
 from shardrt.kernels import moe_qdot
 from shardrt.kernels.experts import QuantizedExperts
-from shardrt.kernels.moe import gathered, route
+from shardrt.kernels.activation import clamped_swiglu, silu_mul
+from shardrt.kernels.moe import ExpertBiases, gathered, route
 from shardrt.kernels.quant import Q, dequantize_reference
 from shardrt.launch import Cluster
 from shardrt.pipeline import Pipeline
@@ -113,25 +114,51 @@ def dense_of(experts: QuantizedExperts) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("rows", [1, 5, 40])
-def test_experts_in_blocks_give_what_the_dense_experts_give(rows):
+@pytest.mark.parametrize("kind", ["q4_k_m", "gpt-oss mxfp4"])
+def test_experts_in_blocks_give_what_the_dense_experts_give(rows, kind):
     # on the CPU both the prefill path (each chosen expert over its rows) and the gathered one (the
-    # chosen experts' matrices dequantized by id) read the blocks through the torch references
+    # chosen experts' matrices dequantized by id) read the blocks through the torch references;
+    # gpt-oss's experts: MXFP4 blocks, with its biases and clamped SwiGLU
     rng = np.random.default_rng(rows)
-    gate_up, down = expert_blocks(rng, 6, 256, 256)
+    oss = kind.startswith("gpt-oss")
+    gate_up, down = expert_blocks(rng, 6, 256, 256, types=(Q.MXFP4,) * 3 if oss else (Q.Q4_K, Q.Q4_K, Q.Q6_K))
     gate_up_dense, down_dense = torch.cat([dense_of(p) for p in gate_up], dim=1), dense_of(down)
     router = torch.from_numpy(rng.standard_normal((6, 256)).astype(np.float32))
     x = torch.from_numpy(rng.standard_normal((rows, 256)).astype(np.float32))
-    want = kernels.moe(x, router, gate_up_dense, down_dense, 3)
-    weights, experts = route(x, router, 3, True)
-    for got in (kernels.moe(x, router, gate_up, down, 3), gathered(x, weights, experts, gate_up, down),
-                gathered(x, weights, experts, gate_up_dense, down)):  # the last: dense gate/up, down in blocks
+    act = clamped_swiglu if oss else silu_mul
+    biases = ExpertBiases(*(torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
+                            for shape in ((6,), (6, 512), (6, 256)))) if oss else None
+    want = kernels.moe(x, router, gate_up_dense, down_dense, 3, act=act, biases=biases)
+    weights, experts = route(x, router, 3, True, biases.router if oss else None)
+    for got in (kernels.moe(x, router, gate_up, down, 3, act=act, biases=biases),
+                gathered(x, weights, experts, gate_up, down, act, biases),
+                gathered(x, weights, experts, gate_up_dense, down, act, biases)):  # dense gate/up, down in blocks
         assert ((got - want).norm() / want.norm()).item() < 1e-6
+
+
+def test_mxfp4_experts_stay_in_blocks_where_quantized_weights_do(tmp_path):
+    """gpt-oss's files hold their experts in MXFP4: kept as blocks on a GPU stage (here the meta
+    device: the shapes and types a GPU holds, no GPU needed), about the file's bytes."""
+    from shardrt.gguf_loader import LayerSpan, StageWeights
+    from shardrt.model import ModelConfig
+
+    path = write_model(tmp_path / "mx.gguf", "qwen3moe", n_layers=1, dim=256, n_heads=4, n_kv_heads=2, qtype="Q8_0",
+                       experts=(4, 2, 256), expert_qtypes=("MXFP4",) * 3, seed=2)
+    with GGUFFile(path) as gguf:
+        file_bytes = sum(i.n_bytes for n, i in gguf.tensors.items() if "_exps" in n)
+        weights = StageWeights(gguf, ModelConfig.from_gguf(gguf), LayerSpan.of(0, 1, 1), quantized=True)
+        block = weights.load_block(0, torch.device("meta"), torch.bfloat16)
+    held = (*block["ffn_gate_up_exps"], block["ffn_down_exps"])
+    assert all(isinstance(w, QuantizedExperts) and w.qtype == Q.MXFP4 for w in held)
+    assert sum(w.nbytes for w in held) == file_bytes and not weights.without_kernel
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.version.cuda is None, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("graphs", [True, False])
-def test_a_gpu_stage_with_experts_in_blocks_follows_the_cpu(tmp_path, graphs):
-    """A qwen3moe file with Q4_K_M's experts (Q4_K gate and up, Q6_K down) through the real model:
+@pytest.mark.parametrize("expert_types", [("Q4_K", "Q4_K", "Q6_K"), ("MXFP4",) * 3])
+def test_a_gpu_stage_with_experts_in_blocks_follows_the_cpu(tmp_path, graphs, expert_types):
+    """A qwen3moe file with Q4_K_M's experts (Q4_K gate and up, Q6_K down), or MXFP4's (gpt-oss's
+    type; its nibble table in the integer kernels' registers), through the real model:
     `weights: auto` keeps them in blocks on the GPU at about their file bytes, decode steps take
     the grouped integer kernels (in graphs, or eagerly), the prompt the prefill path, and the
     logits follow the CPU's float32 ones from the dequantized experts, teacher-forced over a
@@ -139,7 +166,7 @@ def test_a_gpu_stage_with_experts_in_blocks_follows_the_cpu(tmp_path, graphs):
     a top k of fewer, bf16 and int8 activations would move near-tied choices to other experts
     now and then (test_moe_qdot.py checks the kernels on ids of every kind)."""
     path = write_model(tmp_path / "moe.gguf", "qwen3moe", n_layers=3, dim=256, n_heads=4, n_kv_heads=2, qtype="Q8_0",
-                       experts=(8, 8, 256), expert_qtypes=("Q4_K", "Q4_K", "Q6_K"), seed=5)
+                       experts=(8, 8, 256), expert_qtypes=expert_types, seed=5)
     cpu = Stage(path, 0, 3, "cpu", max_ctx=64)
     gpu = Stage(path, 0, 3, "cuda:0", max_ctx=64, graphs=graphs)
     assert gpu.quantized and gpu.dtype == torch.bfloat16

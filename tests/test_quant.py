@@ -16,6 +16,14 @@ from shardrt import kernels
 from shardrt.kernels import quant
 from shardrt.kernels.quant import F16_FIELDS, KERNEL_TYPES, Q
 
+from .triton_interpreter import interpret
+
+try:
+    import triton  # noqa: F401
+    HAVE_TRITON = True
+except ImportError:
+    HAVE_TRITON = False
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 SCALES = {"small": 1e-3, "subnormal": 3e-7, "large": 6e4, "zero": 0.0}
 
@@ -25,9 +33,14 @@ def random_blocks(qtype: Q, rows: int, cols: int, scale: float, rng: np.random.G
     block_elems, block_bytes = GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, size=(rows, cols // block_elems * block_bytes), dtype=np.uint8)
     blocks = raw.reshape(rows, -1, block_bytes)
-    for at in F16_FIELDS[qtype]:
+    for at in F16_FIELDS.get(qtype, ()):
         values = scale * rng.uniform(0.5, 1.0, size=blocks.shape[:2]) * rng.choice((-1, 1), size=blocks.shape[:2])
         blocks[..., at : at + 2] = np.ascontiguousarray(values.astype(np.float16)).view(np.uint8).reshape(*blocks.shape[:2], 2)
+    if qtype == Q.MXFP4:  # the exponent byte: a scale of 2^(e - 128) near `scale`, within 2^-3..2^3 of it
+        e = 128 + np.clip(np.round(np.log2(max(scale, 2.0**-126))), -127, 126) + rng.integers(-3, 4, size=blocks.shape[:2])
+        blocks[..., 0] = np.clip(e, 0, 255).astype(np.uint8)
+        if scale == 0:  # no zero scale in E8M0: zero weights are nibbles of value 0
+            blocks[..., 1:] = 0
     return raw
 
 
@@ -153,3 +166,34 @@ def test_matrices_of_a_type_without_a_kernel_load_dense_and_are_counted(tmp_path
     assert isinstance(second["ffn_down"], torch.Tensor) and second["ffn_down"].dtype == torch.bfloat16
     assert isinstance(second["ffn_gate_up"], quant.QuantizedWeight)
     assert weights.without_kernel == {"IQ2_XXS": 1, "IQ3_S": 1}
+
+
+def check_float_kernels(types) -> dict:
+    """Per type: the largest relative error of the float kernels' source (the tile product, the
+    whole matrix and some rows dequantized) against gguf's dequantization in float64."""
+    worst = {}
+    for qtype in types:
+        rng = np.random.default_rng(int(qtype))
+        rows, cols = 33, cols_for(qtype)
+        raw = random_blocks(qtype, rows, cols, 1e-2, rng)
+        want_w = gguf_dequantized(raw, qtype, rows, cols)
+        weight = quant.quantized_weight(raw, qtype, cols, torch.device("cpu"))
+        x = torch.from_numpy(rng.standard_normal((5, cols)).astype(np.float32))
+        want = x.double() @ want_w.T
+        product = quant._fused_linear(x, weight, None).double()
+        ids = torch.tensor([32, 0, 7, 7])
+        rows_got = quant.embedding(ids, weight, torch.float32).double()
+        whole = quant.dequantize(weight, torch.float32).double()
+        worst[qtype.name] = max(((product - want).norm() / want.norm()).item(),
+                                ((rows_got - want_w[ids]).norm() / want_w[ids].norm()).item(),
+                                ((whole - want_w).norm() / want_w.norm()).item())
+    return worst
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not installed")
+def test_the_float_kernels_source_under_the_interpreter():
+    worst = interpret("import json; from tests.test_quant import check_float_kernels; "
+                      "from shardrt.kernels.quant import KERNEL_TYPES; "
+                      "print(json.dumps(check_float_kernels(KERNEL_TYPES)))")
+    assert set(worst) == {t.name for t in KERNEL_TYPES}
+    assert all(error < 1e-5 for error in worst.values()), worst

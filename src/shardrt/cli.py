@@ -49,7 +49,7 @@ def _add_placement_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-graphs", action="store_true",
                    help="run GPU stages eagerly, without captured graphs (for debugging and comparison)")
     p.add_argument("--weights", default=None, metavar="HOW",
-                   help="auto (default: GPU stages keep GGUF blocks of Q4_0..Q8_0, Q2_K..Q6_K, IQ4_NL and IQ4_XS where "
+                   help="auto (default: GPU stages keep GGUF blocks of Q4_0..Q8_0, Q2_K..Q6_K, IQ4_NL, IQ4_XS and MXFP4 where "
                         "the quantized kernels run, CPU stages dequantize), quantized (blocks on every GPU) or "
                         "dequantized (every weight in the compute dtype)")
 

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 MIB = 1 << 20
 # Types the gguf package can dequantize and shardrt has checked; anything else is refused by name.
-# The IQ1/IQ2/IQ3 types and MXFP4 (gpt-oss's experts) have no kernel: they load dequantized, on GPUs too.
+# The IQ1/IQ2/IQ3 types have no kernel: they load dequantized, on GPUs too.
 SUPPORTED_TYPES = frozenset(
     GGMLQuantizationType[name]
     for name in ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
@@ -199,7 +199,7 @@ def in_blocks(gguf: GGUFFile, cfg: ModelConfig, info: TensorInfo) -> bool:
     if len(info.shape) == 2:
         return quant.has_kernel(info.qtype)
     loaded_with = expert_group(info.name)
-    return loaded_with is not None and experts_in_blocks(cfg, [require_tensor(gguf, n) for n in loaded_with])
+    return loaded_with is not None and experts_in_blocks([require_tensor(gguf, n) for n in loaded_with])
 
 
 def expert_group(name: str) -> tuple[str, ...] | None:
@@ -212,11 +212,12 @@ def expert_group(name: str) -> tuple[str, ...] | None:
     return tuple(f"blk.{layer}.{part}" for part in group) if group else None
 
 
-def experts_in_blocks(cfg: ModelConfig, infos: list[TensorInfo]) -> bool:
+def experts_in_blocks(infos: list[TensorInfo]) -> bool:
     """Whether stacked expert matrices loaded together keep their blocks where quantized weights do:
-    each of a type the kernels read, in a family whose experts are a plain SwiGLU. gpt-oss's (biases
-    and a clamped unit, which the grouped kernels do not fuse; MXFP4 in its files) stay dense."""
-    return cfg.activation == "silu" and not cfg.expert_biases and all(quant.has_kernel(i.qtype) for i in infos)
+    each of a type the kernels read. A plain SwiGLU's then run through the grouped integer kernels;
+    gpt-oss's (biases and a clamped unit, MXFP4 in its files) through the chosen experts' rows
+    dequantized at each step (kernels.moe), at the blocks' memory instead of bf16's."""
+    return all(quant.has_kernel(i.qtype) for i in infos)
 
 
 class StageWeights:
@@ -298,7 +299,7 @@ class StageWeights:
         infos = [require_tensor(self.gguf, name) for name in names]
         self.bytes_read += sum(info.n_bytes for info in infos)
         if self.quantized and device.type != "cpu" and len(infos[0].shape) == 3:
-            if experts_in_blocks(self.cfg, infos):
+            if experts_in_blocks(infos):
                 parts = tuple(self._experts_in_blocks(info, device) for info in infos)
                 return parts if len(parts) > 1 else parts[0]
             for info in infos:

@@ -42,7 +42,12 @@ def runs(x: torch.Tensor, *weights) -> bool:
     """Whether the grouped kernels multiply activations like x with these experts: the integer path
     runs here (qdot.supported) and every weight is experts in blocks of a type it reads."""
     return use_triton(x) and qdot.supported(x) and all(
-        isinstance(w, QuantizedExperts) and w.qtype in qdot.QDOT_TYPES for w in weights)
+        isinstance(w, QuantizedExperts) and w.qtype in qdot.QDOT_TYPES for w in weights) and one_table(weights)
+
+
+def one_table(weights) -> bool:
+    """A kernel takes one table of nibble values for all its weights: MXFP4's and IQ4's do not mix."""
+    return len({w.qtype == Q.MXFP4 for w in weights if w.qtype in (Q.IQ4_NL, Q.IQ4_XS, Q.MXFP4)}) <= 1
 
 
 def config(qtypes, rows: int, cols: int, groups: int, slots: int = 1) -> tuple[int, tuple[int, ...], int]:
@@ -81,7 +86,7 @@ def gate_up_silu(xq: qdot.QuantizedRows, experts: torch.Tensor, gate: QuantizedE
     hidden = torch.empty((n * k, ffn), dtype=torch.float32, device=gate.device)
     _gate_up_kernel[(n * k, triton.cdiv(ffn, block_n))](
         xq.words, xq.scale, xq.sums, experts.contiguous(), hidden, *kernel_planes(gate.stacked),
-        *kernel_planes(up.stacked), qdot.iq4_table(hidden.device), xq.words.stride(0), xq.scale.stride(0),
+        *kernel_planes(up.stacked), qdot.value_table(gate.qtype, hidden.device), xq.words.stride(0), xq.scale.stride(0),
         xq.sums.stride(0), FFN=ffn, K=dim, TOP_K=k, GATE=int(gate.qtype), UP=int(up.qtype),
         GATE_UNIT=qdot.UNIT[gate.qtype], UP_UNIT=qdot.UNIT[up.qtype], GATE_UNITS=gate_units, UP_UNITS=up_units,
         BLOCK_N=block_n, EMULATE=qdot.interpreted(), num_warps=warps)
@@ -105,7 +110,7 @@ def down_weighted(hq: qdot.QuantizedRows, experts: torch.Tensor, weights: torch.
     out = torch.empty((n, dim), dtype=dtype, device=down.device)
     _down_kernel[(n, triton.cdiv(dim, block_n))](
         hq.words, hq.scale, hq.sums, experts.contiguous(), weights.contiguous(), out, *kernel_planes(down.stacked),
-        qdot.iq4_table(out.device), hq.words.stride(0), hq.scale.stride(0), hq.sums.stride(0), out.stride(0),
+        qdot.value_table(down.qtype, out.device), hq.words.stride(0), hq.scale.stride(0), hq.sums.stride(0), out.stride(0),
         DIM=dim, K=ffn, TOP_K=k, SLOTS=slots, QTYPE=int(down.qtype), UNIT=qdot.UNIT[down.qtype], UNITS=units,
         BLOCK_N=block_n, EMULATE=qdot.interpreted(), num_warps=warps)
     return out

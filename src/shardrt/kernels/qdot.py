@@ -35,21 +35,24 @@ from gguf import GGMLQuantizationType
 from ._triton import tl, triton
 
 Q = GGMLQuantizationType
-QDOT_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS)
+QDOT_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS,
+              Q.MXFP4)
 MAX_ROWS = 8  # activation rows one kernel takes (one accumulator each); more go to the paths in `quant`
 # elements of a weight row one unit covers (see each type's branch in `_qdot_kernel`)
 UNIT = {Q.Q8_0: 32, Q.Q4_0: 32, Q.Q4_1: 32, Q.Q5_0: 32, Q.Q5_1: 32, Q.Q4_K: 64, Q.Q5_K: 64, Q.Q6_K: 64,
-        Q.Q2_K: 64, Q.Q3_K: 64, Q.IQ4_NL: 32, Q.IQ4_XS: 32}
+        Q.Q2_K: 64, Q.Q3_K: 64, Q.IQ4_NL: 32, Q.IQ4_XS: 32, Q.MXFP4: 32}
 # (rows per program, units per step, warps) per type where no sweep measured the matrix: the
 # config that won most often on an H200. `MEASURED` (qdot_configs.py, that sweep) and
 # SHARDRT_QDOT_CONFIG (a file from scripts/bench_matvec.py --write-config) name the fastest per matrix.
 DEFAULT_CONFIG = {Q.Q8_0: (1, 128, 4), Q.Q6_K: (1, 32, 1), Q.Q2_K: (1, 32, 1), Q.Q3_K: (1, 32, 1)}
-DEFAULT_4BIT = (4, 32, 4)  # Q4_0..Q5_1, Q4_K, Q5_K, IQ4_NL, IQ4_XS
+DEFAULT_4BIT = (4, 32, 4)  # Q4_0..Q5_1, Q4_K, Q5_K, IQ4_NL, IQ4_XS, MXFP4
 CONFIG_ENV = "SHARDRT_QDOT_CONFIG"
 # the planes (`quant.split_planes`) the kernel reads as int32 words; the others keep their dtype
 WORD_PLANES = {Q.Q8_0: (0,), Q.Q4_0: (0,), Q.Q4_1: (0,), Q.Q5_0: (0,), Q.Q5_1: (0,), Q.Q4_K: (0, 2),
-               Q.Q5_K: (0, 2, 3), Q.Q6_K: (0, 3), Q.Q2_K: (0, 2), Q.Q3_K: (0, 2, 3), Q.IQ4_NL: (0,), Q.IQ4_XS: (0,)}
+               Q.Q5_K: (0, 2, 3), Q.Q6_K: (0, 3), Q.Q2_K: (0, 2), Q.Q3_K: (0, 2, 3), Q.IQ4_NL: (0,), Q.IQ4_XS: (0,),
+               Q.MXFP4: (0,)}
 IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+MXFP4_VALUES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)  # e2m1's values, doubled
 
 
 @dataclass(frozen=True)
@@ -167,7 +170,7 @@ def linear(xq: QuantizedRows, w, out: torch.Tensor, block: tuple[int, int, int] 
                    for i, p in enumerate(w.planes))
     planes += (planes[0],) * (4 - len(planes))  # unused pointers: any valid tensor
     _qdot_kernel[(triton.cdiv(w.rows, block_n),)](
-        xq.words, xq.scale, xq.sums, out, *planes, iq4_table(out.device), w.rows, xq.words.stride(0),
+        xq.words, xq.scale, xq.sums, out, *planes, value_table(w.qtype, out.device), w.rows, xq.words.stride(0),
         xq.scale.stride(0), xq.sums.stride(0), out.stride(0), K=w.cols, QTYPE=int(w.qtype), M=m,
         UNIT=UNIT[w.qtype], BLOCK_N=block_n, UNITS=units, EMULATE=interpreted(), num_warps=warps)
     return out
@@ -178,15 +181,40 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-_iq4_tables: dict[torch.device, torch.Tensor] = {}
+_value_tables: dict[tuple, torch.Tensor] = {}
 
 
-def iq4_table(device: torch.device) -> torch.Tensor:
-    """IQ4_NL / IQ4_XS's 16 int8 values on `device` (read by the kernels' emulation and the float
-    dequantization; the PTX path holds them in registers)."""
-    if device not in _iq4_tables:
-        _iq4_tables[device] = torch.tensor(IQ4_VALUES, dtype=torch.int8, device=device)
-    return _iq4_tables[device]
+def value_table(qtype: Q, device: torch.device) -> torch.Tensor:
+    """The 16 int8 values a nibble of `qtype` names on `device`: MXFP4's (its e2m1 values doubled),
+    else IQ4_NL / IQ4_XS's (any other type reads none). The kernels' emulation and the float
+    dequantization read it; the PTX path holds the values in registers."""
+    values = MXFP4_VALUES if qtype == Q.MXFP4 else IQ4_VALUES
+    key = (values, device)
+    if key not in _value_tables:
+        _value_tables[key] = torch.tensor(values, dtype=torch.int8, device=device)
+    return _value_tables[key]
+
+
+
+def nibble_table_asm(values) -> str:
+    """PTX for `_iq4_values`: a word of eight nibbles -> two words of the four low nibbles' and the
+    four high nibbles' int8 values in `values`, by byte permutes (prmt): one over each half of the
+    table with the index's low three bits, then a choice between the two by its fourth bit."""
+    words = [int.from_bytes(bytes(v & 0xFF for v in values[i : i + 4]), "little") for i in range(0, 16, 4)]
+    return ("""{
+            .reg .b32 t0, t1, t2, t3, s, a, b, lo01, lo23, sel;
+            mov.b32 t0, 0x%08X; mov.b32 t1, 0x%08X; mov.b32 t2, 0x%08X; mov.b32 t3, 0x%08X;
+            and.b32 s, $2, 0x7777;
+            prmt.b32 a, t0, t1, s; prmt.b32 b, t2, t3, s;
+            and.b32 sel, $2, 0x8888; shr.u32 sel, sel, 1; or.b32 sel, sel, 0x3210;
+            prmt.b32 lo01, a, b, sel;
+            shr.u32 s, $2, 16; and.b32 s, s, 0x7777;
+            prmt.b32 a, t0, t1, s; prmt.b32 b, t2, t3, s;
+            shr.u32 sel, $2, 16; and.b32 sel, sel, 0x8888; shr.u32 sel, sel, 1; or.b32 sel, sel, 0x3210;
+            prmt.b32 lo23, a, b, sel;
+            prmt.b32 $0, lo01, lo23, 0x6420;
+            prmt.b32 $1, lo01, lo23, 0x7531;
+            }""" % tuple(words))
 
 
 if triton is not None:
@@ -238,29 +266,25 @@ if triton is not None:
         return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
                                          dtype=tl.int32, is_pure=True, pack=1)
 
+    IQ4_ASM = tl.constexpr(nibble_table_asm(IQ4_VALUES))
+    MXFP4_ASM = tl.constexpr(nibble_table_asm(MXFP4_VALUES))
+
     @triton.jit
-    def _iq4_values(q, table_ptr, EMULATE: tl.constexpr):
-        """A word of eight IQ4 nibbles -> (low nibbles' values, high nibbles' values), each four
-        int8 from IQ4's 16-entry table, by byte permutes: one over each half of the table with
-        the index's low three bits, then a choice between the two by its fourth bit."""
+    def _iq4_values(q, table_ptr, EMULATE: tl.constexpr, MXFP4: tl.constexpr):
+        """A word of eight nibbles -> (low nibbles' values, high nibbles' values), each four int8
+        from the 16-entry table (IQ4's, or MXFP4's): `nibble_table_asm`, or the table's loads."""
         if EMULATE:
             return _table4(q, 0, table_ptr), _table4(q, 4, table_ptr)
-        return tl.inline_asm_elementwise(
-            """{
-            .reg .b32 t0, t1, t2, t3, s, a, b, lo01, lo23, sel;
-            mov.b32 t0, 0xBFAD9881; mov.b32 t1, 0xF6EADDCF; mov.b32 t2, 0x26190D01; mov.b32 t3, 0x71594535;
-            and.b32 s, $2, 0x7777;
-            prmt.b32 a, t0, t1, s; prmt.b32 b, t2, t3, s;
-            and.b32 sel, $2, 0x8888; shr.u32 sel, sel, 1; or.b32 sel, sel, 0x3210;
-            prmt.b32 lo01, a, b, sel;
-            shr.u32 s, $2, 16; and.b32 s, s, 0x7777;
-            prmt.b32 a, t0, t1, s; prmt.b32 b, t2, t3, s;
-            shr.u32 sel, $2, 16; and.b32 sel, sel, 0x8888; shr.u32 sel, sel, 1; or.b32 sel, sel, 0x3210;
-            prmt.b32 lo23, a, b, sel;
-            prmt.b32 $0, lo01, lo23, 0x6420;
-            prmt.b32 $1, lo01, lo23, 0x7531;
-            }""",
-            "=r,=r,r", [q], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+        if MXFP4:
+            return tl.inline_asm_elementwise(MXFP4_ASM, "=r,=r,r", [q], dtype=(tl.int32, tl.int32), is_pure=True,
+                                             pack=1)
+        return tl.inline_asm_elementwise(IQ4_ASM, "=r,=r,r", [q], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+
+    @triton.jit
+    def _e8m0_half(e):
+        """float32 2^(e - 128) for MXFP4's exponent byte e (int32 0..255), exactly: half of E8M0's
+        2^(e - 127), as the doubled values of `MXFP4_VALUES` want; e < 2 gives the subnormals."""
+        return tl.where(e >= 2, (e - 1) << 23, 0x00200000 << e).to(tl.float32, bitcast=True)
 
     @triton.jit
     def _table4(q, shift: tl.constexpr, table_ptr):
@@ -365,12 +389,16 @@ if triton is not None:
                     ((q >> 6) & 0x03030303) | (((hm >> 3) & 0x01010101) << 2), \
                     d * ((sc << 24) >> 24).to(tl.float32), d * ((sc << 16) >> 24).to(tl.float32), \
                     d * ((sc << 8) >> 24).to(tl.float32), d * (sc >> 24).to(tl.float32)
-        elif QTYPE == 20:  # IQ4_NL: unit = block; qs as Q4_0's, values from IQ4's table; d f16 [r, K/32]
-            lo, hi = _iq4_values(tl.load(p0 + r3 * (K // 8) + u3 * 4 + w, mask=ok3, other=0), table_ptr, EMULATE)
+        elif QTYPE == 20 or QTYPE == 39:  # IQ4_NL, MXFP4: unit = block; qs as Q4_0's, values from the
+            # type's table; IQ4_NL: d f16 [r, K/32]; MXFP4: its exponent byte [r, K/32]
+            lo, hi = _iq4_values(tl.load(p0 + r3 * (K // 8) + u3 * 4 + w, mask=ok3, other=0), table_ptr, EMULATE,
+                                 QTYPE == 39)
+            if QTYPE == 39:
+                return lo, hi, _e8m0_half(tl.load(p1 + r2 * NU + u2, mask=ok2, other=0).to(tl.int32))
             return lo, hi, tl.load(p1 + r2 * NU + u2, mask=ok2, other=0.0).to(tl.float32)
         else:  # IQ4_XS (23): unit = sub-block of 32; qs as Q4_0's; scales int8 [r, K/32] (less 32); d f16 [r, K/256]
             q = tl.load(p0 + r3 * (K // 8) + u3 * 4 + w, mask=ok3, other=0)
-            lo, hi = _iq4_values(q, table_ptr, EMULATE)
+            lo, hi = _iq4_values(q, table_ptr, EMULATE, False)
             sc = tl.load(p2 + r2 * NU + u2, mask=ok2, other=0).to(tl.float32)
             return lo, hi, sc * tl.load(p1 + r2 * (K // 256) + u2 // 8, mask=ok2, other=0.0).to(tl.float32)
 

@@ -17,7 +17,7 @@ by timing them once (`choose`):
 
 `embedding(ids, w)` dequantizes just the rows asked for. Each op has a torch reference over the
 same planes (the CPU path of the tests; the CPU itself runs dequantized weights). Types with a
-kernel: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS.
+kernel: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS, MXFP4.
 """
 
 from __future__ import annotations
@@ -33,11 +33,12 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from . import mmq, qdot
 from ._triton import dot_precision, tl, triton, use_triton
-from .qdot import IQ4_VALUES
+from .qdot import IQ4_VALUES, MXFP4_VALUES
 
 Q = GGMLQuantizationType
-KERNEL_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS)
-# byte offsets of each type's f16 fields (scales, mins) in its block
+KERNEL_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS,
+                Q.MXFP4)
+# byte offsets of each type's f16 fields (scales, mins) in its block (MXFP4's scale: an exponent byte)
 F16_FIELDS = {Q.Q8_0: (0,), Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2), Q.Q2_K: (80, 82),
               Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,), Q.IQ4_NL: (0,), Q.IQ4_XS: (0,)}
 # bytes per block the planes hold beyond the file's (scales unpacked to a byte each)
@@ -93,6 +94,8 @@ def split_planes(raw: torch.Tensor, qtype: Q, cols: int) -> tuple[torch.Tensor, 
     Q3_K: qs uint8 [r, c/4], d f16 [r, c/256], scales int8 [r, c/16] (less 32), hmask uint8 [r, c/8]
     IQ4_NL: qs uint8 [r, c/2], d f16 [r, c/32] (Q4_0's layout; values from IQ4's table)
     IQ4_XS: qs uint8 [r, c/2], d f16 [r, c/256], scales int8 [r, c/32] (less 32)
+    MXFP4: qs uint8 [r, c/2] (Q4_0's layout; values from e2m1's table, doubled), e uint8 [r, c/32]
+           (the block's scale is 2^(e - 128), half of E8M0's 2^(e - 127))
 
     Q2_K's and Q3_K's sixteen scales per super-block are re-laid so that the four a kernel unit
     needs sit in one word: new index 4 * (2 * half + g) + j for the file's 8 * half + 2j + g
@@ -115,6 +118,8 @@ def split_planes(raw: torch.Tensor, qtype: Q, cols: int) -> tuple[torch.Tensor, 
         return flat(2, 34, torch.int8), f16(0, 2)[..., 0]
     if qtype in (Q.Q4_0, Q.IQ4_NL):
         return flat(2, 18), f16(0, 2)[..., 0]
+    if qtype == Q.MXFP4:
+        return flat(1, 17), flat(0, 1)
     if qtype == Q.Q4_1:
         return flat(4, 20), f16(0, 4)
     if qtype == Q.Q5_0:
@@ -239,9 +244,11 @@ def dequantize_reference(w: QuantizedWeight, rows: torch.Tensor | None = None) -
             high = ((planes[3].int().reshape(r, -1, 1, 1, 32) >> bit) & 1).reshape(r, -1, 2, 4, 2, 16)
             out = d.float().reshape(r, -1, 1, 1, 1, 1) * sc.float() * (q + 4 * high - 4).float()
         return out.reshape(r, c)
-    if t == Q.IQ4_NL:
+    if t in (Q.IQ4_NL, Q.MXFP4):
         qs, d = planes
-        values = torch.tensor(IQ4_VALUES, dtype=torch.float32, device=qs.device)
+        values = torch.tensor(IQ4_VALUES if t == Q.IQ4_NL else MXFP4_VALUES, dtype=torch.float32, device=qs.device)
+        if t == Q.MXFP4:  # 2^(e - 128), exactly
+            d = torch.ldexp(torch.ones(d.shape, device=d.device), d.int() - 128)
         return (values[nibbles(qs, 16)].reshape(r, -1, 32) * d.float()[..., None]).reshape(r, c)
     if t == Q.IQ4_XS:
         qs, d, scales = planes
@@ -412,8 +419,8 @@ SUPER_BLOCK_TYPES = (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_XS)
 
 
 def _planes4(w: QuantizedWeight) -> tuple[torch.Tensor, ...]:
-    if w.qtype in (Q.IQ4_NL, Q.IQ4_XS):  # the fourth pointer: the table of values
-        return w.planes + (w.planes[0],) * (3 - len(w.planes)) + (qdot.iq4_table(w.device),)
+    if w.qtype in (Q.IQ4_NL, Q.IQ4_XS, Q.MXFP4):  # the fourth pointer: the table of values
+        return w.planes + (w.planes[0],) * (3 - len(w.planes)) + (qdot.value_table(w.qtype, w.device),)
     return w.planes + (w.planes[0],) * (4 - len(w.planes))  # unused pointers: any valid tensor
 
 
@@ -479,6 +486,8 @@ def _launch_dequantize(w: QuantizedWeight, out: torch.Tensor, rows: torch.Tensor
 
 
 if triton is not None:
+    from .qdot import _e8m0_half
+
     @triton.jit
     def _nibbles(b, R: tl.constexpr, G: tl.constexpr, N: tl.constexpr):
         """bytes [R, N * G] -> 4-bit quants [R, N, 2 * G]: each group of G bytes holds G elements
@@ -543,11 +552,15 @@ if triton is not None:
                 d = tl.reshape(tl.load(p1 + r * (K // 256) + k0 // 256, mask=mask, other=0.0).to(tl.float32),
                                (BLOCK_N, 1, 1, 1, 1))
                 w = d * sc.to(tl.float32) * tl.reshape(q + 4 * high - 4, (BLOCK_N, 2, 4, 2, 16)).to(tl.float32)
-        elif QTYPE == 20:  # IQ4_NL: blocks of 32 as Q4_0's; p3: the table of values
+        elif QTYPE == 20 or QTYPE == 39:  # IQ4_NL, MXFP4: blocks of 32 as Q4_0's; p3: the table of values
             NB: tl.constexpr = BLOCK_K // 32
             qs = tl.load(p0 + r * (K // 2) + k0 // 2 + tl.arange(0, BLOCK_K // 2)[None, :], mask=mask, other=0)
             values = tl.load(p3 + _nibbles(qs, BLOCK_N, 16, NB)).to(tl.float32)  # [BLOCK_N, NB, 32]
-            d = tl.load(p1 + r * (K // 32) + k0 // 32 + tl.arange(0, NB)[None, :], mask=mask, other=0.0).to(tl.float32)
+            scale = p1 + r * (K // 32) + k0 // 32 + tl.arange(0, NB)[None, :]
+            if QTYPE == 39:  # the exponent byte
+                d = _e8m0_half(tl.load(scale, mask=mask, other=0).to(tl.int32))
+            else:
+                d = tl.load(scale, mask=mask, other=0.0).to(tl.float32)
             w = d[:, :, None] * values
         elif QTYPE == 23:  # IQ4_XS: one super-block of 256 per tile; p3: the table of values
             qs = tl.load(p0 + r * (K // 2) + k0 // 2 + tl.arange(0, 128)[None, :], mask=mask, other=0)
