@@ -284,7 +284,7 @@ if triton is not None:
     def _e8m0_half(e):
         """float32 2^(e - 128) for MXFP4's exponent byte e (int32 0..255), exactly: half of E8M0's
         2^(e - 127), as the doubled values of `MXFP4_VALUES` want; e < 2 gives the subnormals."""
-        return tl.where(e >= 2, (e - 1) << 23, 0x00200000 << e).to(tl.float32, bitcast=True)
+        return tl.where(e >= 2, (e - 1) << 23, 0x00200000 << tl.minimum(e, 1)).to(tl.float32, bitcast=True)
 
     @triton.jit
     def _table4(q, shift: tl.constexpr, table_ptr):
