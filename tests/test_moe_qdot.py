@@ -13,7 +13,8 @@ import torch
 
 from shardrt.kernels import moe_qdot, qdot
 from shardrt.kernels.experts import QuantizedExperts
-from shardrt.kernels.moe import top_experts, top_experts_reference
+from shardrt.kernels.activation import OAI_ALPHA, OAI_LIMIT, clamped_swiglu
+from shardrt.kernels.moe import ExpertBiases, gathered, top_experts, top_experts_reference
 from shardrt.kernels.quant import Q
 
 from .test_quant import gguf_dequantized, random_blocks
@@ -110,6 +111,67 @@ def test_the_grouped_kernels_under_the_interpreter():
     for case, (hidden, down, whole) in worst.items():
         assert hidden < 1e-5 and down < 1e-5, (case, hidden, down)  # the integer products, to float32 rounding
         assert whole < 5e-2, (case, whole)  # what quantizing x and the hidden rows to int8 costs
+
+
+def clamped_unit(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """gpt-oss's unit in float64 (activation.clamped_swiglu)."""
+    g = g.clamp(max=OAI_LIMIT)
+    return (u.clamp(-OAI_LIMIT, OAI_LIMIT) + 1) * g * torch.sigmoid(OAI_ALPHA * g)
+
+
+def check_oss(device: str, dim: int = 256, ffn: int = 128, routes=ROUTES) -> list:
+    """gpt-oss's experts: MXFP4 blocks, gate/up and down biases, the clamped unit. The largest
+    relative errors of the two kernels against their references, and of `moe.gathered` against
+    the float product without activation quantization."""
+    rng = np.random.default_rng(9)
+    gate, gate_dense = random_experts(Q.MXFP4, ffn, dim, device, rng)
+    up, up_dense = random_experts(Q.MXFP4, ffn, dim, device, rng)
+    down, down_dense = random_experts(Q.MXFP4, dim, ffn, device, rng)
+    # bias spread so that some gates pass the clamp's limit
+    biases = ExpertBiases(*(torch.from_numpy(rng.standard_normal(shape).astype(np.float32) * 4).to(device)
+                            for shape in ((EXPERTS,), (EXPERTS, 2 * ffn), (EXPERTS, dim))))
+    bias_gate, bias_up = (b.double().cpu() for b in biases.gate_up.chunk(2, dim=1))
+    worst = [0.0] * 3
+    for route in routes:
+        ids = torch.tensor(route, device=device)
+        n, k = ids.shape
+        weights = torch.from_numpy(rng.uniform(0.1, 1.0, (n, k)).astype(np.float32)).to(device)
+        x = torch.from_numpy(rng.standard_normal((n, dim)).astype(np.float32) * 20).to(device)
+        x = x if device == "cpu" else x.bfloat16()
+        xq = qdot.quantize_rows(x)
+        hidden = moe_qdot.gate_up_silu(xq, ids, gate, up, bias=biases.gate_up, clamped=True)
+        xd, chosen = xq.dequantize().double().cpu(), ids.cpu()
+        g = torch.einsum("tkfd,td->tkf", gate_dense[chosen], xd) + bias_gate[chosen]
+        u = torch.einsum("tkfd,td->tkf", up_dense[chosen], xd) + bias_up[chosen]
+        assert (g > OAI_LIMIT).any() and (u.abs() > OAI_LIMIT).any()  # the clamps are taken
+        want_hidden = clamped_unit(g, u).reshape(n * k, ffn)
+        hq = qdot.quantize_rows(hidden)
+        out = moe_qdot.down_weighted(hq, ids, weights, down, x.dtype, bias=biases.down)
+        want_out = reference_down(hq, ids, weights.cpu(), down_dense) + torch.einsum(
+            "tk,tkd->td", weights.double().cpu(), biases.down.double().cpu()[chosen])
+        whole = gathered(x, weights, ids, (gate, up), down, clamped_swiglu, biases)
+        exact = x.double().cpu()
+        g = torch.einsum("tkfd,td->tkf", gate_dense[chosen], exact) + bias_gate[chosen]
+        u = torch.einsum("tkfd,td->tkf", up_dense[chosen], exact) + bias_up[chosen]
+        float_out = torch.einsum("tkdf,tkf,tk->td", down_dense[chosen], clamped_unit(g, u), weights.double().cpu()) \
+            + torch.einsum("tk,tkd->td", weights.double().cpu(), biases.down.double().cpu()[chosen])
+        errors = [relative(hidden, want_hidden), relative(out, want_out), relative(whole, float_out)]
+        worst = [max(a, b) for a, b in zip(worst, errors)]
+    return worst
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not installed")
+def test_gpt_oss_experts_in_the_grouped_kernels_under_the_interpreter():
+    hidden, down, whole = interpret("import json; from tests.test_moe_qdot import check_oss; "
+                                    "print(json.dumps(check_oss('cpu')))")
+    assert hidden < 1e-5 and down < 1e-5, (hidden, down)
+    assert whole < 5e-2, whole
+
+
+@NEEDS_CUDA
+def test_gpt_oss_experts_in_the_grouped_kernels_on_the_gpu():
+    hidden, down, whole = check_oss("cuda", dim=2880, ffn=2880)  # gpt-oss-20b's widths
+    assert hidden < 1e-5 and down < 2e-2 and whole < 5e-2, (hidden, down, whole)
 
 
 def check_top_experts(cases) -> list:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from . import moe_mmq, moe_qdot, qdot, quant
 from ._triton import tl, triton, use_triton
-from .activation import silu_mul
+from .activation import clamped_swiglu, silu_mul
 from .experts import QuantizedExperts
 
 GATHER_ROWS = 64  # rows x top-k up to which a GPU gathers the chosen experts' weights
@@ -99,16 +99,19 @@ def gathered(x, weights, experts, gate_up: Experts, down: Experts, act=silu_mul,
     """The graph-safe path: each row's chosen experts read, no host sync."""
     n, k = experts.shape
     chosen = experts.reshape(-1)
-    plain = biases is None and act is silu_mul  # what the grouped kernels fuse
+    fused = act is silu_mul or act is clamped_swiglu  # the units the grouped kernels fuse (with biases)
     parts = gate_up if isinstance(gate_up, tuple) else (gate_up,)
-    if plain and len(parts) == 2 and moe_qdot.runs(x, *parts):
-        hidden = moe_qdot.gate_up_silu(qdot.quantize_rows(x), experts, *parts)
+    if fused and len(parts) == 2 and moe_qdot.runs(x, *parts):
+        hidden = moe_qdot.gate_up_silu(qdot.quantize_rows(x), experts, *parts,
+                                       bias=biases.gate_up if biases is not None else None,
+                                       clamped=act is clamped_swiglu)
     else:
         rows = x.repeat_interleave(k, dim=0)[:, :, None]  # [n * k, dim, 1]
         hidden = torch.bmm(chosen_matrices(gate_up, chosen, x.dtype), rows)[..., 0]  # [n * k, 2 ff]
         hidden = act(hidden + biases.gate_up[chosen] if biases is not None else hidden)
-    if biases is None and moe_qdot.runs(x, down):
-        return moe_qdot.down_weighted(qdot.quantize_rows(hidden), experts, weights, down, x.dtype)
+    if moe_qdot.runs(x, down):
+        return moe_qdot.down_weighted(qdot.quantize_rows(hidden), experts, weights, down, x.dtype,
+                                      bias=biases.down if biases is not None else None)
     out = torch.bmm(chosen_matrices(down, chosen, x.dtype), hidden.to(x.dtype)[:, :, None])[..., 0]
     out = (out + biases.down[chosen] if biases is not None else out).view(n, k, -1)
     return (out * weights[..., None]).sum(dim=1)

@@ -29,6 +29,7 @@ import torch
 from . import qdot
 from ._triton import tl, triton, use_triton
 from .experts import QuantizedExperts
+from .activation import OAI_ALPHA, OAI_LIMIT
 from .quant import Q, QuantizedWeight
 
 MIN_PROGRAMS = 1024  # fewer rows per program until a step has this many programs (as qdot.config)
@@ -71,10 +72,12 @@ def kernel_planes(w: QuantizedWeight) -> tuple[torch.Tensor, ...]:
 
 
 def gate_up_silu(xq: qdot.QuantizedRows, experts: torch.Tensor, gate: QuantizedExperts, up: QuantizedExperts,
-                 block: tuple[int, int, int] | None = None) -> torch.Tensor:
+                 block: tuple[int, int, int] | None = None, bias: torch.Tensor | None = None,
+                 clamped: bool = False) -> torch.Tensor:
     """xq: n token rows quantized; experts [n, k] ids on the device -> float32 [n * k, ffn]: row
-    t * k + j is silu(gate_e x_t) * up_e x_t for e = experts[t, j]. `block`: (rows per program,
-    units per step, warps) instead of `config`'s."""
+    t * k + j is silu(g) * u for g, u = gate_e x_t, up_e x_t, e = experts[t, j]. `block`: (rows per
+    program, units per step, warps) instead of `config`'s. gpt-oss's: `bias` [E, 2 * ffn] (gate's,
+    then up's) added to g, u, and with `clamped` its unit (activation.clamped_swiglu) instead."""
     n, k = experts.shape
     ffn, dim = gate.rows, gate.cols
     qtypes = (gate.qtype, up.qtype)
@@ -86,17 +89,21 @@ def gate_up_silu(xq: qdot.QuantizedRows, experts: torch.Tensor, gate: QuantizedE
     hidden = torch.empty((n * k, ffn), dtype=torch.float32, device=gate.device)
     _gate_up_kernel[(n * k, triton.cdiv(ffn, block_n))](
         xq.words, xq.scale, xq.sums, experts.contiguous(), hidden, *kernel_planes(gate.stacked),
-        *kernel_planes(up.stacked), qdot.value_table(gate.qtype, hidden.device), xq.words.stride(0), xq.scale.stride(0),
+        *kernel_planes(up.stacked), qdot.value_table(gate.qtype, hidden.device),
+        hidden if bias is None else bias.contiguous(), xq.words.stride(0), xq.scale.stride(0),
         xq.sums.stride(0), FFN=ffn, K=dim, TOP_K=k, GATE=int(gate.qtype), UP=int(up.qtype),
+        HAS_BIAS=bias is not None, CLAMPED=clamped, ALPHA=OAI_ALPHA, LIMIT=OAI_LIMIT,
         GATE_UNIT=qdot.UNIT[gate.qtype], UP_UNIT=qdot.UNIT[up.qtype], GATE_UNITS=gate_units, UP_UNITS=up_units,
         BLOCK_N=block_n, EMULATE=qdot.interpreted(), num_warps=warps)
     return hidden
 
 
 def down_weighted(hq: qdot.QuantizedRows, experts: torch.Tensor, weights: torch.Tensor, down: QuantizedExperts,
-                  dtype: torch.dtype, block: tuple[int, int, int] | None = None) -> torch.Tensor:
+                  dtype: torch.dtype, block: tuple[int, int, int] | None = None,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
     """hq: the n * k hidden rows quantized (slot t * k + j); experts, weights [n, k] -> [n, dim] in
-    `dtype`: row t is the sum over j of weights[t, j] * down_e h_{t * k + j}, e = experts[t, j]."""
+    `dtype`: row t is the sum over j of weights[t, j] * (down_e h_{t * k + j} + bias[e]), e =
+    experts[t, j] (`bias` [E, dim]: gpt-oss's)."""
     n, k = experts.shape
     dim, ffn = down.rows, down.cols
     slots = triton.next_power_of_2(k)
@@ -110,8 +117,9 @@ def down_weighted(hq: qdot.QuantizedRows, experts: torch.Tensor, weights: torch.
     out = torch.empty((n, dim), dtype=dtype, device=down.device)
     _down_kernel[(n, triton.cdiv(dim, block_n))](
         hq.words, hq.scale, hq.sums, experts.contiguous(), weights.contiguous(), out, *kernel_planes(down.stacked),
-        qdot.value_table(down.qtype, out.device), hq.words.stride(0), hq.scale.stride(0), hq.sums.stride(0), out.stride(0),
-        DIM=dim, K=ffn, TOP_K=k, SLOTS=slots, QTYPE=int(down.qtype), UNIT=qdot.UNIT[down.qtype], UNITS=units,
+        qdot.value_table(down.qtype, out.device), out if bias is None else bias.contiguous(), hq.words.stride(0),
+        hq.scale.stride(0), hq.sums.stride(0), out.stride(0), DIM=dim, K=ffn, TOP_K=k, SLOTS=slots,
+        QTYPE=int(down.qtype), UNIT=qdot.UNIT[down.qtype], UNITS=units, HAS_BIAS=bias is not None,
         BLOCK_N=block_n, EMULATE=qdot.interpreted(), num_warps=warps)
     return out
 
@@ -152,15 +160,17 @@ if triton is not None:
 
     @triton.jit
     def _gate_up_kernel(xw_ptr, xd_ptr, xs_ptr, ids_ptr, hidden_ptr, g0, g1, g2, g3, up0, up1, up2, up3, table_ptr,
-                        stride_xw, stride_xd, stride_xs, FFN: tl.constexpr, K: tl.constexpr, TOP_K: tl.constexpr,
-                        GATE: tl.constexpr, UP: tl.constexpr, GATE_UNIT: tl.constexpr, UP_UNIT: tl.constexpr,
-                        GATE_UNITS: tl.constexpr, UP_UNITS: tl.constexpr, BLOCK_N: tl.constexpr,
-                        EMULATE: tl.constexpr):
+                        bias_ptr, stride_xw, stride_xd, stride_xs, FFN: tl.constexpr, K: tl.constexpr,
+                        TOP_K: tl.constexpr, GATE: tl.constexpr, UP: tl.constexpr, GATE_UNIT: tl.constexpr,
+                        UP_UNIT: tl.constexpr, GATE_UNITS: tl.constexpr, UP_UNITS: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, CLAMPED: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr,
+                        BLOCK_N: tl.constexpr, EMULATE: tl.constexpr):
         slot = tl.program_id(0)
         token = slot // TOP_K
         local = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         ok = local < FFN
-        rows = tl.load(ids_ptr + slot).to(tl.int64) * FFN + local
+        expert = tl.load(ids_ptr + slot).to(tl.int64)
+        rows = expert * FFN + local
         zero = rows * 0  # the token's activation row, one pointer per weight row
         xw = xw_ptr + token * stride_xw + zero
         xd = xd_ptr + token * stride_xd + zero
@@ -169,13 +179,21 @@ if triton is not None:
                            EMULATE)
         up = _expert_dot(UP, up0, up1, up2, up3, table_ptr, rows, ok, xw, xd, xs, K, UP_UNIT, UP_UNITS, BLOCK_N,
                          EMULATE)
-        tl.store(hidden_ptr + slot * FFN + local, gate / (1.0 + tl.exp(-gate)) * up, mask=ok)
+        if HAS_BIAS:  # [E, 2 * FFN]: the gate's, then the up's
+            gate += tl.load(bias_ptr + expert * 2 * FFN + local, mask=ok, other=0.0).to(tl.float32)
+            up += tl.load(bias_ptr + expert * 2 * FFN + FFN + local, mask=ok, other=0.0).to(tl.float32)
+        if CLAMPED:  # gpt-oss's: (clamp(up) + 1) * g * sigmoid(alpha g), g = min(gate, limit)
+            gate = tl.minimum(gate, LIMIT)
+            hidden = (tl.minimum(tl.maximum(up, -LIMIT), LIMIT) + 1.0) * gate / (1.0 + tl.exp(-ALPHA * gate))
+        else:
+            hidden = gate / (1.0 + tl.exp(-gate)) * up
+        tl.store(hidden_ptr + slot * FFN + local, hidden, mask=ok)
 
     @triton.jit
-    def _down_kernel(hw_ptr, hd_ptr, hs_ptr, ids_ptr, weights_ptr, out_ptr, p0, p1, p2, p3, table_ptr, stride_hw,
-                     stride_hd, stride_hs, stride_out, DIM: tl.constexpr, K: tl.constexpr, TOP_K: tl.constexpr,
-                     SLOTS: tl.constexpr, QTYPE: tl.constexpr, UNIT: tl.constexpr, UNITS: tl.constexpr,
-                     BLOCK_N: tl.constexpr, EMULATE: tl.constexpr):
+    def _down_kernel(hw_ptr, hd_ptr, hs_ptr, ids_ptr, weights_ptr, out_ptr, p0, p1, p2, p3, table_ptr, bias_ptr,
+                     stride_hw, stride_hd, stride_hs, stride_out, DIM: tl.constexpr, K: tl.constexpr,
+                     TOP_K: tl.constexpr, SLOTS: tl.constexpr, QTYPE: tl.constexpr, UNIT: tl.constexpr,
+                     UNITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, EMULATE: tl.constexpr):
         token = tl.program_id(0)
         first = tl.program_id(1) * BLOCK_N
         i = tl.arange(0, SLOTS * BLOCK_N)  # weight row i: choice j = i // BLOCK_N, output row first + i % BLOCK_N
@@ -187,6 +205,8 @@ if triton is not None:
         dots = _expert_dot(QTYPE, p0, p1, p2, p3, table_ptr, rows, chosen & (local < DIM), hw_ptr + slot * stride_hw,
                            hd_ptr + slot * stride_hd, hs_ptr + slot * stride_hs, K, UNIT, UNITS, SLOTS * BLOCK_N,
                            EMULATE)
+        if HAS_BIAS:  # [E, DIM]: at the weight row's own index
+            dots += tl.load(bias_ptr + rows, mask=chosen & (local < DIM), other=0.0).to(tl.float32)
         weight = tl.load(weights_ptr + slot, mask=chosen, other=0.0).to(tl.float32)
         out = tl.sum(tl.reshape(dots * weight, (SLOTS, BLOCK_N)), axis=0)
         n = first + tl.arange(0, BLOCK_N)
