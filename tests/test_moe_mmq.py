@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from shardrt.kernels import moe_mmq, moe_qdot
+from shardrt.kernels.quant import Q
 
 from .test_moe_qdot import EXPERTS, random_experts, relative
 from .triton_interpreter import interpret
@@ -51,9 +52,9 @@ def check_moe(device: str, cases=CASES, tokens: int = 40, k: int = 4, block_m: i
     worst = {}
     for gate_type, up_type, down_type, dim, ffn in cases:
         rng = np.random.default_rng(dim + ffn + tokens)
-        gate, gate_dense = random_experts(moe_mmq.mmq.Q[gate_type], ffn, dim, device, rng)
-        up, up_dense = random_experts(moe_mmq.mmq.Q[up_type], ffn, dim, device, rng)
-        down, down_dense = random_experts(moe_mmq.mmq.Q[down_type], dim, ffn, device, rng)
+        gate, gate_dense = random_experts(Q[gate_type], ffn, dim, device, rng)
+        up, up_dense = random_experts(Q[up_type], ffn, dim, device, rng)
+        down, down_dense = random_experts(Q[down_type], dim, ffn, device, rng)
         # top k of EXPERTS - 1 (the last expert chosen by nobody), some experts far more often than others
         logits = rng.standard_normal((tokens, EXPERTS - 1)) + np.linspace(0, 2, EXPERTS - 1)
         ids = torch.from_numpy(np.argsort(-logits, axis=1)[:, :k].copy()).to(device)
@@ -94,9 +95,9 @@ def test_the_grouped_feed_forward_on_the_gpu(tokens, block_m):
 @NEEDS_CUDA
 def test_the_grouped_feed_forward_is_captured_in_a_graph_and_follows_new_routes():
     rng = np.random.default_rng(3)
-    gate, _ = random_experts(moe_mmq.mmq.Q.Q4_K, 256, 256, "cuda", rng)
-    up, _ = random_experts(moe_mmq.mmq.Q.Q4_K, 256, 256, "cuda", rng)
-    down, _ = random_experts(moe_mmq.mmq.Q.Q6_K, 256, 256, "cuda", rng)
+    gate, _ = random_experts(Q.Q4_K, 256, 256, "cuda", rng)
+    up, _ = random_experts(Q.Q4_K, 256, 256, "cuda", rng)
+    down, _ = random_experts(Q.Q6_K, 256, 256, "cuda", rng)
     x = torch.randn(32, 256, device="cuda", dtype=torch.bfloat16)
     weights = torch.rand(32, 2, device="cuda")
     ids = torch.randint(0, EXPERTS, (32, 2), device="cuda")

@@ -111,7 +111,6 @@ def linear(xq: qdot.QuantizedRows, w, out: torch.Tensor, block: tuple[int, int] 
     return out
 
 
-
 def grouped_linear(xq: qdot.QuantizedRows, experts, tiles, out: torch.Tensor,
                    block: tuple[int, int] | None = None) -> torch.Tensor:
     """A mixture of experts' products in one launch: row p of out [tiles.capacity, experts.rows]
@@ -130,6 +129,7 @@ def grouped_linear(xq: qdot.QuantizedRows, experts, tiles, out: torch.Tensor,
         experts.rows, x8.stride(0), xq.scale.stride(0), xq.sums.stride(0), out.stride(0), 0, w.cols, K=w.cols,
         QTYPE=int(w.qtype), STEP=width, BLOCK_M=bm, BLOCK_N=block_n, GROUPED=True, num_warps=warps)
     return out
+
 
 if triton is not None:
     @triton.jit

@@ -28,8 +28,8 @@ import torch
 
 from . import qdot
 from ._triton import tl, triton, use_triton
-from .experts import QuantizedExperts
 from .activation import OAI_ALPHA, OAI_LIMIT
+from .experts import QuantizedExperts
 from .quant import Q, QuantizedWeight
 
 MIN_PROGRAMS = 1024  # fewer rows per program until a step has this many programs (as qdot.config)
@@ -48,7 +48,7 @@ def runs(x: torch.Tensor, *weights) -> bool:
 
 def one_table(weights) -> bool:
     """A kernel takes one table of nibble values for all its weights: MXFP4's and IQ4's do not mix."""
-    return len({w.qtype == Q.MXFP4 for w in weights if w.qtype in (Q.IQ4_NL, Q.IQ4_XS, Q.MXFP4)}) <= 1
+    return len({w.qtype == Q.MXFP4 for w in weights if w.qtype in qdot.TABLE_TYPES}) <= 1
 
 
 def config(qtypes, rows: int, cols: int, groups: int, slots: int = 1) -> tuple[int, tuple[int, ...], int]:

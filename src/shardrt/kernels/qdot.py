@@ -53,6 +53,7 @@ WORD_PLANES = {Q.Q8_0: (0,), Q.Q4_0: (0,), Q.Q4_1: (0,), Q.Q5_0: (0,), Q.Q5_1: (
                Q.MXFP4: (0,)}
 IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 MXFP4_VALUES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)  # e2m1's values, doubled
+TABLE_TYPES = (Q.IQ4_NL, Q.IQ4_XS, Q.MXFP4)  # their nibbles name values in a table (`value_table`)
 
 
 @dataclass(frozen=True)
@@ -193,7 +194,6 @@ def value_table(qtype: Q, device: torch.device) -> torch.Tensor:
     if key not in _value_tables:
         _value_tables[key] = torch.tensor(values, dtype=torch.int8, device=device)
     return _value_tables[key]
-
 
 
 def nibble_table_asm(values) -> str:

@@ -23,8 +23,8 @@ kernel: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_
 from __future__ import annotations
 
 import functools
-import warnings
 import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -419,7 +419,7 @@ SUPER_BLOCK_TYPES = (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_XS)
 
 
 def _planes4(w: QuantizedWeight) -> tuple[torch.Tensor, ...]:
-    if w.qtype in (Q.IQ4_NL, Q.IQ4_XS, Q.MXFP4):  # the fourth pointer: the table of values
+    if w.qtype in qdot.TABLE_TYPES:  # the fourth pointer: the table of values
         return w.planes + (w.planes[0],) * (3 - len(w.planes)) + (qdot.value_table(w.qtype, w.device),)
     return w.planes + (w.planes[0],) * (4 - len(w.planes))  # unused pointers: any valid tensor
 
