@@ -321,7 +321,8 @@ def check_delta_rule(device: str) -> dict:
     """qwen35's gated delta rule from a carried state: the one-token-at-a-time recurrence (the
     Triton kernel where it runs) and the chunked form against the reference in float64 (relative
     errors of the outputs and the final state), and whether the recurrence over t rows leaves the
-    very state that m rows and then the rest do (what rollback by replay relies on)."""
+    very state that m rows and then the rest do (what rollback by replay relies on); and the
+    in-place form over slots named by an index, which must leave every other slot as it was."""
     from shardrt.kernels import deltanet as rule
 
     g = torch.Generator().manual_seed(5)
@@ -341,13 +342,20 @@ def check_delta_rule(device: str) -> dict:
     _, half = rule.recurrent(*(x[:, :30] for x in args[:5]), args[5])
     _, rest = rule.recurrent(*(x[:, 30:] for x in args[:5]), half)
     errors["split_equal"] = bool(torch.equal(whole, rest))
+    slots = torch.randn(5, *state.shape[1:], generator=g).to(device)
+    seqs = torch.tensor([3, 1], device=device)
+    slots[seqs] = args[5]
+    before = slots.clone()
+    out = rule.recurrent_in_place(*args[:5], slots, seqs)
+    errors["in_place"] = max(rel_error(out, want_out), rel_error(slots[seqs], want_state))
+    errors["others_equal"] = bool(torch.equal(slots[[0, 2, 4]], before[[0, 2, 4]]))
     return errors
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_the_delta_rule_recurrent_and_chunked(device):
     errors = check_delta_rule(device)
-    assert errors.pop("split_equal") and max(errors.values()) < TOLERANCE[torch.float32], errors
+    assert errors.pop("split_equal") and errors.pop("others_equal") and max(errors.values()) < TOLERANCE[torch.float32], errors
 
 
 @pytest.mark.skipif(kernels._triton.triton is None, reason="Triton is not installed")
@@ -355,7 +363,7 @@ def test_the_delta_rule_kernel_under_the_interpreter():
     """The recurrence's Triton source, run by Triton's interpreter on the CPU."""
     errors = interpret("import json; from tests.test_kernels import check_delta_rule; "
                        "print(json.dumps(check_delta_rule('cpu')))")
-    assert errors.pop("split_equal") and max(errors.values()) < TOLERANCE[torch.float32], errors
+    assert errors.pop("split_equal") and errors.pop("others_equal") and max(errors.values()) < TOLERANCE[torch.float32], errors
 
 
 def test_kernel_choice_is_checked(monkeypatch):

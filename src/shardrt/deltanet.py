@@ -79,10 +79,12 @@ class DeltaNetBlock:
         replay of a bucket. Returns the layer's output and what row 0 fed (a one-token step's)."""
         cfg, n = self.cfg, x.shape[0]
         mixed, z, beta, g = self._inputs(x)
-        out, conv_after, ssm_after, fed = self._rule(mixed[:, None], g[:, None], beta[:, None],
-                                                     conv.index_select(0, seqs), ssm.index_select(0, seqs))
+        qkv, conv_after = rule.causal_conv(mixed[:, None], conv.index_select(0, seqs), self.conv1d)
         conv.index_copy_(0, seqs, conv_after)
-        ssm.index_copy_(0, seqs, ssm_after)
+        q, k, v = self._heads(qkv)
+        g, beta = g[:, None], beta[:, None]
+        out = rule.recurrent_in_place(q, k, v, g, beta, ssm, seqs)
+        fed = Fed(mixed[:1], q[0], k[0], v[0], g[0], beta[0])
         return self._output(x, out.reshape(n, cfg.ssm_v_heads, cfg.ssm_v_dim), z), fed
 
     def _inputs(self, x: torch.Tensor):
@@ -106,14 +108,18 @@ class DeltaNetBlock:
         """The convolution and the delta rule over [b, t, ...] rows of b sequences from their states
         conv and ssm ([b, ...], not changed): (out, the conv state after, the ssm state after, what
         the first sequence fed)."""
-        cfg = self.cfg
-        b, t = mixed.shape[:2]
         qkv, conv = rule.causal_conv(mixed, conv, self.conv1d)
+        q, k, v = self._heads(qkv)
+        delta = rule.recurrent if mixed.shape[1] <= rule.CHUNK else rule.chunked
+        out, ssm = delta(q, k, v, g, beta, ssm)
+        return out, conv, ssm, Fed(mixed[0], q[0], k[0], v[0], g[0], beta[0])
+
+    def _heads(self, qkv: torch.Tensor):
+        """The convolution's output [b, t, conv_dim] as the rule's q, k (normalised, q scaled) and v."""
+        cfg = self.cfg
+        b, t = qkv.shape[:2]
         key = cfg.ssm_k_heads * cfg.ssm_k_dim
         q, k, v = qkv.split([key, key, cfg.ssm_inner], dim=-1)
         q = rule.l2_normalise(q.reshape(b, t, cfg.ssm_k_heads, cfg.ssm_k_dim)) * cfg.ssm_k_dim ** -0.5
         k = rule.l2_normalise(k.reshape(b, t, cfg.ssm_k_heads, cfg.ssm_k_dim))
-        v = v.float().reshape(b, t, cfg.ssm_v_heads, cfg.ssm_v_dim)
-        delta = rule.recurrent if t <= rule.CHUNK else rule.chunked
-        out, ssm = delta(q, k, v, g, beta, ssm)
-        return out, conv, ssm, Fed(mixed[0], q[0], k[0], v[0], g[0], beta[0])
+        return q, k, v.float().reshape(b, t, cfg.ssm_v_heads, cfg.ssm_v_dim)

@@ -58,6 +58,18 @@ def recurrent(q, k, v, g, beta, state: torch.Tensor) -> tuple[torch.Tensor, torc
     return recurrent_reference(q, k, v, g, beta, state)
 
 
+def recurrent_in_place(q, k, v, g, beta, states: torch.Tensor, seqs: torch.Tensor) -> torch.Tensor:
+    """`recurrent` for sequence i's rows over states[seqs[i]] ([slots, heads, k_dim, v_dim]), which
+    it updates in place; returns out. On GPUs the kernel reads and writes those states where they
+    lie, so a decode step moves each state twice, not six times (gather, read, write, scatter).
+    seqs [b] int64 on the device, distinct but for a scratch slot that padding rows may share."""
+    if use_triton(v):
+        return _recurrent_triton(q, k, v, g, beta, states, seqs)[0]
+    out, after = recurrent_reference(q, k, v, g, beta, states.index_select(0, seqs))
+    states.index_copy_(0, seqs, after)
+    return out
+
+
 def recurrent_reference(q, k, v, g, beta, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     heads = v.shape[2]
     q, k = tile_heads(q, heads), tile_heads(k, heads)
@@ -111,28 +123,37 @@ def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, ep
     return (normed * F.silu(gate.float())).to(x.dtype)
 
 
-def _recurrent_triton(q, k, v, g, beta, state):
+def _recurrent_triton(q, k, v, g, beta, state, seqs=None):
+    """(out, the states after): new states from `state` [b, ...], or with `seqs` those of
+    state[seqs] written over in place (state then returned)."""
     b, t, key_heads, k_dim = q.shape
     heads, v_dim = v.shape[2:]
-    q, k, v, g, beta, state = (x.contiguous() for x in (q, k, v, g, beta, state))
-    out, after = torch.empty_like(v), torch.empty_like(state)
+    q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
+    if seqs is None:
+        state = state.contiguous()
+        after = torch.empty_like(state)
+    else:
+        assert state.is_contiguous(), "states updated in place must be contiguous"
+        after = state
+    out = torch.empty_like(v)
     block_v = min(64, triton.next_power_of_2(v_dim))
     _recurrent_kernel[(b, heads, triton.cdiv(v_dim, block_v))](
-        q, k, v, g, beta, state, out, after, t, heads, key_heads, k_dim, v_dim,
-        BLOCK_K=triton.next_power_of_2(k_dim), BLOCK_V=block_v, num_warps=4)
+        q, k, v, g, beta, state, out, after, seqs if seqs is not None else state, t, heads, key_heads, k_dim, v_dim,
+        BLOCK_K=triton.next_power_of_2(k_dim), BLOCK_V=block_v, INDEXED=seqs is not None, num_warps=4)
     return out, after
 
 
 if triton is not None:
     @triton.jit
-    def _recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, state_ptr, out_ptr, after_ptr, T, H, HK, DK, DV,
-                          BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
+    def _recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, state_ptr, out_ptr, after_ptr, seqs_ptr,
+                          T, H, HK, DK, DV, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, INDEXED: tl.constexpr):
         seq, head, block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        slot = tl.load(seqs_ptr + seq).to(tl.int64) if INDEXED else seq  # the state's row (INDEXED: seqs[seq])
         key_head = head % HK  # tiled: value head j reads key head j % key_heads
         dk = tl.arange(0, BLOCK_K)
         dv = block * BLOCK_V + tl.arange(0, BLOCK_V)
         k_ok, v_ok = dk < DK, dv < DV
-        cell = ((seq * H + head) * DK + dk[:, None]) * DV + dv[None, :]
+        cell = ((slot * H + head) * DK + dk[:, None]) * DV + dv[None, :]
         both = k_ok[:, None] & v_ok[None, :]
         state = tl.load(state_ptr + cell, mask=both, other=0.0)  # [BLOCK_K, BLOCK_V] float32
         for i in range(T):
