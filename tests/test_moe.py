@@ -172,7 +172,7 @@ def test_a_gpu_stage_with_experts_in_blocks_follows_the_cpu(tmp_path, graphs, ex
     assert gpu.quantized and gpu.dtype == torch.bfloat16
     with GGUFFile(path) as gguf:
         file_bytes = sum(i.n_bytes for n, i in gguf.tensors.items() if "_exps" in n)
-    held = [b.experts_gate_up for b in gpu.blocks] + [b.experts_down for b in gpu.blocks]
+    held = [b.feed_forward.experts_gate_up for b in gpu.blocks] + [b.feed_forward.experts_down for b in gpu.blocks]
     assert all(isinstance(p, QuantizedExperts) for w in held for p in (w if isinstance(w, tuple) else (w,)))
     assert sum(kernels.weight_bytes(w) for w in held) <= 1.1 * file_bytes
     follows_the_cpu(cpu, gpu)

@@ -87,6 +87,64 @@ def test_the_kernel_on_the_gpu_with_its_dot_products():
     assert all(error < 1e-5 for error in worst.values()), worst
 
 
+def check_normed(device: str, dtype: torch.dtype) -> dict:
+    """The norms that also quantize their output (norm.rms_norm_quantized, add_rms_norm_quantized)
+    against the norm followed by quantize_rows: whether every part is bit for bit the same, over
+    widths that are and are not a power of two (2880: gpt-oss's), one row and several, rows of
+    very different size; and the gated units that do (activation.gated_quantized) likewise."""
+    from shardrt.kernels import norm
+
+    g = torch.Generator().manual_seed(3)
+    same = {}
+    for dim in (96, 576, 2880):
+        for m in (1, 3):
+            x = (torch.randn(m, dim, generator=g) * torch.logspace(-2, 2, m)[:, None]).to(device, dtype)
+            delta = torch.randn(m, dim, generator=g).to(device, dtype)
+            weight = (torch.rand(dim, generator=g) + 0.5).to(device, dtype)
+            h, hq = norm.rms_norm_quantized(x, weight, 1e-6)
+            want = norm.rms_norm(x, weight, 1e-6)
+            total, h2, hq2 = norm.add_rms_norm_quantized(x, delta, weight, 1e-6)
+            want_total, want2 = norm.add_rms_norm(x, delta, weight, 1e-6)
+            parts = [(h, want), (total, want_total), (h2, want2)]
+            for got_q, of in ((hq, want), (hq2, want2)):
+                ref = qdot.quantize_rows(of)
+                parts += [(got_q.words, ref.words), (got_q.scale, ref.scale), (got_q.sums, ref.sums)]
+            same[f"{dim}x{m}"] = all(torch.equal(a.cpu(), b.cpu()) for a, b in parts)
+    from shardrt.kernels import activation
+
+    for act in (activation.silu_mul, activation.gelu_mul):
+        for ffn in (96, 1056):  # a block of columns, and one and a bit (1024 columns a program)
+            gate_up = torch.randn(3, 2 * ffn, generator=g).to(device, dtype) * 3
+            out, q = activation.gated_quantized(act, gate_up)
+            want = act(gate_up)
+            ref = qdot.quantize_rows(want)
+            same[f"{act.__name__} {ffn}"] = all(torch.equal(a.cpu(), b.cpu()) for a, b in (
+                (out, want), (q.words, ref.words), (q.scale, ref.scale), (q.sums, ref.sums)))
+    return same
+
+
+def test_the_quantizing_norms_reference_is_the_norm_then_the_rows_quantized():
+    from shardrt.kernels import norm
+
+    x, w = torch.randn(2, 64), torch.rand(64) + 0.5
+    h, hq = norm.rms_norm_quantized(x, w, 1e-6)
+    ref = qdot.quantize_rows_reference(norm.rms_norm_reference(x, w, 1e-6))
+    assert torch.equal(h, norm.rms_norm_reference(x, w, 1e-6)) and torch.equal(hq.words, ref.words)
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not installed")
+def test_the_quantizing_norm_kernel_under_the_interpreter():
+    same = interpret("import json, torch; from tests.test_qdot import check_normed; "
+                     "print(json.dumps(check_normed('cpu', torch.float32)))")
+    assert len(same) == 10 and all(same.values()), same
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.version.cuda is None, reason="needs a CUDA GPU")
+def test_the_quantizing_norm_kernel_on_the_gpu():
+    same = check_normed("cuda", torch.bfloat16)
+    assert len(same) == 10 and all(same.values()), same
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.version.cuda is None, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("n", [1, 2, 5, 8, 16, 33, 64, 100, 256])
 def test_every_path_linear_may_choose_is_right(n):

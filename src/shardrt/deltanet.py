@@ -90,8 +90,8 @@ class DeltaNetBlock:
     def _inputs(self, x: torch.Tensor):
         """The one product's parts for rows x: (mixed, z, beta, g)."""
         cfg, heads = self.cfg, self.cfg.ssm_v_heads
-        h = kernels.rms_norm(x, self.attn_norm, cfg.norm_eps)
-        mixed, z, b, a = kernels.linear(h, self.ssm_in).split([cfg.conv_dim, cfg.ssm_inner, heads, heads], dim=1)
+        h, hq = kernels.normed(x, self.attn_norm, cfg.norm_eps, kernels.integer_rows(x, self.ssm_in))
+        mixed, z, b, a = kernels.linear(h, self.ssm_in, xq=hq).split([cfg.conv_dim, cfg.ssm_inner, heads, heads], dim=1)
         return mixed, z, b.float().sigmoid(), self.a * F.softplus(a.float() + self.dt)
 
     def _output(self, x: torch.Tensor, core: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -100,9 +100,9 @@ class DeltaNetBlock:
         cfg, n = self.cfg, x.shape[0]
         gated = rule.gated_rms_norm(core.to(x.dtype), z.view(n, cfg.ssm_v_heads, cfg.ssm_v_dim), self.norm,
                                     cfg.norm_eps)
-        x, h = kernels.add_rms_norm(x, kernels.linear(gated.reshape(n, cfg.ssm_inner), self.out), self.ffn_norm,
-                                    cfg.norm_eps)
-        return x + self.feed_forward(h)
+        x, h, hq = kernels.add_normed(x, kernels.linear(gated.reshape(n, cfg.ssm_inner), self.out), self.ffn_norm,
+                                      cfg.norm_eps, self.feed_forward.quantizes_input(x))
+        return x + self.feed_forward(h, hq)
 
     def _rule(self, mixed, g, beta, conv, ssm) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Fed]:
         """The convolution and the delta rule over [b, t, ...] rows of b sequences from their states

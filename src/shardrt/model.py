@@ -294,17 +294,28 @@ class FeedForward:
             self.ffn_gate_up, self.ffn_down = weights["ffn_gate_up_shexp"], weights["ffn_down_shexp"]
             self.shared_gate = weights["ffn_gate_inp_shexp"].reshape(1, -1)
 
-    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+    def __call__(self, h: torch.Tensor, hq=None) -> torch.Tensor:
+        """h [n, dim], and where `quantizes_input` said so, hq: h quantized (its norm's kernel did it)."""
         if not self.cfg.moe:
-            return self.dense(h)
+            return self.dense(h, hq)
         out = kernels.moe(h, self.router, self.experts_gate_up, self.experts_down, self.cfg.n_experts_used,
-                          self.cfg.expert_weights_norm, self.act, self.expert_biases)
+                          self.cfg.expert_weights_norm, self.act, self.expert_biases, hq)
         if self.shared:  # the shared expert, behind its sigmoid gate
-            out = out + torch.sigmoid(kernels.linear(h, self.shared_gate)) * self.dense(h)
+            out = out + torch.sigmoid(kernels.linear(h, self.shared_gate)) * self.dense(h, hq)
         return out
 
-    def dense(self, h: torch.Tensor) -> torch.Tensor:
-        return kernels.linear(self.act(kernels.linear(h, self.ffn_gate_up)), self.ffn_down)
+    def quantizes_input(self, x: torch.Tensor) -> bool:
+        """Whether its first products multiply rows like x quantized."""
+        if self.cfg.moe and kernels.moe_quantizes_input(x, self.experts_gate_up, self.cfg.n_experts_used, self.act):
+            return True
+        return (not self.cfg.moe or self.shared) and kernels.integer_rows(x, self.ffn_gate_up)
+
+    def dense(self, h: torch.Tensor, hq=None) -> torch.Tensor:
+        gate_up = kernels.linear(h, self.ffn_gate_up, xq=hq)
+        if kernels.integer_rows(h, self.ffn_down):  # the unit's kernel quantizes what it writes, for the down product
+            hidden, hidden_q = kernels.gated_quantized(self.act, gate_up)
+            return kernels.linear(hidden, self.ffn_down, xq=hidden_q)
+        return kernels.linear(self.act(gate_up), self.ffn_down)
 
 
 class Block:
@@ -334,7 +345,8 @@ class Block:
         (a batch: the matrix products run once over all rows, so the weights are read once per
         step, not once per sequence; attention reads each row's own sequence)."""
         cfg, n = self.cfg, x.shape[0]
-        qkv = kernels.linear(kernels.rms_norm(x, self.attn_norm, cfg.norm_eps), self.attn_qkv, self.attn_qkv_bias)
+        h, hq = kernels.normed(x, self.attn_norm, cfg.norm_eps, kernels.integer_rows(x, self.attn_qkv))
+        qkv = kernels.linear(h, self.attn_qkv, self.attn_qkv_bias, xq=hq)
         gate = None
         if cfg.attention_gate:
             qkv, gate = split_gate(qkv, cfg)
@@ -346,8 +358,8 @@ class Block:
         out = kernels.linear(attn, self.attn_output, self.attn_output_bias)
         if self.post_attention_norm is not None:
             out = kernels.rms_norm(out, self.post_attention_norm, cfg.norm_eps)
-        x, h = kernels.add_rms_norm(x, out, self.ffn_norm, cfg.norm_eps)
-        out = self.feed_forward(h)
+        x, h, hq = kernels.add_normed(x, out, self.ffn_norm, cfg.norm_eps, self.feed_forward.quantizes_input(x))
+        out = self.feed_forward(h, hq)
         if self.post_ffw_norm is not None:
             out = kernels.rms_norm(out, self.post_ffw_norm, cfg.norm_eps)
         return x + out

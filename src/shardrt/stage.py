@@ -20,7 +20,6 @@ from .errors import ConfigError
 from .gguf_file import GGUFFile
 from .gguf_loader import MIB, LayerSpan, StageWeights
 from . import kernels
-from .kernels import rms_norm
 from .kernels.attention import MAX_QUERY_TOKENS
 from .kernels.support import bf16_native, device_kernel_path
 from .deltanet import DeltaNetBlock
@@ -446,7 +445,8 @@ class Stage:
         return self._project(hidden.to(device=self.device, dtype=self.dtype))
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
-        logits = kernels.linear(rms_norm(x, self.output_norm, self.cfg.norm_eps), self.output).float()
+        h, hq = kernels.normed(x, self.output_norm, self.cfg.norm_eps, kernels.integer_rows(x, self.output))
+        logits = kernels.linear(h, self.output, xq=hq).float()
         cap = self.cfg.logit_softcap
         return logits if not cap else torch.tanh(logits / cap) * cap
 

@@ -1,11 +1,14 @@
 """The gated feed-forward's activation over a fused [gate | up] projection: SwiGLU's
-silu(gate) * up, and GeGLU's gelu(gate) * up (the tanh approximation, as Gemma uses)."""
+silu(gate) * up, and GeGLU's gelu(gate) * up (the tanh approximation, as Gemma uses); either can
+also write its output quantized per block of 32 for the integer product that follows (the down
+projection), in the same kernel."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from . import qdot
 from ._triton import tl, triton, use_triton
 
 BLOCK = 1024
@@ -42,21 +45,38 @@ def gelu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return _gated(gate_up, "gelu")
 
 
-def _gated(gate_up: torch.Tensor, act: str) -> torch.Tensor:
+def gated_quantized(act, gate_up: torch.Tensor) -> tuple[torch.Tensor, qdot.QuantizedRows]:
+    """(act(gate_up), those rows quantized as qdot.quantize_rows quantizes them) for gate_up
+    [n, 2 * ffn], ffn a multiple of 32: one kernel for silu_mul and gelu_mul on GPUs."""
+    if act not in (silu_mul, gelu_mul) or not use_triton(gate_up):
+        out = act(gate_up)
+        return out, (qdot.quantize_rows if use_triton(out) else qdot.quantize_rows_reference)(out)
+    n, ffn = gate_up.shape[0], gate_up.shape[1] // 2
+    if ffn % 32:
+        raise ValueError(f"gated_quantized: {ffn} columns are not whole blocks of 32")
+    rows = qdot.empty_rows(n, ffn, gate_up.device)
+    return _gated(gate_up, "silu" if act is silu_mul else "gelu", rows), rows
+
+
+def _gated(gate_up: torch.Tensor, act: str, quantized: qdot.QuantizedRows | None = None) -> torch.Tensor:
     if not use_triton(gate_up):
         return (silu_mul_reference if act == "silu" else gelu_mul_reference)(gate_up)
     rows = gate_up.reshape(-1, gate_up.shape[-1])
     n, width = rows.shape
     ffn = width // 2
     out = torch.empty((n, ffn), dtype=rows.dtype, device=rows.device)
-    _silu_mul_kernel[(n, triton.cdiv(ffn, BLOCK))](rows, out, rows.stride(0), ffn, GELU=act == "gelu", BLOCK=BLOCK,
-                                                   num_warps=4)
+    quantize = quantized is not None
+    words, scale, sums = (quantized.words, quantized.scale, quantized.sums) if quantize else (out, out, out)
+    _silu_mul_kernel[(n, triton.cdiv(ffn, BLOCK))](rows, out, words, scale, sums, rows.stride(0), ffn,
+                                                   GELU=act == "gelu", QUANTIZE=quantize, BLOCK=BLOCK,
+                                                   EMULATE=qdot.interpreted(), num_warps=4)
     return out.view(*gate_up.shape[:-1], ffn)
 
 
 if triton is not None:
     @triton.jit
-    def _silu_mul_kernel(x_ptr, out_ptr, stride_x, ffn, GELU: tl.constexpr, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(x_ptr, out_ptr, words_ptr, scale_ptr, sums_ptr, stride_x, ffn, GELU: tl.constexpr,
+                         QUANTIZE: tl.constexpr, BLOCK: tl.constexpr, EMULATE: tl.constexpr):
         row, block = tl.program_id(0), tl.program_id(1)
         cols = block * BLOCK + tl.arange(0, BLOCK)
         mask = cols < ffn
@@ -69,4 +89,10 @@ if triton is not None:
         else:
             act = g32 / (1.0 + tl.exp(-g32))
         act = act.to(gate.dtype).to(tl.float32)  # rounded as F.silu / F.gelu round
-        tl.store(out_ptr + row * ffn + cols, (act * up).to(gate.dtype), mask=mask)
+        y = (act * up).to(gate.dtype)
+        tl.store(out_ptr + row * ffn + cols, y, mask=mask)
+        if QUANTIZE:  # the stored values, as qdot's kernel would read them back
+            packed, scale, halves = qdot._quantize_blocks(tl.reshape(y.to(tl.float32), (BLOCK // 32, 32)),
+                                                          BLOCK // 32, EMULATE)
+            qdot._store_blocks(words_ptr, scale_ptr, sums_ptr, row, ffn // 32,
+                               block * (BLOCK // 32) + tl.arange(0, BLOCK // 32), packed, scale, halves)

@@ -83,26 +83,36 @@ Experts = torch.Tensor | QuantizedExperts | tuple  # dense [E, rows, cols], bloc
 
 
 def moe(x: torch.Tensor, router: torch.Tensor, gate_up: Experts, down: Experts, k: int,
-        normalize: bool = True, act=silu_mul, biases: ExpertBiases | None = None) -> torch.Tensor:
-    """x [n, dim] -> [n, dim]. `act`: the gated unit, gate_up [m, 2 * ff] -> [m, ff]."""
+        normalize: bool = True, act=silu_mul, biases: ExpertBiases | None = None, xq=None) -> torch.Tensor:
+    """x [n, dim] -> [n, dim]. `act`: the gated unit, gate_up [m, 2 * ff] -> [m, ff]. `xq`: x
+    already quantized (for the grouped decode kernels, where `quantizes_input`)."""
     weights, experts = route(x, router, k, normalize, biases.router if biases is not None else None)
     if gathers(x, k):
-        return gathered(x, weights, experts, gate_up, down, act, biases)
+        return gathered(x, weights, experts, gate_up, down, act, biases, xq)
     if biases is None and act is silu_mul and isinstance(gate_up, tuple) and len(gate_up) == 2 \
             and x.device.type != "cpu" and moe_mmq.runs(x, *gate_up, down):
         return moe_mmq.moe_experts(x, weights, experts, gate_up, down)
     return by_expert(x, weights, experts, gate_up, down, act, biases)
 
 
+def quantizes_input(x: torch.Tensor, gate_up: Experts, k: int, act=silu_mul) -> bool:
+    """Whether `moe` multiplies rows like x quantized: the grouped decode kernels, which fuse
+    these units (with biases)."""
+    return gathers(x, k) and _grouped_gate_up(x, gate_up, act)
+
+
+def _grouped_gate_up(x: torch.Tensor, gate_up: Experts, act) -> bool:
+    return (act is silu_mul or act is clamped_swiglu) and isinstance(gate_up, tuple) and len(gate_up) == 2 \
+        and moe_qdot.runs(x, *gate_up)
+
+
 def gathered(x, weights, experts, gate_up: Experts, down: Experts, act=silu_mul,
-             biases: ExpertBiases | None = None) -> torch.Tensor:
+             biases: ExpertBiases | None = None, xq=None) -> torch.Tensor:
     """The graph-safe path: each row's chosen experts read, no host sync."""
     n, k = experts.shape
     chosen = experts.reshape(-1)
-    fused = act is silu_mul or act is clamped_swiglu  # the units the grouped kernels fuse (with biases)
-    parts = gate_up if isinstance(gate_up, tuple) else (gate_up,)
-    if fused and len(parts) == 2 and moe_qdot.runs(x, *parts):
-        hidden = moe_qdot.gate_up_silu(qdot.quantize_rows(x), experts, *parts,
+    if _grouped_gate_up(x, gate_up, act):
+        hidden = moe_qdot.gate_up_silu(xq if xq is not None else qdot.quantize_rows(x), experts, *gate_up,
                                        bias=biases.gate_up if biases is not None else None,
                                        clamped=act is clamped_swiglu)
     else:

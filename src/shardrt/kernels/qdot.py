@@ -100,16 +100,22 @@ def quantize_rows_reference(x: torch.Tensor) -> QuantizedRows:
     return QuantizedRows(words.contiguous(), scale, sums)
 
 
+def empty_rows(m: int, cols: int, device) -> QuantizedRows:
+    """Room for m rows of `cols` values quantized."""
+    return QuantizedRows(torch.empty((m, cols // 4), dtype=torch.int32, device=device),
+                         torch.empty((m, cols // 32), dtype=torch.float32, device=device),
+                         torch.empty((m, cols // 16), dtype=torch.float32, device=device))
+
+
 def quantize_rows(x: torch.Tensor) -> QuantizedRows:
     """x [m, cols] (cols a multiple of 32) -> QuantizedRows, in one kernel."""
     m, cols = x.shape
-    words = torch.empty((m, cols // 4), dtype=torch.int32, device=x.device)
-    scale = torch.empty((m, cols // 32), dtype=torch.float32, device=x.device)
-    sums = torch.empty((m, cols // 16), dtype=torch.float32, device=x.device)
+    rows = empty_rows(m, cols, x.device)
     blocks = 16
     _quantize_rows_kernel[(m, triton.cdiv(cols // 32, blocks))](
-        x, words, scale, sums, cols // 32, x.stride(0), BLOCKS=blocks, EMULATE=interpreted(), num_warps=2)
-    return QuantizedRows(words, scale, sums)
+        x, rows.words, rows.scale, rows.sums, cols // 32, x.stride(0), BLOCKS=blocks, EMULATE=interpreted(),
+        num_warps=2)
+    return rows
 
 
 def config(qtype: Q, rows: int, cols: int, m: int = 1) -> tuple[int, int, int]:
@@ -226,6 +232,13 @@ if triton is not None:
         ok = b < NB
         x = tl.load(x_ptr + row * stride_x + b[:, None] * 32 + tl.arange(0, 32)[None, :], mask=ok[:, None],
                     other=0.0).to(tl.float32)
+        packed, scale, halves = _quantize_blocks(x, BLOCKS, EMULATE)
+        _store_blocks(words_ptr, scale_ptr, sums_ptr, row, NB, b, packed, scale, halves)
+
+    @triton.jit
+    def _quantize_blocks(x, BLOCKS: tl.constexpr, EMULATE: tl.constexpr):
+        """x [BLOCKS, 32] float32 -> (the int8 values packed four to a word [BLOCKS, 8], the step
+        [BLOCKS], scale times each half block's sum [BLOCKS, 2]): QuantizedRows's three parts."""
         amax = tl.max(tl.abs(x), axis=1)
         scale = tl.math.div_rn(amax, 127.0)
         inverse = tl.where(amax > 0, tl.math.div_rn(127.0, tl.where(amax > 0, amax, 1.0)), 0.0)
@@ -239,9 +252,16 @@ if triton is not None:
         halves = tl.sum(tl.reshape(q, (BLOCKS, 2, 16)), axis=2).to(tl.float32) * scale[:, None]
         packed = tl.sum(tl.reshape((q & 0xFF).to(tl.uint32), (BLOCKS, 8, 4)) << (8 * tl.arange(0, 4)).to(tl.uint32)[None, None, :],
                         axis=2).to(tl.int32, bitcast=True)
-        tl.store(words_ptr + row * NB * 8 + b[:, None] * 8 + tl.arange(0, 8)[None, :], packed, mask=ok[:, None])
-        tl.store(scale_ptr + row * NB + b, scale, mask=ok)
-        tl.store(sums_ptr + row * NB * 2 + b[:, None] * 2 + tl.arange(0, 2)[None, :], halves, mask=ok[:, None])
+        return packed, scale, halves
+
+    @triton.jit
+    def _store_blocks(words_ptr, scale_ptr, sums_ptr, row, NB, b, packed, scale, halves):
+        """Blocks b [BLOCKS] of row `row` (NB blocks a row; those past NB left alone) into
+        QuantizedRows's three tensors: _quantize_blocks's parts."""
+        whole = b < NB
+        tl.store(words_ptr + row * NB * 8 + b[:, None] * 8 + tl.arange(0, 8)[None, :], packed, mask=whole[:, None])
+        tl.store(scale_ptr + row * NB + b, scale, mask=whole)
+        tl.store(sums_ptr + row * NB * 2 + b[:, None] * 2 + tl.arange(0, 2)[None, :], halves, mask=whole[:, None])
 
     @triton.jit
     def _byte(a, k: tl.constexpr, SIGNED: tl.constexpr):

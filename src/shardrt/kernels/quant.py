@@ -283,10 +283,13 @@ def linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None
 
 def quantize_for(x: torch.Tensor, weights) -> qdot.QuantizedRows | None:
     """x quantized once for the parts of `weights` that take the integer path, or None."""
-    if use_triton(x) and any(isinstance(w, QuantizedWeight) and choose(w, x.shape[0], x) in INTEGER_PRODUCTS
-                             for w in weights):
-        return qdot.quantize_rows(x)
-    return None
+    return qdot.quantize_rows(x) if integer_path(x, weights) else None
+
+
+def integer_path(x: torch.Tensor, weights) -> bool:
+    """Whether some part of `weights` multiplies rows like x through an integer product."""
+    return use_triton(x) and any(isinstance(w, QuantizedWeight) and choose(w, x.shape[0], x) in INTEGER_PRODUCTS
+                                 for w in weights)
 
 
 # Which kernel multiplies n rows with a weight. Every candidate is right; which is fastest depends
