@@ -333,3 +333,29 @@ def test_long_prompt_chunks_in_a_mixed_step_take_one_causal_product(demo_model, 
     logits = pipeline.decode_batch(long_ids + [want[2][0][0]], [0] * 40 + [1], list(range(40)) + [len(c)],
                                    outputs=[39, 40])
     assert (logits[0] - alone).abs().max() < 1e-4 and (logits[1] - want[2][1][1]).abs().max() < 1e-4
+
+
+def test_requests_ending_together_store_only_what_the_prefix_cache_keeps(demo_model, demo_tokenizer):
+    """Five requests that end in the same step, a prefix cache of two slots: only the last two
+    are snapshotted (each store evicts the least recently used, so the first three would be gone
+    within the same settle), and a request repeating the last prompt reuses its entry."""
+    from shardrt.sampling import SamplingParams
+    from shardrt.server.batch import BatchScheduler
+    from shardrt.server.engine import Job
+    from shardrt.spec.prefix_cache import PrefixCache
+
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    prompts = [demo_tokenizer.encode(f"Note {i}: the shelf holds {i * 11} books.") for i in range(5)]
+    pipeline = Pipeline([Stage(demo_model, 0, 30, "cpu", max_ctx=MAX_CTX, max_seqs=5)])
+    cache = PrefixCache(pipeline, slots=2)
+    scheduler = BatchScheduler(pipeline, demo_tokenizer, cache)
+    jobs = [Job(None, ids, params) for ids in prompts]
+    done = run_scheduler(scheduler, jobs)
+    assert len(done) == 5 and scheduler.unsettled
+    scheduler.settle()  # the slots are given back (and the prefixes stored) while nothing is in flight
+    assert scheduler.free_slots == 5 and cache.stats.stores == 2 and len(cache.entries) == 2
+    kept = {tuple(prompts[i] + done[id(jobs[i])].tokens[:-1]) for i in (3, 4)}  # the last token never ran
+    assert set(cache.entries.values()) == kept
+    again = Job(None, prompts[4], params)
+    result = run_scheduler(scheduler, [again])[id(again)]
+    assert result.tokens == done[id(jobs[4])].tokens and result.reused_tokens == len(prompts[4]) - 1

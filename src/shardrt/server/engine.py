@@ -192,7 +192,7 @@ class Engine:
             self._scheduler = BatchScheduler(cluster.pipeline, self.tokenizer, cluster.prefix_cache,
                                              **({"max_batch_tokens": self.max_batch_tokens} if self.max_batch_tokens else {}),
                                              step_log=self.step_log)
-        self._prefix_base = (0, 0, 0)
+        self._prefix_base = (0, 0, 0, 0)
         self._shared_base = (0, 0)
         self._stats_base: dict[str, tuple[int, float]] = {}
 
@@ -503,8 +503,9 @@ class Engine:
             m.spec_drafted.inc(result.spec["drafted"])
             m.spec_accepted.inc(result.spec["accepted"])
         stats = self.cluster.prefix_cache.stats
-        now = (stats.hits, stats.misses, stats.reused_tokens)
-        for counter, new, old in zip((m.prefix_hits, m.prefix_misses, m.prefix_reused), now, self._prefix_base):
+        now = (stats.hits, stats.misses, stats.reused_tokens, stats.stores)
+        for counter, new, old in zip((m.prefix_hits, m.prefix_misses, m.prefix_reused, m.prefix_stores), now,
+                                     self._prefix_base):
             counter.inc(new - old)
         self._prefix_base = now
         if self._scheduler is not None:

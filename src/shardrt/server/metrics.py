@@ -116,6 +116,7 @@ class ServerMetrics:
         self.prefix_hits = Counter(r, "shardrt_prefix_cache_hits_total", "Prompts that reused a cached prefix")
         self.prefix_misses = Counter(r, "shardrt_prefix_cache_misses_total", "Prompts with no cached prefix")
         self.prefix_reused = Counter(r, "shardrt_prefix_cache_reused_tokens_total", "Prompt tokens not prefilled")
+        self.prefix_stores = Counter(r, "shardrt_prefix_cache_stores_total", "KV snapshots taken into the prefix cache")
         self.prefix_shared = Counter(r, "shardrt_prefix_shared_requests_total",
                                      "Prompts that copied their prefix from a running request's KV")
         self.prefix_shared_tokens = Counter(r, "shardrt_prefix_shared_tokens_total",

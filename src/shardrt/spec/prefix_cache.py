@@ -42,9 +42,10 @@ class PrefixStats:
     hits: int = 0
     misses: int = 0
     reused_tokens: int = 0
+    stores: int = 0  # snapshots taken
 
     def to_json(self) -> dict:
-        return {"hits": self.hits, "misses": self.misses, "reused_tokens": self.reused_tokens}
+        return {"hits": self.hits, "misses": self.misses, "reused_tokens": self.reused_tokens, "stores": self.stores}
 
 
 class PrefixCache:
@@ -97,6 +98,7 @@ class PrefixCache:
             else:
                 slot = next(s for s in range(self.slots) if s not in self.entries)
         self.pipeline.kv_snapshot(slot, seq)
+        self.stats.stores += 1
         self.entries[slot] = tuple(tokens)
         self.entries.move_to_end(slot)
 
