@@ -39,8 +39,7 @@ MIN_BYTES = 256 << 20  # copies of a matrix per timing: at least this many bytes
 def matrices(shape_name: str, vocab: int) -> dict[str, tuple[int, int]]:
     """The distinct (rows, cols) of one layer and the head, named."""
     s = make_gguf.SHAPES[shape_name]
-    head_dim = s.dim // s.heads
-    q, kv = s.heads * head_dim, s.kv_heads * head_dim
+    q, kv = s.heads * s.head_width, s.kv_heads * s.head_width  # head_width: its own head size where it has one
     return {"attn_qk": (q + kv, s.dim), "attn_v": (kv, s.dim), "attn_output": (s.dim, q),
             "ffn_gate_up": (2 * s.ffn, s.dim), "ffn_down": (s.dim, s.ffn), "output": (vocab, s.dim)}
 
