@@ -24,7 +24,7 @@ server=(); [ -n "$LLAMA" ] && server=(--llama-server "$LLAMA/llama-server" --lla
 log "GPU tests"
 timeout 900 python3 -m pytest -v -p no:cacheprovider --timeout 300 -k "gpu or graph or cuda" \
   tests/test_moe_mmq.py tests/test_mmq.py tests/test_moe_qdot.py tests/test_moe.py tests/test_qwen35.py \
-  tests/test_gpt_oss.py tests/test_gemma3.py tests/test_qdot.py tests/test_quant.py tests/test_gpu.py \
+  tests/test_gpt_oss.py tests/test_gemma3.py tests/test_qdot.py tests/test_quant.py tests/test_kernels.py tests/test_gpu.py \
   > "$OUT/tests.txt" 2>&1
 log "tests: exit $? ($(grep -cE ' PASSED' "$OUT/tests.txt") passed, $(grep -cE ' FAILED| ERROR' "$OUT/tests.txt") failed)"
 

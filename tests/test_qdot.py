@@ -147,7 +147,7 @@ def test_the_quantizing_norm_kernel_on_the_gpu():
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.version.cuda is None, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("n", [1, 2, 5, 8, 16, 33, 64, 100, 256])
-def test_every_path_linear_may_choose_is_right(n):
+def test_every_path_linear_may_choose_on_the_gpu_is_right(n):
     # `linear` times its candidates and keeps the fastest: each must compute the product
     rng = np.random.default_rng(n)
     for qtype in quant.KERNEL_TYPES:

@@ -88,7 +88,7 @@ def test_linear_equals_the_dequantized_matrix_product(device, qtype, n):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the one-row kernels run on a GPU")
 @pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("scale", SCALES, ids=str)
-def test_both_one_row_kernels_equal_the_dequantized_product(qtype, scale):
+def test_both_one_row_gpu_kernels_equal_the_dequantized_product(qtype, scale):
     # `linear` picks one of the two for a single row by timing them (the matvec kernel where it
     # has a configuration for the type); both must be right
     rng = np.random.default_rng(11)
