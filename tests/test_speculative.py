@@ -115,7 +115,7 @@ def test_prefix_cache_hit_skips_the_shared_prefill(demo_model, demo_tokenizer):
         warm = generate(cluster.pipeline, demo_tokenizer, second_ids, params, prefix_cache=cache)
         reused = warm.reused_tokens
         assert reused >= len(first_ids) and warm.prefilled_tokens == len(second_ids) - reused
-        assert cache.stats.to_json() == {"hits": 1, "misses": 1, "reused_tokens": reused}
+        assert cache.stats.to_json() == {"hits": 1, "misses": 1, "reused_tokens": reused, "stores": 2}
         # the same request again: everything but its last token comes from the cache
         again = generate(cluster.pipeline, demo_tokenizer, second_ids, params, prefix_cache=cache)
         assert again.prefilled_tokens == 1 and again.tokens == warm.tokens
