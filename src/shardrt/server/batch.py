@@ -185,11 +185,9 @@ class BatchScheduler:
                 run.checkpoint = None
         leaving, self._leaving = self._leaving, []
         self._copy_shared(leaving)  # a leaving donor's KV is still whole until its slot is given back
-        kept = self._kept(leaving)
-        for run in leaving:
-            if id(run) in kept:
-                self._store_prefix(run)
-            self._free.append(run.seq)
+        for run in self._kept(leaving):
+            self._store_prefix(run)
+        self._free += [run.seq for run in leaving]
         joining, self._joining = self._joining, []
         pending = set(map(id, joining))  # not set up yet: no donor for another
         for run in joining:
@@ -249,13 +247,13 @@ class BatchScheduler:
             self.shared.tokens += n - run.prefilled
             run.reused = run.prefilled = n
 
-    def _kept(self, leaving: list[Running]) -> set[int]:
-        """Ids of the leaving requests whose KV goes into the prefix cache: the last as many as
+    def _kept(self, leaving: list[Running]) -> list[Running]:
+        """The leaving requests whose KV goes into the prefix cache: the last as many as
         it has slots. Each store takes the least recently used slot, so the earlier ones would be
         evicted again within this settle (a burst of 64 ending together on 16 slots: 48 snapshots
         of the whole KV copied for nothing)."""
         slots = self.prefix_cache.slots if self.prefix_cache is not None else 0
-        return {id(run) for run in leaving[len(leaving) - slots:]} if slots else set()
+        return leaving[len(leaving) - slots:] if slots else []
 
     def _store_prefix(self, run: Running) -> None:
         if self.prefix_cache is None or run.prefill_done is None:
