@@ -4,7 +4,7 @@ of the int8 tensor-core kernel (`mmq`), its experts kept in their GGUF blocks, n
 The n * k slots (token t's j-th choice is slot t * k + j) are sorted by expert and laid out in
 tiles of `block_m` rows, each tile one expert's slots, the last tile of an expert padded (`Tiles`).
 One launch of `mmq.grouped_linear` then multiplies every tile by its expert's gate matrix, one by
-its up matrix, and, after the SwiGLU and the hidden rows' quantization per block of 32, one by
+its up matrix, and, after the SwiGLU (whose kernel also writes the hidden rows quantized per 32), one by
 its down matrix; each slot's output is weighted by the router's probability and summed over the
 token's k slots. An expert is read once per tile of its slots, not once per slot (as the decode
 kernels of `moe_qdot` do) nor in a launch of its own (as `moe.by_expert` does, a host sync and a
@@ -23,7 +23,7 @@ import torch
 
 from . import mmq, qdot
 from ._triton import triton, use_triton
-from .activation import silu_mul
+from .activation import gated_quantized, silu_mul
 from .experts import QuantizedExperts
 
 
@@ -91,10 +91,10 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
     xq = qdot.quantize_rows(x)
     mmq.grouped_linear(xq, gate, layout, both[:, :ffn])
     mmq.grouped_linear(xq, up, layout, both[:, ffn:])
-    hidden = silu_mul(both)
+    _, hidden_q = gated_quantized(silu_mul, both)  # the unit's kernel quantizes the hidden rows it writes
     # the down products read the hidden rows where they are: a row's own index, padding still -1
     own = torch.where(layout.src >= 0, torch.arange(layout.capacity, device=x.device, dtype=torch.int32), -1)
     out = torch.empty((layout.capacity, down.rows), dtype=x.dtype, device=x.device)
-    mmq.grouped_linear(qdot.quantize_rows(hidden), down, replace(layout, src=own), out)
+    mmq.grouped_linear(hidden_q, down, replace(layout, src=own), out)
     chosen = out[layout.position].view(n, k, down.rows).float()
     return (chosen * weights.float()[..., None]).sum(dim=1).to(x.dtype)
