@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from shardrt.errors import ConfigError
-from shardrt.kernels import qdot, quant
+from shardrt.kernels import mmq, qdot, quant
 from shardrt.kernels.quant import Q
 
 from .test_quant import SCALES, gguf_dequantized, random_blocks
@@ -223,5 +223,17 @@ def follows_the_cpu(cpu, gpu, steps: int = 9) -> None:
 
 def test_a_forced_path_must_be_one_of_the_paths(monkeypatch):
     monkeypatch.setenv(quant.PATH_ENV, "cublas")
-    with pytest.raises(ConfigError, match="SHARDRT_QUANT_PATH: 'cublas' is not one of qdot, mmq, matvec, tile, dequantized"):
+    with pytest.raises(ConfigError, match="SHARDRT_QUANT_PATH: 'cublas' is not one of qdot, mmq, matvec, tile, "
+                                          "dequantized \\(or mmq with another block: mmq-64x4, "):
         quant.forced_path()
+    monkeypatch.setenv(quant.PATH_ENV, "mmq-256x8")
+    assert quant.forced_path() == "mmq-256x8"
+
+
+def test_mmq_offers_its_other_blocks_and_each_is_that_block():
+    # `choose` times the type's own block and the others; each path runs mmq.linear with its block
+    assert quant.MMQ_BLOCKS["mmq-256x8"] == (256, 8) and quant.INTEGER_PRODUCTS["mmq-256x8"].keywords == {"block": (256, 8)}
+    for qtype in mmq.MMQ_TYPES:
+        own = mmq.BLOCKS.get(qtype, mmq.DEFAULT_BLOCK)
+        assert own not in mmq.other_blocks(qtype) and len(set(mmq.other_blocks(qtype))) == 3
+        assert all(quant.mmq_path(block) in quant.PRODUCTS for block in mmq.other_blocks(qtype))

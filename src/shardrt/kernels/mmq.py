@@ -50,6 +50,10 @@ SUPER_BLOCK_TYPES = (Q.Q4_K, Q.Q5_K, Q.Q6_K)
 # (210 bytes a super-block, two products a block of 32) take fewer rows.
 BLOCKS = {Q.Q6_K: (64, 4)}
 DEFAULT_BLOCK = (128, 4)
+# The other blocks `quant.choose` times beside a type's own, per matrix and rows bucket: which is
+# fastest depends on the matrix (each of these won on some Llama-3 8B matrix at 16 rows, above).
+OTHER_BLOCKS = {Q.Q6_K: ((32, 4), (64, 8), (128, 8))}
+DEFAULT_OTHER_BLOCKS = ((64, 4), (128, 8), (256, 8))
 PROGRAMS_PER_SM = 2
 SUM_BLOCK = 1024  # outputs of one program of the partial sums' kernel
 
@@ -57,6 +61,11 @@ SUM_BLOCK = 1024  # outputs of one program of the partial sums' kernel
 def supported(qtype: Q, x: torch.Tensor) -> bool:
     """Whether the integer tensor-core path runs for blocks of `qtype` and activations like x."""
     return qtype in MMQ_TYPES and qdot.supported(x)
+
+
+def other_blocks(qtype: Q) -> tuple[tuple[int, int], ...]:
+    """The blocks (weight rows per program, warps) besides the type's own worth timing for it."""
+    return OTHER_BLOCKS.get(qtype, DEFAULT_OTHER_BLOCKS)
 
 
 def block_m(m: int) -> int:

@@ -23,6 +23,7 @@ kernel: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import warnings
 from dataclasses import dataclass
@@ -34,6 +35,13 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from . import mmq, qdot
 from ._triton import dot_precision, tl, triton, use_triton
 from .qdot import IQ4_VALUES, MXFP4_VALUES
+
+log = logging.getLogger(__name__)
+if triton is not None:
+    from triton.runtime.errors import OutOfResources
+else:
+    class OutOfResources(Exception):
+        """Stands for Triton's, which nothing raises where Triton is not installed."""
 
 Q = GGMLQuantizationType
 KERNEL_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS,
@@ -296,14 +304,15 @@ def integer_path(x: torch.Tensor, weights) -> bool:
 # on the type, the shape, n and the GPU, so the first product of each (type, shape, dtype, rows
 # bucket) times them once, outside any graph capture, and keeps the fastest:
 #   qdot         integer dot products against the rows quantized per 32 (qdot.py), up to 8 rows
-#   mmq          the same rows in int8 tensor-core products (mmq.py), 2 to MMQ_ROWS rows
+#   mmq          the same rows in int8 tensor-core products (mmq.py), 2 to MMQ_ROWS rows, with
+#                the type's own block; mmq-RxW with programs of R weight rows and W warps instead
 #   matvec       one row, dequantized to float in registers, summed per scale group
 #   tile         a tile of weights dequantized in registers into a tensor-core product, up to 64 rows
 #   dequantized  the whole matrix dequantized into a scratch buffer, then cuBLAS (prefill)
 # SHARDRT_QUANT_PATH=NAME takes that path wherever it is a candidate (to compare, or to test one).
 MAX_TILE_ROWS = 64
 MMQ_ROWS = 256  # past this many rows cuBLAS on the dequantized matrix wins anyway
-PATHS = ("qdot", "mmq", "matvec", "tile", "dequantized")
+PATHS = ("qdot", "mmq", "matvec", "tile", "dequantized")  # and mmq's other blocks (MMQ_BLOCKS)
 PATH_ENV = "SHARDRT_QUANT_PATH"
 _choices: dict[tuple, str] = {}
 
@@ -313,7 +322,7 @@ def candidates(w: QuantizedWeight, n: int, x: torch.Tensor) -> tuple[str, ...]:
     if n <= qdot.MAX_ROWS and w.qtype in qdot.QDOT_TYPES and qdot.supported(x):
         out += ("qdot",)
     if 1 < n <= MMQ_ROWS and mmq.supported(w.qtype, x):
-        out += ("mmq",)
+        out += ("mmq",) + tuple(mmq_path(block) for block in mmq.other_blocks(w.qtype))
     if n == 1 and w.qtype in MATVEC_CONFIG:
         out += ("matvec",)
     if n <= MAX_TILE_ROWS:
@@ -335,17 +344,27 @@ def choose(w: QuantizedWeight, n: int, x: torch.Tensor) -> str:
     if key not in _choices:
         if not x.is_cuda or torch.cuda.is_current_stream_capturing():
             return options[0]
-        times = {path: _gpu_time(path, w, bucket, x.dtype) for path in options}
+        times = {}
+        for path in options:
+            try:
+                times[path] = _gpu_time(path, w, bucket, x.dtype)
+            except OutOfResources:  # another block than the type's own may not fit this GPU
+                if path not in MMQ_BLOCKS:
+                    raise
+                log.info("%s: its programs need more registers or shared memory than this GPU has", path)
         _choices[key] = min(times, key=times.get)
+        log.debug("%s %dx%d x%d: %s", w.qtype.name, w.rows, w.cols, bucket,
+                  ", ".join(f"{p} {t:.3f} ms" for p, t in sorted(times.items(), key=lambda kv: kv[1])))
     return _choices[key]
 
 
 def forced_path() -> str | None:
     value = os.environ.get(PATH_ENV)
-    if value is not None and value not in PATHS:
+    if value is not None and value not in PRODUCTS:
         from ..errors import ConfigError
 
-        raise ConfigError(f"{PATH_ENV}: {value!r} is not one of {', '.join(PATHS)}")
+        raise ConfigError(f"{PATH_ENV}: {value!r} is not one of {', '.join(PATHS)} "
+                          f"(or mmq with another block: {', '.join(MMQ_BLOCKS)})")
     return value
 
 
@@ -471,10 +490,21 @@ def _dequantized_product(x: torch.Tensor, w: QuantizedWeight, out: torch.Tensor)
     return out.copy_(x @ weight.T)
 
 
+def mmq_path(block: tuple[int, int]) -> str:
+    return f"mmq-{block[0]}x{block[1]}"
+
+
+def _quantizing(product):
+    """An integer product (xq, w, out) as a product of x itself, quantized first."""
+    return lambda x, w, out: product(qdot.quantize_rows(x), w, out)
+
+
+MMQ_BLOCKS = {mmq_path(block): block for blocks in (mmq.DEFAULT_OTHER_BLOCKS, *mmq.OTHER_BLOCKS.values())
+              for block in blocks}
 # the paths that multiply x quantized per block of 32 (parts of one product share it)
-INTEGER_PRODUCTS = {"qdot": qdot.linear, "mmq": mmq.linear}
-PRODUCTS = {"qdot": lambda x, w, out: qdot.linear(qdot.quantize_rows(x), w, out),
-            "mmq": lambda x, w, out: mmq.linear(qdot.quantize_rows(x), w, out),
+INTEGER_PRODUCTS = {"qdot": qdot.linear, "mmq": mmq.linear,
+                    **{path: functools.partial(mmq.linear, block=block) for path, block in MMQ_BLOCKS.items()}}
+PRODUCTS = {**{path: _quantizing(product) for path, product in INTEGER_PRODUCTS.items()},
             "matvec": lambda x, w, out: _matvec(x, w, out), "tile": lambda x, w, out: _fused_linear(x, w, out),
             "dequantized": _dequantized_product}
 
