@@ -106,9 +106,9 @@ def unsupported_tensor_type(dir):
     return path, ["'blk.1.attn_q.weight'", "Q8_1", "Q4_K"]
 
 
-def unsupported_ternary_type(dir):
-    path = write_model(dir / "tq1.gguf", "qwen3", dim=256, ffn_dim=512, tensor_types={"blk.0.ffn_down.weight": 34})  # TQ1_0
-    return path, ["'blk.0.ffn_down.weight'", "TQ1_0"]
+def unsupported_nvfp4_type(dir):
+    path = write_model(dir / "nvfp4.gguf", "qwen3", dim=256, ffn_dim=512, tensor_types={"blk.0.ffn_down.weight": 40})
+    return path, ["'blk.0.ffn_down.weight'", "NVFP4"]
 
 
 def unknown_tensor_type_id(dir):
@@ -164,7 +164,7 @@ def bad_alignment(dir):
 CASES = [
     random_bytes, too_small, wrong_magic, unsupported_version, gguf_v1, truncated_in_tensor_data,
     truncated_in_metadata, truncated_in_tensor_directory, truncated_header_counts, arch_mamba, arch_gpt2,
-    missing_tensor, missing_embedding, missing_bias, unsupported_tensor_type, unsupported_ternary_type,
+    missing_tensor, missing_embedding, missing_bias, unsupported_tensor_type, unsupported_nvfp4_type,
     unknown_tensor_type_id, missing_block_count, missing_norm_eps, missing_architecture, unsupported_rope_scaling,
     yarn_without_its_factor, heads_not_multiple, tensor_shape_disagrees_with_metadata, layer_count_beyond_tensors,
     bad_alignment,

@@ -36,6 +36,13 @@ def random_blocks(qtype: Q, rows: int, cols: int, scale: float, rng: np.random.G
     for at in F16_FIELDS.get(qtype, ()):
         values = scale * rng.uniform(0.5, 1.0, size=blocks.shape[:2]) * rng.choice((-1, 1), size=blocks.shape[:2])
         blocks[..., at : at + 2] = np.ascontiguousarray(values.astype(np.float16)).view(np.uint8).reshape(*blocks.shape[:2], 2)
+    if qtype == Q.IQ1_M:  # its f16 scale: the top nibbles of its four scale words, lowest first
+        d = (scale * rng.uniform(0.5, 1.0, size=blocks.shape[:2]) * rng.choice((-1, 1), size=blocks.shape[:2]))
+        bits = d.astype(np.float16).view(np.uint16)
+        words = blocks[..., 48:56].copy().view(np.uint16)
+        for i in range(4):
+            words[..., i] = (words[..., i] & 0x0FFF) | (((bits >> (4 * i)) & 0xF) << 12)
+        blocks[..., 48:56] = words.view(np.uint8)
     if qtype == Q.MXFP4:  # the exponent byte: a scale of 2^(e - 128) near `scale`, within 2^-3..2^3 of it
         e = 128 + np.clip(np.round(np.log2(max(scale, 2.0**-126))), -127, 126) + rng.integers(-3, 4, size=blocks.shape[:2])
         blocks[..., 0] = np.clip(e, 0, 255).astype(np.uint8)
@@ -147,7 +154,7 @@ def test_stacking_one_type_concatenates_rows():
 
 
 def test_matrices_of_a_type_without_a_kernel_load_dense_and_are_counted(tmp_path):
-    """An IQ2/IQ3 matrix beside K-quant blocks: dequantized (the stage says so once), the rest kept."""
+    """A ternary (TQ1_0/TQ2_0) matrix beside K-quant blocks: dequantized (the stage says so once), the rest kept."""
     from shardrt.gguf_file import GGUFFile
     from shardrt.gguf_loader import LayerSpan, StageWeights
     from shardrt.model import ModelConfig
@@ -155,7 +162,7 @@ def test_matrices_of_a_type_without_a_kernel_load_dense_and_are_counted(tmp_path
     from .synthetic import write_model
 
     path = write_model(tmp_path / "mixed.gguf", n_layers=2, dim=256, ffn_dim=512, qtype="Q4_K",
-                       tensor_types={"blk.0.attn_v.weight": Q.IQ2_XXS, "blk.1.ffn_down.weight": Q.IQ3_S})
+                       tensor_types={"blk.0.attn_v.weight": Q.TQ1_0, "blk.1.ffn_down.weight": Q.TQ2_0})
     meta = torch.device("meta")  # shapes and types as a GPU stage holds them, no GPU needed
     with GGUFFile(path) as gguf:
         weights = StageWeights(gguf, ModelConfig.from_gguf(gguf), LayerSpan.of(0, 2, 2), quantized=True)
@@ -165,7 +172,7 @@ def test_matrices_of_a_type_without_a_kernel_load_dense_and_are_counted(tmp_path
     assert qk.rows == first["attn_output"].rows + v.shape[0]  # q's rows (as many as the output's) and k's (as v's)
     assert isinstance(second["ffn_down"], torch.Tensor) and second["ffn_down"].dtype == torch.bfloat16
     assert isinstance(second["ffn_gate_up"], quant.QuantizedWeight)
-    assert weights.without_kernel == {"IQ2_XXS": 1, "IQ3_S": 1}
+    assert weights.without_kernel == {"TQ1_0": 1, "TQ2_0": 1}
 
 
 def check_float_kernels(types) -> dict:

@@ -29,11 +29,12 @@ log = logging.getLogger(__name__)
 
 MIB = 1 << 20
 # Types the gguf package can dequantize and shardrt has checked; anything else is refused by name.
-# The IQ1/IQ2/IQ3 types have no kernel: they load dequantized, on GPUs too.
+# The ternary TQ1_0/TQ2_0 have no kernel: they load dequantized, on GPUs too.
 SUPPORTED_TYPES = frozenset(
     GGMLQuantizationType[name]
     for name in ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
-                 "IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S", "MXFP4")
+                 "IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S", "MXFP4",
+                 "TQ1_0", "TQ2_0")
 )
 
 

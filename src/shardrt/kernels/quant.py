@@ -44,13 +44,17 @@ else:
         """Stands for Triton's, which nothing raises where Triton is not installed."""
 
 Q = GGMLQuantizationType
+# the i-quants whose groups of 8 (or 4) weights are a row of a grid of values (`grid_table`), with signs
+GRID_TYPES = (Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S, Q.IQ1_S, Q.IQ1_M)
 KERNEL_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS,
-                Q.MXFP4)
+                Q.MXFP4) + GRID_TYPES
 # byte offsets of each type's f16 fields (scales, mins) in its block (MXFP4's scale: an exponent byte)
 F16_FIELDS = {Q.Q8_0: (0,), Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2), Q.Q2_K: (80, 82),
-              Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,), Q.IQ4_NL: (0,), Q.IQ4_XS: (0,)}
+              Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,), Q.IQ4_NL: (0,), Q.IQ4_XS: (0,),
+              Q.IQ2_XXS: (0,), Q.IQ2_XS: (0,), Q.IQ2_S: (0,), Q.IQ3_XXS: (0,), Q.IQ3_S: (0,), Q.IQ1_S: (0,)}
+# (IQ1_M's f16 scale is spread over the top nibbles of its four scale words)
 # bytes per block the planes hold beyond the file's (scales unpacked to a byte each)
-EXTRA_BYTES = {Q.Q4_K: 4, Q.Q5_K: 4, Q.Q3_K: 4, Q.IQ4_XS: 2}
+EXTRA_BYTES = {Q.Q4_K: 4, Q.Q5_K: 4, Q.Q3_K: 4, Q.IQ4_XS: 2, Q.IQ3_S: 4, Q.IQ1_M: 2}
 
 
 @dataclass
@@ -105,6 +109,19 @@ def split_planes(raw: torch.Tensor, qtype: Q, cols: int) -> tuple[torch.Tensor, 
     MXFP4: qs uint8 [r, c/2] (Q4_0's layout; values from e2m1's table, doubled), e uint8 [r, c/32]
            (the block's scale is 2^(e - 128), half of E8M0's 2^(e - 127))
 
+    IQ2_XXS: grid uint8 [r, c/8], d f16 [r, c/256], aux int32 [r, c/32] (four 7-bit sign indices, the scale << 28)
+    IQ2_XS: qs int16 [r, c/8] (9-bit grid index | 7-bit sign index << 9), d, scales uint8 [r, c/32] (a nibble per 16)
+    IQ2_S: grid uint8 [r, c/8], d, signs uint8 [r, c/8], (qh | scales << 8) int16 [r, c/32] (qh: the grid
+           index's bits 8-9, two per group of 8; scales: a nibble per 16)
+    IQ3_XXS: grid uint8 [r, c/4] (a row of 4), d, aux int32 [r, c/32] (as IQ2_XXS's)
+    IQ3_S: grid uint8 [r, c/4], d, signs uint8 [r, c/8], (qh | scale << 8) int16 [r, c/32] (qh: the grid
+           index's bit 8, one per row of 4; the scale: the block's nibble)
+    IQ1_S: grid uint8 [r, c/8], d, qh int16 [r, c/32] (three index bits per group of 8, the scale at 12-14, the
+           delta's sign at 15)
+    IQ1_M: grid uint8 [r, c/8], d f16 [r, c/256] (gathered from the scale words' top nibbles), qh uint8
+           [r, c/16] (per group of 8: three index bits and the delta's sign), scales int16 [r, c/64] (3 bits per 16)
+    A sign index names the sign byte whose eighth bit makes the count of set bits even (llama.cpp's ksigns).
+
     Q2_K's and Q3_K's sixteen scales per super-block are re-laid so that the four a kernel unit
     needs sit in one word: new index 4 * (2 * half + g) + j for the file's 8 * half + 2j + g
     (`UNIT_SCALE_ORDER`), where element 128 half + 32j + 16g + l has scale 8 * half + 2j + g.
@@ -156,7 +173,60 @@ def split_planes(raw: torch.Tensor, qtype: Q, cols: int) -> tuple[torch.Tensor, 
         sub = torch.arange(8, device=raw.device)
         scales = ((low[..., sub // 2] >> (4 * (sub % 2))) & 0xF) | (((high >> (2 * sub)) & 3) << 4)
         return flat(8, 136), f16(0, 2)[..., 0], (scales - 32).to(torch.int8).reshape(rows, -1)
+    if qtype in GRID_TYPES:
+        return _grid_planes(b, qtype, flat, f16(0, 2)[..., 0] if qtype != Q.IQ1_M else None)
     raise ValueError(f"{qtype.name} has no kernel")
+
+
+def _grid_planes(b: torch.Tensor, qtype: Q, flat, d: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """The planes of an i-quant of GRID_TYPES (see split_planes) from its blocks b [rows, blocks, bytes]."""
+    rows = b.shape[0]
+
+    def interleave(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:  # two byte planes -> int16 [rows, n]
+        return torch.stack((low, high), dim=-1).contiguous().view(torch.int16).reshape(rows, -1)
+
+    if qtype == Q.IQ2_XXS:  # d, then per 32: four grid bytes and a word
+        groups = b[..., 2:].reshape(rows, -1, 8, 8)
+        return groups[..., :4].reshape(rows, -1), d, groups[..., 4:].contiguous().view(torch.int32).reshape(rows, -1)
+    if qtype == Q.IQ2_XS:
+        return flat(2, 66, torch.int16), d, flat(66, 74)
+    if qtype == Q.IQ2_S:
+        return flat(2, 34), d, flat(34, 66), interleave(b[..., 66:74], b[..., 74:82])
+    if qtype == Q.IQ3_XXS:
+        return flat(2, 66), d, flat(66, 98, torch.int32)
+    if qtype == Q.IQ3_S:
+        block = torch.arange(8, device=b.device)
+        scales = ((b[..., 106 + block // 2] >> (4 * (block % 2))) & 0xF).to(torch.uint8)
+        return flat(2, 66), d, flat(74, 106), interleave(b[..., 66:74], scales)
+    if qtype == Q.IQ1_S:
+        return flat(2, 34), d, flat(34, 50, torch.int16)
+    # IQ1_M: qs, qh, then four scale words whose top nibbles hold d's bits, lowest first
+    words = b[..., 48:56].contiguous().view(torch.int16).int() & 0xFFFF  # [rows, blocks, 4]
+    bits = sum((words[..., i] >> (12 - 4 * i)) & (0xF << (4 * i)) for i in range(4))
+    d = bits.to(torch.int16).view(torch.float16)
+    return flat(0, 32), d, flat(32, 48), flat(48, 56, torch.int16)
+
+
+@functools.cache
+def _grid_values(qtype: Q) -> tuple[int, ...]:
+    """The type's grid (llama.cpp's iq2xxs_grid and kin), row by row, as the `gguf` package decodes it."""
+    from gguf import quants
+
+    traits = getattr(quants, qtype.name)
+    traits.init_grid()
+    return tuple(int(v) for v in traits.grid.reshape(-1))
+
+
+GRID_WIDTH = {Q.IQ3_XXS: 4, Q.IQ3_S: 4}  # values in a grid row (8 for the others)
+_grid_tables: dict[tuple, torch.Tensor] = {}
+
+
+def grid_table(qtype: Q, device: torch.device) -> torch.Tensor:
+    """int8 [grid rows * width]: the values of `qtype`'s grid on `device`."""
+    key = (qtype, device)
+    if key not in _grid_tables:
+        _grid_tables[key] = torch.tensor(_grid_values(qtype), dtype=torch.int8, device=device)
+    return _grid_tables[key]
 
 
 # Q2_K/Q3_K: position 4 * (2 * half + g) + j of the re-laid scales holds the file's 8 * half + 2j + g
@@ -264,7 +334,75 @@ def dequantize_reference(w: QuantizedWeight, rows: torch.Tensor | None = None) -
         q = values[nibbles(qs, 16)].reshape(r, -1, 8, 32)
         out = d.float().reshape(r, -1, 1, 1) * scales.float().reshape(r, -1, 8, 1) * q
         return out.reshape(r, c)
+    if t in GRID_TYPES:
+        return _grid_reference(t, planes, r, c)
     raise ValueError(f"{t.name} has no kernel")
+
+
+def _grid_reference(t: Q, planes: tuple[torch.Tensor, ...], r: int, c: int) -> torch.Tensor:
+    """float32 [r, c] of an i-quant of GRID_TYPES, from its planes (see split_planes)."""
+    grid = grid_table(t, planes[0].device).float().reshape(-1, GRID_WIDTH.get(t, 8))
+    d = planes[1].float().reshape(r, -1, 1)  # [r, super-blocks, 1]
+    bit = torch.arange(8, device=grid.device)
+
+    def signs(byte: torch.Tensor) -> torch.Tensor:  # sign bytes [...] -> +-1 [..., 8]
+        return 1.0 - 2.0 * ((byte.int()[..., None] >> bit) & 1).float()
+
+    def sign_bytes(aux: torch.Tensor) -> torch.Tensor:  # words [..] -> the four groups' sign bytes [.., 4]
+        index = (aux.int()[..., None] >> (7 * torch.arange(4, device=aux.device))) & 127
+        return index | (parity(index) << 7)
+
+    def u16(plane: torch.Tensor) -> torch.Tensor:
+        return plane.int() & 0xFFFF
+
+    if t in (Q.IQ2_XXS, Q.IQ3_XXS):  # per 32: a 4-bit scale and four groups' signs in one word
+        aux = planes[2].reshape(r, -1, 8)
+        scale = d * (0.5 + ((aux.int() >> 28) & 0xF).float()) * (0.25 if t == Q.IQ2_XXS else 0.5)
+        values = grid[planes[0].int()].reshape(r, -1, 8, 4, 8)
+        out = scale[..., None, None] * values * signs(sign_bytes(aux))
+    elif t == Q.IQ2_XS:
+        q = u16(planes[0]).reshape(r, -1, 16, 2)  # [.., sub-block of 16, group]
+        sc = planes[2].int().reshape(r, -1, 8, 1) >> torch.tensor([0, 4], device=grid.device)
+        scale = d * (0.5 + (sc & 0xF).reshape(r, -1, 16).float()) * 0.25
+        index = (q >> 9) & 127
+        out = scale[..., None, None] * grid[q & 511] * signs(index | (parity(index) << 7))
+    elif t == Q.IQ2_S:
+        high = u16(planes[3]).reshape(r, -1, 8)
+        qh = (high & 0xFF)[..., None] >> (2 * torch.arange(4, device=grid.device))  # [.., block, group]
+        index = planes[0].int().reshape(r, -1, 8, 4) | ((qh & 3) << 8)
+        sc = (high >> 8)[..., None] >> torch.tensor([0, 4], device=grid.device)
+        scale = d * (0.5 + (sc & 0xF).reshape(r, -1, 16).float()) * 0.25
+        out = scale[..., None, None] * (grid[index] * signs(planes[2].reshape(r, -1, 8, 4))).reshape(r, -1, 16, 2, 8)
+    elif t == Q.IQ3_S:
+        high = u16(planes[3]).reshape(r, -1, 8)
+        index = planes[0].int().reshape(r, -1, 8, 8) | ((((high & 0xFF)[..., None] >> bit) & 1) << 8)
+        scale = d * (1 + 2 * (high >> 8)).float()
+        values = grid[index].reshape(r, -1, 8, 4, 8)
+        out = scale[..., None, None] * values * signs(planes[2].reshape(r, -1, 8, 4))
+    elif t == Q.IQ1_S:
+        qh = u16(planes[2]).reshape(r, -1, 8)
+        index = planes[0].int().reshape(r, -1, 8, 4) | (((qh[..., None] >> (3 * torch.arange(4, device=grid.device))) & 7) << 8)
+        scale = d * (2 * ((qh >> 12) & 7) + 1).float()
+        delta = torch.where((qh & 0x8000) == 0, IQ1_DELTA, -IQ1_DELTA)
+        out = scale[..., None, None] * (grid[index] + delta[..., None, None])
+    else:  # IQ1_M
+        qh = planes[2].int().reshape(r, -1, 16, 1) >> torch.tensor([0, 4], device=grid.device)  # [.., sub-block, group]
+        index = planes[0].int().reshape(r, -1, 16, 2) | ((qh & 7) << 8)
+        delta = torch.where((qh & 8) == 0, IQ1_DELTA, -IQ1_DELTA)
+        sc = u16(planes[3]).reshape(r, -1, 4, 1) >> (3 * torch.arange(4, device=grid.device))
+        scale = d * (2 * (sc & 7).reshape(r, -1, 16) + 1).float()
+        out = scale[..., None, None] * (grid[index] + delta[..., None])
+    return out.reshape(r, c)
+
+
+IQ1_DELTA = 0.125  # IQ1_S / IQ1_M: the grid's values are shifted by this, its sign per group
+
+
+def parity(x: torch.Tensor) -> torch.Tensor:
+    """1 where x (7 bits) has an odd number of set bits: the eighth bit of a sign byte."""
+    x = x ^ (x >> 4)
+    x = x ^ (x >> 2)
+    return (x ^ (x >> 1)) & 1
 
 
 # -- the ops -----------------------------------------------------------------------------------------
@@ -437,13 +575,18 @@ def _block_k(w: QuantizedWeight) -> int:
     return next(b for b in (256, 128, 64, 32) if w.cols % b == 0)
 
 
-SUPER_BLOCK_TYPES = (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_XS)
+SUPER_BLOCK_TYPES = (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_XS) + GRID_TYPES
 
 
 def _planes4(w: QuantizedWeight) -> tuple[torch.Tensor, ...]:
     if w.qtype in qdot.TABLE_TYPES:  # the fourth pointer: the table of values
         return w.planes + (w.planes[0],) * (3 - len(w.planes)) + (qdot.value_table(w.qtype, w.device),)
     return w.planes + (w.planes[0],) * (4 - len(w.planes))  # unused pointers: any valid tensor
+
+
+def _grid_or_any(w: QuantizedWeight) -> torch.Tensor:
+    """The grid pointer of the float kernels: the type's grid, or any valid tensor."""
+    return grid_table(w.qtype, w.device) if w.qtype in GRID_TYPES else w.planes[0]
 
 
 def _fused_linear(x: torch.Tensor, w: QuantizedWeight, out: torch.Tensor | None) -> torch.Tensor:
@@ -454,7 +597,7 @@ def _fused_linear(x: torch.Tensor, w: QuantizedWeight, out: torch.Tensor | None)
         out = torch.empty((n, w.rows), dtype=x.dtype, device=x.device)
     block_n = 32 if w.rows >= 4096 else 16
     _fused_linear_kernel[(triton.cdiv(w.rows, block_n),)](
-        x, out, *_planes4(w), n, w.rows, w.cols, x.stride(0), out.stride(0),
+        x, out, *_planes4(w), _grid_or_any(w), n, w.rows, w.cols, x.stride(0), out.stride(0),
         QTYPE=int(w.qtype), BLOCK_M=max(16, triton.next_power_of_2(n)), BLOCK_N=block_n, BLOCK_K=_block_k(w),
         PRECISION=dot_precision(x.dtype), num_warps=4,
     )
@@ -513,7 +656,7 @@ def _launch_dequantize(w: QuantizedWeight, out: torch.Tensor, rows: torch.Tensor
     n = rows.shape[0] if rows is not None else w.rows
     block_n = 16
     _dequantize_kernel[(triton.cdiv(n, block_n), w.cols // _block_k(w))](
-        out, *_planes4(w), rows if rows is not None else out, n, w.cols, out.stride(0),
+        out, *_planes4(w), _grid_or_any(w), rows if rows is not None else out, n, w.cols, out.stride(0),
         QTYPE=int(w.qtype), GATHER=rows is not None, BLOCK_N=block_n, BLOCK_K=_block_k(w), num_warps=4,
     )
 
@@ -529,9 +672,10 @@ if triton is not None:
         return tl.reshape(tl.permute(tl.join(b & 0xF, b >> 4), (0, 1, 3, 2)), (R, N, 2 * G))
 
     @triton.jit
-    def _dequant_tile(p0, p1, p2, p3, rows, row_ok, k0, K, QTYPE: tl.constexpr, BLOCK_N: tl.constexpr,
+    def _dequant_tile(p0, p1, p2, p3, g_ptr, rows, row_ok, k0, K, QTYPE: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr):
-        """Weights [BLOCK_N, BLOCK_K] at rows `rows`, columns k0.., as float32."""
+        """Weights [BLOCK_N, BLOCK_K] at rows `rows`, columns k0.., as float32. g_ptr: the grid of an
+        i-quant of GRID_TYPES (`grid_table`)."""
         r = rows.to(tl.int64)[:, None]
         mask = row_ok[:, None]
         if QTYPE == 8:  # Q8_0
@@ -601,6 +745,8 @@ if triton is not None:
             sc = tl.load(p2 + r * (K // 32) + k0 // 32 + tl.arange(0, 8)[None, :], mask=mask, other=0).to(tl.float32)
             d = tl.load(p1 + r * (K // 256) + k0 // 256, mask=mask, other=0.0).to(tl.float32)
             w = (d * sc)[:, :, None] * values
+        elif QTYPE == 16 or QTYPE == 17 or QTYPE == 18 or QTYPE == 19 or QTYPE == 21 or QTYPE == 22 or QTYPE == 29:
+            w = _grid_tile(p0, p1, p2, p3, g_ptr, r, mask, k0, K, QTYPE, BLOCK_N)
         else:  # Q6_K (14): one super-block of 256 per tile
             ql = tl.load(p0 + r * (K // 2) + k0 // 2 + tl.arange(0, 128)[None, :], mask=mask, other=0).to(tl.int32)
             ql = tl.reshape(ql, (BLOCK_N, 4, 32))  # [half n, (l | l + 32)] flattened, l
@@ -617,7 +763,87 @@ if triton is not None:
         return tl.reshape(w, (BLOCK_N, BLOCK_K))
 
     @triton.jit
-    def _fused_linear_kernel(x_ptr, out_ptr, p0, p1, p2, p3, M, N, K, stride_x, stride_out,
+    def _sign_bits(index):
+        """7-bit sign indices [...] -> +-1.0 [..., 8]: the index's bits, the eighth making the count even."""
+        odd = index ^ (index >> 4)
+        odd = odd ^ (odd >> 2)
+        byte = index | (((odd ^ (odd >> 1)) & 1) << 7)
+        return _signs(byte)
+
+    @triton.jit
+    def _signs(byte):
+        """sign bytes [...] (int32) -> +-1.0 [..., 8]: bit j set, element j negative."""
+        return 1.0 - 2.0 * ((tl.expand_dims(byte, -1) >> tl.arange(0, 8)) & 1).to(tl.float32)
+
+    @triton.jit
+    def _grid_rows(g_ptr, index, WIDTH: tl.constexpr):
+        """grid rows [..., WIDTH] as float32 for row indices [...]."""
+        return tl.load(g_ptr + tl.expand_dims(index, -1) * WIDTH + tl.arange(0, WIDTH)).to(tl.float32)
+
+    @triton.jit
+    def _grid_tile(p0, p1, p2, p3, g_ptr, r, mask, k0, K, QTYPE: tl.constexpr, BLOCK_N: tl.constexpr):
+        """One super-block [BLOCK_N, 256] of an i-quant of GRID_TYPES (see split_planes for its planes),
+        r [BLOCK_N, 1] its rows, as float32."""
+        d = tl.load(p1 + r * (K // 256) + k0 // 256, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_N, 1]
+        g32 = tl.arange(0, 32)[None, :]
+        b8 = tl.arange(0, 8)[None, :]
+        if QTYPE == 16 or QTYPE == 18:  # IQ2_XXS, IQ3_XXS: per block of 32 a word of signs and the scale
+            aux = tl.load(p2 + r * (K // 32) + k0 // 32 + b8, mask=mask, other=0)  # [BLOCK_N, 8]
+            scale = d * (0.5 + ((aux >> 28) & 0xF).to(tl.float32)) * (0.25 if QTYPE == 16 else 0.5)
+            sign = _sign_bits((tl.reshape(aux, (BLOCK_N, 8, 1)) >> (7 * tl.arange(0, 4))[None, None, :]) & 127)
+            if QTYPE == 16:
+                index = tl.load(p0 + r * (K // 8) + k0 // 8 + g32, mask=mask, other=0).to(tl.int32)
+                values = tl.reshape(_grid_rows(g_ptr, index, 8), (BLOCK_N, 8, 4, 8))
+            else:
+                index = tl.load(p0 + r * (K // 4) + k0 // 4 + tl.arange(0, 64)[None, :], mask=mask, other=0).to(tl.int32)
+                values = tl.reshape(_grid_rows(g_ptr, index, 4), (BLOCK_N, 8, 4, 8))
+            w = tl.reshape(scale, (BLOCK_N, 8, 1, 1)) * values * sign
+        elif QTYPE == 17:  # IQ2_XS: a 9-bit grid index and a 7-bit sign index per group, a scale per 16
+            q = tl.load(p0 + r * (K // 8) + k0 // 8 + g32, mask=mask, other=0).to(tl.int32) & 0xFFFF
+            sc = tl.load(p2 + r * (K // 32) + k0 // 32 + b8, mask=mask, other=0).to(tl.int32)
+            sc = tl.reshape((tl.reshape(sc, (BLOCK_N, 8, 1)) >> (4 * tl.arange(0, 2))[None, None, :]) & 0xF, (BLOCK_N, 16))
+            scale = d * (0.5 + sc.to(tl.float32)) * 0.25
+            values = _grid_rows(g_ptr, q & 511, 8) * _sign_bits((q >> 9) & 127)  # [BLOCK_N, 32, 8]
+            w = tl.reshape(scale, (BLOCK_N, 16, 1, 1)) * tl.reshape(values, (BLOCK_N, 16, 2, 8))
+        elif QTYPE == 22:  # IQ2_S: index bits 8-9 two per group in qh, sign bytes, a scale per 16
+            high = tl.load(p3 + r * (K // 32) + k0 // 32 + b8, mask=mask, other=0).to(tl.int32) & 0xFFFF
+            qh = (tl.reshape(high & 0xFF, (BLOCK_N, 8, 1)) >> (2 * tl.arange(0, 4))[None, None, :]) & 3
+            low = tl.load(p0 + r * (K // 8) + k0 // 8 + g32, mask=mask, other=0).to(tl.int32)
+            index = tl.reshape(low, (BLOCK_N, 8, 4)) | (qh << 8)
+            byte = tl.load(p2 + r * (K // 8) + k0 // 8 + g32, mask=mask, other=0).to(tl.int32)
+            values = _grid_rows(g_ptr, index, 8) * _signs(tl.reshape(byte, (BLOCK_N, 8, 4)))  # [BLOCK_N, 8, 4, 8]
+            sc = (tl.reshape(high >> 8, (BLOCK_N, 8, 1)) >> (4 * tl.arange(0, 2))[None, None, :]) & 0xF
+            scale = d * (0.5 + tl.reshape(sc, (BLOCK_N, 16)).to(tl.float32)) * 0.25
+            w = tl.reshape(scale, (BLOCK_N, 16, 1, 1)) * tl.reshape(values, (BLOCK_N, 16, 2, 8))
+        elif QTYPE == 21:  # IQ3_S: index bit 8 one per row of 4 in qh, sign bytes, a scale per 32
+            high = tl.load(p3 + r * (K // 32) + k0 // 32 + b8, mask=mask, other=0).to(tl.int32) & 0xFFFF
+            low = tl.load(p0 + r * (K // 4) + k0 // 4 + tl.arange(0, 64)[None, :], mask=mask, other=0).to(tl.int32)
+            bit = (tl.reshape(high & 0xFF, (BLOCK_N, 8, 1)) >> tl.arange(0, 8)[None, None, :]) & 1
+            values = tl.reshape(_grid_rows(g_ptr, tl.reshape(low, (BLOCK_N, 8, 8)) | (bit << 8), 4), (BLOCK_N, 8, 4, 8))
+            byte = tl.load(p2 + r * (K // 8) + k0 // 8 + g32, mask=mask, other=0).to(tl.int32)
+            scale = d * (1 + 2 * (high >> 8)).to(tl.float32)
+            w = tl.reshape(scale, (BLOCK_N, 8, 1, 1)) * values * _signs(tl.reshape(byte, (BLOCK_N, 8, 4)))
+        elif QTYPE == 19:  # IQ1_S: three index bits per group, the scale and the delta's sign per 32 in qh
+            qh = tl.load(p2 + r * (K // 32) + k0 // 32 + b8, mask=mask, other=0).to(tl.int32) & 0xFFFF
+            low = tl.load(p0 + r * (K // 8) + k0 // 8 + g32, mask=mask, other=0).to(tl.int32)
+            index = tl.reshape(low, (BLOCK_N, 8, 4)) | (((tl.reshape(qh, (BLOCK_N, 8, 1)) >> (3 * tl.arange(0, 4))[None, None, :]) & 7) << 8)
+            delta = tl.where((qh & 0x8000) == 0, 0.125, -0.125)
+            scale = d * (2 * ((qh >> 12) & 7) + 1).to(tl.float32)
+            w = tl.reshape(scale, (BLOCK_N, 8, 1, 1)) * (_grid_rows(g_ptr, index, 8) + tl.reshape(delta, (BLOCK_N, 8, 1, 1)))
+        else:  # IQ1_M (29): per group three index bits and the delta's sign in a nibble of qh, a scale per 16
+            qh = tl.load(p2 + r * (K // 16) + k0 // 16 + tl.arange(0, 16)[None, :], mask=mask, other=0).to(tl.int32)
+            nib = (tl.reshape(qh, (BLOCK_N, 16, 1)) >> (4 * tl.arange(0, 2))[None, None, :]) & 0xF  # [BLOCK_N, 16, 2]
+            low = tl.load(p0 + r * (K // 8) + k0 // 8 + g32, mask=mask, other=0).to(tl.int32)
+            index = tl.reshape(low, (BLOCK_N, 16, 2)) | ((nib & 7) << 8)
+            delta = tl.where((nib & 8) == 0, 0.125, -0.125)
+            words = tl.load(p3 + r * (K // 64) + k0 // 64 + tl.arange(0, 4)[None, :], mask=mask, other=0).to(tl.int32)
+            sc = (tl.reshape(words, (BLOCK_N, 4, 1)) >> (3 * tl.arange(0, 4))[None, None, :]) & 7
+            scale = d * tl.reshape(2 * sc + 1, (BLOCK_N, 16)).to(tl.float32)
+            w = tl.reshape(scale, (BLOCK_N, 16, 1, 1)) * (_grid_rows(g_ptr, index, 8) + tl.reshape(delta, (BLOCK_N, 16, 2, 1)))
+        return tl.reshape(w, (BLOCK_N, 256))
+
+    @triton.jit
+    def _fused_linear_kernel(x_ptr, out_ptr, p0, p1, p2, p3, g_ptr, M, N, K, stride_x, stride_out,
                              QTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -626,20 +852,20 @@ if triton is not None:
         m_ok = m < M
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            w = _dequant_tile(p0, p1, p2, p3, rows, row_ok, k0, K, QTYPE, BLOCK_N, BLOCK_K)
+            w = _dequant_tile(p0, p1, p2, p3, g_ptr, rows, row_ok, k0, K, QTYPE, BLOCK_N, BLOCK_K)
             x = tl.load(x_ptr + m[:, None] * stride_x + k0 + tl.arange(0, BLOCK_K)[None, :], mask=m_ok[:, None], other=0.0)
             acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=PRECISION)
         tl.store(out_ptr + m[:, None] * stride_out + rows[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=m_ok[:, None] & row_ok[None, :])
 
     @triton.jit
-    def _dequantize_kernel(out_ptr, p0, p1, p2, p3, ids_ptr, N, K, stride_out, QTYPE: tl.constexpr,
+    def _dequantize_kernel(out_ptr, p0, p1, p2, p3, g_ptr, ids_ptr, N, K, stride_out, QTYPE: tl.constexpr,
                            GATHER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         i = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         ok = i < N
         rows = tl.load(ids_ptr + i, mask=ok, other=0) if GATHER else i
         k0 = tl.program_id(1) * BLOCK_K
-        w = _dequant_tile(p0, p1, p2, p3, rows, ok, k0, K, QTYPE, BLOCK_N, BLOCK_K)
+        w = _dequant_tile(p0, p1, p2, p3, g_ptr, rows, ok, k0, K, QTYPE, BLOCK_N, BLOCK_K)
         tl.store(out_ptr + i.to(tl.int64)[:, None] * stride_out + k0 + tl.arange(0, BLOCK_K)[None, :],
                  w.to(out_ptr.dtype.element_ty), mask=ok[:, None])
 
