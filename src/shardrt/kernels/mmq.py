@@ -51,9 +51,11 @@ SUPER_BLOCK_TYPES = (Q.Q4_K, Q.Q5_K, Q.Q6_K)
 BLOCKS = {Q.Q6_K: (64, 4)}
 DEFAULT_BLOCK = (128, 4)
 # The other blocks `quant.choose` times beside a type's own, per matrix and rows bucket: which is
-# fastest depends on the matrix (each of these won on some Llama-3 8B matrix at 16 rows, above).
+# fastest depends on the matrix (each of (64, 4), (128, 4), (128, 8), (256, 8) won on some Llama-3
+# 8B matrix at 16 rows, above). Q6_K's were not swept: its own block's neighbours.
 OTHER_BLOCKS = {Q.Q6_K: ((32, 4), (64, 8), (128, 8))}
 DEFAULT_OTHER_BLOCKS = ((64, 4), (128, 8), (256, 8))
+ALL_OTHER_BLOCKS = tuple(dict.fromkeys(DEFAULT_OTHER_BLOCKS + sum(OTHER_BLOCKS.values(), ())))
 PROGRAMS_PER_SM = 2
 SUM_BLOCK = 1024  # outputs of one program of the partial sums' kernel
 

@@ -3,9 +3,10 @@
 `QuantizedWeight` holds a matrix of GGUF blocks split into planes (the quants, the scales) so
 that each plane is one contiguous, aligned array the kernels can load in wide, coalesced reads;
 the bytes are the file's, except that Q4_K/Q5_K/Q3_K/IQ4_XS keep their packed sub-block scales
-unpacked to a byte each (at most +3.6%), and Q2_K/Q3_K's scales are re-laid in the order the
-integer kernel reads them. `linear(x, w)` picks one of five paths per type, shape and row count
-by timing them once (`choose`):
+unpacked to a byte each (at most +3.6%), Q2_K/Q3_K's scales are re-laid in the order the integer
+kernel reads them, and IQ3_S/IQ1_M gather their scattered scale bits (+3.6%). `linear(x, w)` picks
+one of five paths (mmq with one of several blocks) per type, shape and row count by timing them
+once (`choose`):
 
 - qdot: integer dot products against x quantized per block of 32 (qdot.py), for 1 to 8 rows of
   bf16/fp16 activations on CUDA: the decode and speculative-verify path, near the memory's rate;
@@ -17,7 +18,8 @@ by timing them once (`choose`):
 
 `embedding(ids, w)` dequantizes just the rows asked for. Each op has a torch reference over the
 same planes (the CPU path of the tests; the CPU itself runs dequantized weights). Types with a
-kernel: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS, MXFP4.
+kernel: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS, MXFP4, and the
+i-quants of GRID_TYPES (the float paths only: tile and dequantized).
 """
 
 from __future__ import annotations
@@ -37,12 +39,6 @@ from ._triton import dot_precision, tl, triton, use_triton
 from .qdot import IQ4_VALUES, MXFP4_VALUES
 
 log = logging.getLogger(__name__)
-if triton is not None:
-    from triton.runtime.errors import OutOfResources
-else:
-    class OutOfResources(Exception):
-        """Stands for Triton's, which nothing raises where Triton is not installed."""
-
 Q = GGMLQuantizationType
 # the i-quants whose groups of 8 (or 4) weights are a row of a grid of values (`grid_table`), with signs
 GRID_TYPES = (Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S, Q.IQ1_S, Q.IQ1_M)
@@ -174,13 +170,18 @@ def split_planes(raw: torch.Tensor, qtype: Q, cols: int) -> tuple[torch.Tensor, 
         scales = ((low[..., sub // 2] >> (4 * (sub % 2))) & 0xF) | (((high >> (2 * sub)) & 3) << 4)
         return flat(8, 136), f16(0, 2)[..., 0], (scales - 32).to(torch.int8).reshape(rows, -1)
     if qtype in GRID_TYPES:
-        return _grid_planes(b, qtype, flat, f16(0, 2)[..., 0] if qtype != Q.IQ1_M else None)
+        return _grid_planes(b, qtype)
     raise ValueError(f"{qtype.name} has no kernel")
 
 
-def _grid_planes(b: torch.Tensor, qtype: Q, flat, d: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+def _grid_planes(b: torch.Tensor, qtype: Q) -> tuple[torch.Tensor, ...]:
     """The planes of an i-quant of GRID_TYPES (see split_planes) from its blocks b [rows, blocks, bytes]."""
     rows = b.shape[0]
+
+    def flat(lo: int, hi: int, dtype=torch.uint8) -> torch.Tensor:
+        return b[..., lo:hi].contiguous().view(dtype).reshape(rows, -1)
+
+    d = b[..., 0:2].contiguous().view(torch.float16)[..., 0]  # all but IQ1_M: the f16 scale first
 
     def interleave(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:  # two byte planes -> int16 [rows, n]
         return torch.stack((low, high), dim=-1).contiguous().view(torch.int16).reshape(rows, -1)
@@ -203,7 +204,7 @@ def _grid_planes(b: torch.Tensor, qtype: Q, flat, d: torch.Tensor | None) -> tup
     # IQ1_M: qs, qh, then four scale words whose top nibbles hold d's bits, lowest first
     words = b[..., 48:56].contiguous().view(torch.int16).int() & 0xFFFF  # [rows, blocks, 4]
     bits = sum((words[..., i] >> (12 - 4 * i)) & (0xF << (4 * i)) for i in range(4))
-    d = bits.to(torch.int16).view(torch.float16)
+    d = bits.to(torch.uint16).view(torch.float16)
     return flat(0, 32), d, flat(32, 48), flat(48, 56, torch.int16)
 
 
@@ -339,6 +340,9 @@ def dequantize_reference(w: QuantizedWeight, rows: torch.Tensor | None = None) -
     raise ValueError(f"{t.name} has no kernel")
 
 
+IQ1_DELTA = 0.125  # IQ1_S / IQ1_M: the grid's values are shifted by this, its sign per group
+
+
 def _grid_reference(t: Q, planes: tuple[torch.Tensor, ...], r: int, c: int) -> torch.Tensor:
     """float32 [r, c] of an i-quant of GRID_TYPES, from its planes (see split_planes)."""
     grid = grid_table(t, planes[0].device).float().reshape(-1, GRID_WIDTH.get(t, 8))
@@ -381,7 +385,8 @@ def _grid_reference(t: Q, planes: tuple[torch.Tensor, ...], r: int, c: int) -> t
         out = scale[..., None, None] * values * signs(planes[2].reshape(r, -1, 8, 4))
     elif t == Q.IQ1_S:
         qh = u16(planes[2]).reshape(r, -1, 8)
-        index = planes[0].int().reshape(r, -1, 8, 4) | (((qh[..., None] >> (3 * torch.arange(4, device=grid.device))) & 7) << 8)
+        high_bits = (qh[..., None] >> (3 * torch.arange(4, device=grid.device))) & 7  # [.., block, group]
+        index = planes[0].int().reshape(r, -1, 8, 4) | (high_bits << 8)
         scale = d * (2 * ((qh >> 12) & 7) + 1).float()
         delta = torch.where((qh & 0x8000) == 0, IQ1_DELTA, -IQ1_DELTA)
         out = scale[..., None, None] * (grid[index] + delta[..., None, None])
@@ -393,9 +398,6 @@ def _grid_reference(t: Q, planes: tuple[torch.Tensor, ...], r: int, c: int) -> t
         scale = d * (2 * (sc & 7).reshape(r, -1, 16) + 1).float()
         out = scale[..., None, None] * (grid[index] + delta[..., None])
     return out.reshape(r, c)
-
-
-IQ1_DELTA = 0.125  # IQ1_S / IQ1_M: the grid's values are shifted by this, its sign per group
 
 
 def parity(x: torch.Tensor) -> torch.Tensor:
@@ -482,14 +484,7 @@ def choose(w: QuantizedWeight, n: int, x: torch.Tensor) -> str:
     if key not in _choices:
         if not x.is_cuda or torch.cuda.is_current_stream_capturing():
             return options[0]
-        times = {}
-        for path in options:
-            try:
-                times[path] = _gpu_time(path, w, bucket, x.dtype)
-            except OutOfResources:  # another block than the type's own may not fit this GPU
-                if path not in MMQ_BLOCKS:
-                    raise
-                log.info("%s: its programs need more registers or shared memory than this GPU has", path)
+        times = {path: _gpu_time(path, w, bucket, x.dtype) for path in options}
         _choices[key] = min(times, key=times.get)
         log.debug("%s %dx%d x%d: %s", w.qtype.name, w.rows, w.cols, bucket,
                   ", ".join(f"{p} {t:.3f} ms" for p, t in sorted(times.items(), key=lambda kv: kv[1])))
@@ -642,8 +637,7 @@ def _quantizing(product):
     return lambda x, w, out: product(qdot.quantize_rows(x), w, out)
 
 
-MMQ_BLOCKS = {mmq_path(block): block for blocks in (mmq.DEFAULT_OTHER_BLOCKS, *mmq.OTHER_BLOCKS.values())
-              for block in blocks}
+MMQ_BLOCKS = {mmq_path(block): block for block in mmq.ALL_OTHER_BLOCKS}
 # the paths that multiply x quantized per block of 32 (parts of one product share it)
 INTEGER_PRODUCTS = {"qdot": qdot.linear, "mmq": mmq.linear,
                     **{path: functools.partial(mmq.linear, block=block) for path, block in MMQ_BLOCKS.items()}}
@@ -745,7 +739,8 @@ if triton is not None:
             sc = tl.load(p2 + r * (K // 32) + k0 // 32 + tl.arange(0, 8)[None, :], mask=mask, other=0).to(tl.float32)
             d = tl.load(p1 + r * (K // 256) + k0 // 256, mask=mask, other=0.0).to(tl.float32)
             w = (d * sc)[:, :, None] * values
-        elif QTYPE == 16 or QTYPE == 17 or QTYPE == 18 or QTYPE == 19 or QTYPE == 21 or QTYPE == 22 or QTYPE == 29:
+        elif QTYPE == 16 or QTYPE == 17 or QTYPE == 18 or QTYPE == 19 or QTYPE == 21 or QTYPE == 22 \
+                or QTYPE == 29:  # GRID_TYPES: IQ2_XXS, IQ2_XS, IQ3_XXS, IQ1_S, IQ3_S, IQ2_S, IQ1_M
             w = _grid_tile(p0, p1, p2, p3, g_ptr, r, mask, k0, K, QTYPE, BLOCK_N)
         else:  # Q6_K (14): one super-block of 256 per tile
             ql = tl.load(p0 + r * (K // 2) + k0 // 2 + tl.arange(0, 128)[None, :], mask=mask, other=0).to(tl.int32)
@@ -795,13 +790,15 @@ if triton is not None:
                 index = tl.load(p0 + r * (K // 8) + k0 // 8 + g32, mask=mask, other=0).to(tl.int32)
                 values = tl.reshape(_grid_rows(g_ptr, index, 8), (BLOCK_N, 8, 4, 8))
             else:
-                index = tl.load(p0 + r * (K // 4) + k0 // 4 + tl.arange(0, 64)[None, :], mask=mask, other=0).to(tl.int32)
+                rows_of_4 = tl.arange(0, 64)[None, :]
+                index = tl.load(p0 + r * (K // 4) + k0 // 4 + rows_of_4, mask=mask, other=0).to(tl.int32)
                 values = tl.reshape(_grid_rows(g_ptr, index, 4), (BLOCK_N, 8, 4, 8))
             w = tl.reshape(scale, (BLOCK_N, 8, 1, 1)) * values * sign
         elif QTYPE == 17:  # IQ2_XS: a 9-bit grid index and a 7-bit sign index per group, a scale per 16
             q = tl.load(p0 + r * (K // 8) + k0 // 8 + g32, mask=mask, other=0).to(tl.int32) & 0xFFFF
             sc = tl.load(p2 + r * (K // 32) + k0 // 32 + b8, mask=mask, other=0).to(tl.int32)
-            sc = tl.reshape((tl.reshape(sc, (BLOCK_N, 8, 1)) >> (4 * tl.arange(0, 2))[None, None, :]) & 0xF, (BLOCK_N, 16))
+            sc = (tl.reshape(sc, (BLOCK_N, 8, 1)) >> (4 * tl.arange(0, 2))[None, None, :]) & 0xF
+            sc = tl.reshape(sc, (BLOCK_N, 16))
             scale = d * (0.5 + sc.to(tl.float32)) * 0.25
             values = _grid_rows(g_ptr, q & 511, 8) * _sign_bits((q >> 9) & 127)  # [BLOCK_N, 32, 8]
             w = tl.reshape(scale, (BLOCK_N, 16, 1, 1)) * tl.reshape(values, (BLOCK_N, 16, 2, 8))
@@ -826,20 +823,23 @@ if triton is not None:
         elif QTYPE == 19:  # IQ1_S: three index bits per group, the scale and the delta's sign per 32 in qh
             qh = tl.load(p2 + r * (K // 32) + k0 // 32 + b8, mask=mask, other=0).to(tl.int32) & 0xFFFF
             low = tl.load(p0 + r * (K // 8) + k0 // 8 + g32, mask=mask, other=0).to(tl.int32)
-            index = tl.reshape(low, (BLOCK_N, 8, 4)) | (((tl.reshape(qh, (BLOCK_N, 8, 1)) >> (3 * tl.arange(0, 4))[None, None, :]) & 7) << 8)
-            delta = tl.where((qh & 0x8000) == 0, 0.125, -0.125)
+            high_bits = (tl.reshape(qh, (BLOCK_N, 8, 1)) >> (3 * tl.arange(0, 4))[None, None, :]) & 7
+            index = tl.reshape(low, (BLOCK_N, 8, 4)) | (high_bits << 8)
+            delta = tl.where((qh & 0x8000) == 0, 0.125, -0.125)  # IQ1_DELTA
             scale = d * (2 * ((qh >> 12) & 7) + 1).to(tl.float32)
-            w = tl.reshape(scale, (BLOCK_N, 8, 1, 1)) * (_grid_rows(g_ptr, index, 8) + tl.reshape(delta, (BLOCK_N, 8, 1, 1)))
+            values = _grid_rows(g_ptr, index, 8) + tl.reshape(delta, (BLOCK_N, 8, 1, 1))
+            w = tl.reshape(scale, (BLOCK_N, 8, 1, 1)) * values
         else:  # IQ1_M (29): per group three index bits and the delta's sign in a nibble of qh, a scale per 16
             qh = tl.load(p2 + r * (K // 16) + k0 // 16 + tl.arange(0, 16)[None, :], mask=mask, other=0).to(tl.int32)
             nib = (tl.reshape(qh, (BLOCK_N, 16, 1)) >> (4 * tl.arange(0, 2))[None, None, :]) & 0xF  # [BLOCK_N, 16, 2]
             low = tl.load(p0 + r * (K // 8) + k0 // 8 + g32, mask=mask, other=0).to(tl.int32)
             index = tl.reshape(low, (BLOCK_N, 16, 2)) | ((nib & 7) << 8)
-            delta = tl.where((nib & 8) == 0, 0.125, -0.125)
+            delta = tl.where((nib & 8) == 0, 0.125, -0.125)  # IQ1_DELTA
             words = tl.load(p3 + r * (K // 64) + k0 // 64 + tl.arange(0, 4)[None, :], mask=mask, other=0).to(tl.int32)
             sc = (tl.reshape(words, (BLOCK_N, 4, 1)) >> (3 * tl.arange(0, 4))[None, None, :]) & 7
             scale = d * tl.reshape(2 * sc + 1, (BLOCK_N, 16)).to(tl.float32)
-            w = tl.reshape(scale, (BLOCK_N, 16, 1, 1)) * (_grid_rows(g_ptr, index, 8) + tl.reshape(delta, (BLOCK_N, 16, 2, 1)))
+            values = _grid_rows(g_ptr, index, 8) + tl.reshape(delta, (BLOCK_N, 16, 2, 1))
+            w = tl.reshape(scale, (BLOCK_N, 16, 1, 1)) * values
         return tl.reshape(w, (BLOCK_N, 256))
 
     @triton.jit
