@@ -86,6 +86,23 @@ def test_a_stage_prefills_in_buckets_up_to_its_max_prefill():
             prefill_buckets(bad)
 
 
+def test_scoring_stops_after_the_highest_scored_layer(tmp_path):
+    """The drafter's prefill runs only up to its top scored layer: the layers above it write no KV,
+    and the scores are those of a drafter that has no layers above (the same weights below)."""
+    from shardrt.attention_scores import score_prompt
+    from shardrt.pflash import scored_layers
+    from shardrt.stage import Stage
+
+    path = write_model(tmp_path / "drafter.gguf", "llama", n_layers=6, seed=2)
+    whole, lower = Stage(path, 0, 6, "cpu", max_ctx=256), Stage(path, 0, 4, "cpu", max_ctx=256)
+    layers = scored_layers(whole.cfg, 1 / 6, 0.7)
+    assert layers == [1, 2, 3, 4]  # int(0.7 * 6)
+    ids = torch.randint(1, whole.cfg.vocab_size, (200,), generator=torch.Generator().manual_seed(0))
+    scores = score_prompt(whole, ids, window=8, skip=4, chunk=64, layers=layers[:3])  # up to layer 3
+    assert whole.k_cache[5].abs().sum() == 0 and whole.k_cache[4].abs().sum() == 0 and whole.k_cache[3].abs().sum() > 0
+    assert torch.equal(scores, score_prompt(lower, ids, window=8, skip=4, chunk=64, layers=layers[:3]))
+
+
 def test_kept_text_is_the_prompts_own_characters():
     text = "alpha beta gamma delta"
     offsets = [(0, 5), (5, 10), (10, 16), (16, 22)]
@@ -220,9 +237,11 @@ def test_a_warm_up_scores_a_throwaway_prompt_and_leaves_the_drafter_serving(demo
     drafter = write_model(tmp_path / "short.gguf", "llama", context_length=2048)
     with Cluster(niah_config(drafter, min_prompt=100), demo_model) as running:
         stats = running.pflash.stage.stats
-        before = stats()["length"]
+        before = stats()["stages"][0]["forwards"]
         running.pflash.warm_up()
-        assert before == 0 and stats()["length"] == 2048  # the whole context: min(max_ctx, two chunks)
+        # the whole context (min(max_ctx, two chunks)): its 2016 tokens before the window in one
+        # chunk, then the window; early exits below the top layer, so no length is set
+        assert stats()["stages"][0]["forwards"] == before + 2 and stats()["length"] == 0
         h = haystack(demo_tokenizer, 120, 0.5, seed=3)
         result = running.generate(demo_tokenizer, demo_tokenizer.encode(h.text), ANSWER, prompt=PromptText.plain(h.text))
         kept = result.pflash["kept_text"]

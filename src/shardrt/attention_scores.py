@@ -24,8 +24,10 @@ from .kernels.norm import rms_norm_reference
 @torch.inference_mode()
 def score_prompt(stage, ids: torch.Tensor, *, window: int, skip: int, chunk: int, layers: list[int]) -> torch.Tensor:
     """Prefill token ids [n] into sequence 0 of `stage` (one holding the embedding and every
-    scored layer), `chunk` tokens at a time, and score each token: float32 [n] on the CPU, zero
-    outside the candidates [skip, n - window). The stage's cache is left holding the prompt."""
+    scored layer), `chunk` tokens at a time, through the highest scored layer only (an early exit:
+    the layers above it do not run), and score each token: float32 [n] on the CPU, zero outside the
+    candidates [skip, n - window). The stage's cache is left holding the prompt's keys and values
+    in those layers, its length unset (as after any early exit)."""
     n, cfg, span = ids.shape[0], stage.cfg, stage.span
     if cfg.hybrid:  # its gated queries and linear layers are not what the scores below recompute
         raise ConfigError(f"score_prompt: a {cfg.arch} model cannot be the PFlash drafter; give one of the "
@@ -44,11 +46,11 @@ def score_prompt(stage, ids: torch.Tensor, *, window: int, skip: int, chunk: int
             raise ConfigError(f"score_prompt.layers: layer {layer} attends through a sliding window; it cannot see "
                               "the whole prompt")
     stage.reset(0)
-    split = n - window
+    split, top = n - window, max(layers)
     for start in range(0, split, chunk):
-        stage.run(ids[start : min(start + chunk, split)], start)
+        stage.run(ids[start : min(start + chunk, split)], start, stop_after=top)
     before = sorted({layer - 1 for layer in layers if layer > span.start})  # the hidden states entering them
-    _, captured = stage.run(ids[split:], split, capture=tuple(before))
+    _, captured = stage.run(ids[split:], split, capture=tuple(before), stop_after=top)
     entering = {c.layer + 1: c.data for c in captured}
     if span.start in layers:
         entering[span.start] = stage._embed(ids[split:])  # the stage's own embedding (Gemma scales it)

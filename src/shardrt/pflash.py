@@ -41,6 +41,7 @@ class Scoring:
     smooth: int = 9  # scores are averaged over this many neighbouring tokens first
     prefill_chunk: int = PFLASH_PREFILL  # the drafter prefills the prompt this many tokens at a time
     first_layer: float = 1 / 6  # layers scored: the drafter's global-attention layers from this height up
+    last_layer: float = 0.7  # ... up to this height; the drafter's prefill stops there (its upper layers never run)
 
 
 @dataclass(frozen=True)
@@ -183,7 +184,7 @@ class Compressor:
         self.stage, self.tokenizer = stage, tokenizer
         self.keep, self.min_prompt = keep, min_prompt
         self.scoring = scoring or Scoring()
-        self.layers = scored_layers(stage.cfg, self.scoring.first_layer)
+        self.layers = scored_layers(stage.cfg, self.scoring.first_layer, self.scoring.last_layer)
 
     @property
     def max_ctx(self) -> int:
@@ -237,12 +238,14 @@ class Compressor:
         return Report(n, n, 0.0, prompt.text, why)
 
 
-def scored_layers(cfg, first_layer: float) -> list[int]:
+def scored_layers(cfg, first_layer: float, last_layer: float = 1.0) -> list[int]:
     """The drafter's layers whose attention scores the prompt: those that see the whole prompt
     (not sliding-window ones), from `first_layer` of the way up (the lowest layers attend mostly
-    by position)."""
+    by position) to `last_layer` of it (the drafter stops there: layers above it never run)."""
     low = min(int(first_layer * cfg.n_layers), cfg.n_layers - 1)
-    layers = [i for i in range(low, cfg.n_layers) if not cfg.local(i)]
+    high = min(max(int(last_layer * cfg.n_layers), low), cfg.n_layers - 1)
+    layers = [i for i in range(low, high + 1) if not cfg.local(i)]
     if not layers:
-        raise ConfigError(f"pflash.model: the drafter has no global-attention layer from layer {low} up to score with")
+        raise ConfigError(f"pflash.model: the drafter has no global-attention layer in layers {low}..{high} to score "
+                          "with")
     return layers
