@@ -37,6 +37,11 @@ def use_triton(x: torch.Tensor) -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def pointers(tensors: tuple[torch.Tensor, ...], count: int = 4) -> tuple[torch.Tensor, ...]:
+    """`tensors` as a kernel's `count` pointer arguments, those it does not use any valid tensor."""
+    return tuple(tensors) + (tensors[0],) * (count - len(tensors))
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """float32 dots in full precision (tf32 would part ways with the CPU path); others as they are."""
     return "ieee" if dtype == torch.float32 else "tf32"

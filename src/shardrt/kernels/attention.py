@@ -29,7 +29,6 @@ MAX_SPLITS = 256
 def attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         positions: torch.Tensor, scale: float, slots: torch.Tensor | None = None,
                         window: int = 0, sinks: torch.Tensor | None = None) -> torch.Tensor:
-    n_heads, n_kv_heads = q.shape[1], k_cache.shape[-3]
     if slots is None:  # every query over the one cache
         keys = torch.arange(k_cache.shape[1], device=q.device)[None, :]
         seen = (keys <= positions[:, None]) & ((keys > positions[:, None] - window) if window else True)

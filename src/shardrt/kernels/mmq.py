@@ -34,7 +34,7 @@ import torch
 from gguf import GGMLQuantizationType
 
 from . import qdot
-from ._triton import tl, triton
+from ._triton import pointers, tl, triton
 
 Q = GGMLQuantizationType
 MMQ_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K)
@@ -110,7 +110,7 @@ def linear(xq: qdot.QuantizedRows, w, out: torch.Tensor, block: tuple[int, int] 
     per_part = triton.cdiv(steps, parts)
     parts = triton.cdiv(steps, per_part)
     x8 = xq.words.view(torch.int8)
-    planes = w.planes + (w.planes[0],) * (4 - len(w.planes))  # unused pointers: any valid tensor
+    planes = pointers(w.planes)
     target = out if parts == 1 else torch.empty((parts, m, w.rows), dtype=torch.float32, device=out.device)
     _mmq_kernel[(tiles[0], parts, tiles[1])](
         x8, xq.scale, xq.sums, target, *planes, x8, x8, x8, m, w.rows, x8.stride(0), xq.scale.stride(0),
@@ -133,7 +133,7 @@ def grouped_linear(xq: qdot.QuantizedRows, experts, tiles, out: torch.Tensor,
     block_n, warps = block or BLOCKS.get(w.qtype, DEFAULT_BLOCK)
     width = step(w.qtype, w.cols)
     x8 = xq.words.view(torch.int8)
-    planes = w.planes + (w.planes[0],) * (4 - len(w.planes))
+    planes = pointers(w.planes)
     grid = (triton.cdiv(experts.rows, block_n), 1, tiles.capacity // bm)
     _mmq_kernel[grid](
         x8, xq.scale, xq.sums, out, *planes, tiles.src, tiles.tile_expert, tiles.count, tiles.capacity,

@@ -30,7 +30,7 @@ from . import qdot
 from ._triton import tl, triton, use_triton
 from .activation import OAI_ALPHA, OAI_LIMIT
 from .experts import QuantizedExperts
-from .quant import Q, QuantizedWeight
+from .quant import Q
 
 MIN_PROGRAMS = 1024  # fewer rows per program until a step has this many programs (as qdot.config)
 # the down kernel's (rows per program, units per step, warps) where measured: Qwen3-30B-A3B's experts
@@ -63,14 +63,6 @@ def config(qtypes, rows: int, cols: int, groups: int, slots: int = 1) -> tuple[i
     return block_n, per_type, min(8, warps * slots)
 
 
-def kernel_planes(w: QuantizedWeight) -> tuple[torch.Tensor, ...]:
-    """The four plane pointers of qdot's `_decode`: its word planes as int32 (as `qdot.linear`
-    passes them), unused ones any valid tensor."""
-    planes = tuple(p.reshape(p.shape[0], -1).view(torch.int32) if i in qdot.WORD_PLANES[w.qtype] else p
-                   for i, p in enumerate(w.planes))
-    return planes + (planes[0],) * (4 - len(planes))
-
-
 def gate_up_silu(xq: qdot.QuantizedRows, experts: torch.Tensor, gate: QuantizedExperts, up: QuantizedExperts,
                  block: tuple[int, int, int] | None = None, bias: torch.Tensor | None = None,
                  clamped: bool = False) -> torch.Tensor:
@@ -88,8 +80,8 @@ def gate_up_silu(xq: qdot.QuantizedRows, experts: torch.Tensor, gate: QuantizedE
         gate_units, up_units = (min(units, triton.next_power_of_2(dim // qdot.UNIT[t])) for t in qtypes)
     hidden = torch.empty((n * k, ffn), dtype=torch.float32, device=gate.device)
     _gate_up_kernel[(n * k, triton.cdiv(ffn, block_n))](
-        xq.words, xq.scale, xq.sums, experts.contiguous(), hidden, *kernel_planes(gate.stacked),
-        *kernel_planes(up.stacked), qdot.value_table(gate.qtype, hidden.device),
+        xq.words, xq.scale, xq.sums, experts.contiguous(), hidden, *qdot.kernel_planes(gate.stacked),
+        *qdot.kernel_planes(up.stacked), qdot.value_table(gate.qtype, hidden.device),
         hidden if bias is None else bias.contiguous(), xq.words.stride(0), xq.scale.stride(0),
         xq.sums.stride(0), FFN=ffn, K=dim, TOP_K=k, GATE=int(gate.qtype), UP=int(up.qtype),
         HAS_BIAS=bias is not None, CLAMPED=clamped, ALPHA=OAI_ALPHA, LIMIT=OAI_LIMIT,
@@ -116,7 +108,7 @@ def down_weighted(hq: qdot.QuantizedRows, experts: torch.Tensor, weights: torch.
         units = min(units, triton.next_power_of_2(ffn // qdot.UNIT[down.qtype]))
     out = torch.empty((n, dim), dtype=dtype, device=down.device)
     _down_kernel[(n, triton.cdiv(dim, block_n))](
-        hq.words, hq.scale, hq.sums, experts.contiguous(), weights.contiguous(), out, *kernel_planes(down.stacked),
+        hq.words, hq.scale, hq.sums, experts.contiguous(), weights.contiguous(), out, *qdot.kernel_planes(down.stacked),
         qdot.value_table(down.qtype, out.device), out if bias is None else bias.contiguous(), hq.words.stride(0),
         hq.scale.stride(0), hq.sums.stride(0), out.stride(0), DIM=dim, K=ffn, TOP_K=k, SLOTS=slots,
         QTYPE=int(down.qtype), UNIT=qdot.UNIT[down.qtype], UNITS=units, HAS_BIAS=bias is not None,

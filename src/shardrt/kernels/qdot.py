@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from gguf import GGMLQuantizationType
 
-from ._triton import tl, triton
+from ._triton import pointers, tl, triton
 
 Q = GGMLQuantizationType
 QDOT_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS,
@@ -169,16 +169,19 @@ def read_configs(path: str) -> dict[str, dict[int, tuple]]:
     return table
 
 
+def kernel_planes(w) -> tuple[torch.Tensor, ...]:
+    """The four plane pointers of `_decode`: the type's word planes as int32, unused ones any valid tensor."""
+    return pointers(tuple(p.reshape(p.shape[0], -1).view(torch.int32) if i in WORD_PLANES[w.qtype] else p
+                          for i, p in enumerate(w.planes)))
+
+
 def linear(xq: QuantizedRows, w, out: torch.Tensor, block: tuple[int, int, int] | None = None) -> torch.Tensor:
     """xq (m <= MAX_ROWS rows) @ w.T -> out [m, w.rows] (any float dtype, rows may be strided)."""
     m = xq.rows
     block_n, units, warps = block or config(w.qtype, w.rows, w.cols, m)
-    planes = tuple(p.reshape(p.shape[0], -1).view(torch.int32) if i in WORD_PLANES[w.qtype] else p
-                   for i, p in enumerate(w.planes))
-    planes += (planes[0],) * (4 - len(planes))  # unused pointers: any valid tensor
     _qdot_kernel[(triton.cdiv(w.rows, block_n),)](
-        xq.words, xq.scale, xq.sums, out, *planes, value_table(w.qtype, out.device), w.rows, xq.words.stride(0),
-        xq.scale.stride(0), xq.sums.stride(0), out.stride(0), K=w.cols, QTYPE=int(w.qtype), M=m,
+        xq.words, xq.scale, xq.sums, out, *kernel_planes(w), value_table(w.qtype, out.device), w.rows,
+        xq.words.stride(0), xq.scale.stride(0), xq.sums.stride(0), out.stride(0), K=w.cols, QTYPE=int(w.qtype), M=m,
         UNIT=UNIT[w.qtype], BLOCK_N=block_n, UNITS=units, EMULATE=interpreted(), num_warps=warps)
     return out
 

@@ -35,7 +35,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from . import mmq, qdot
-from ._triton import dot_precision, tl, triton, use_triton
+from ._triton import dot_precision, pointers, tl, triton, use_triton
 from .qdot import IQ4_VALUES, MXFP4_VALUES
 
 log = logging.getLogger(__name__)
@@ -576,7 +576,7 @@ SUPER_BLOCK_TYPES = (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_XS) + GRID_TY
 def _planes4(w: QuantizedWeight) -> tuple[torch.Tensor, ...]:
     if w.qtype in qdot.TABLE_TYPES:  # the fourth pointer: the table of values
         return w.planes + (w.planes[0],) * (3 - len(w.planes)) + (qdot.value_table(w.qtype, w.device),)
-    return w.planes + (w.planes[0],) * (4 - len(w.planes))  # unused pointers: any valid tensor
+    return pointers(w.planes)
 
 
 def _grid_or_any(w: QuantizedWeight) -> torch.Tensor:
