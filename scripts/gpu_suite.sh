@@ -1,53 +1,85 @@
 #!/usr/bin/env bash
 # On a machine with one CUDA GPU: the GPU tests, then the benchmarks that set shardrt beside
-# llama.cpp on the same random-weight files, each benchmark's JSON line appended to OUT/results.jsonl.
+# llama.cpp on the same random-weight files, each benchmark's JSON line appended to OUT/results.jsonl,
+# most wanted first, each step within what is left of a time budget.
 #
-#   bash scripts/gpu_suite.sh OUT [LLAMA_BIN] [TOKENIZER_GGUF]
+#   bash scripts/gpu_suite.sh OUT [LLAMA] [TOKENIZER_GGUF] [BUDGET_S]
 #
-# LLAMA_BIN: a folder with llama.cpp's llama-bench and llama-server (built with CUDA); without it
-# shardrt runs alone. TOKENIZER_GGUF: a GGUF whose tokenizer the random files take (default: the
-# demo model, fetched once). Files are written under OUT/models and removed at the end (~42 GiB at
-# most at once). Each step has its own time limit; a step that fails is logged and the next runs.
+# LLAMA: a folder with llama.cpp's llama-bench and llama-server built with CUDA (bin/), or the
+# folder of its build script and source (build_llama_cpp.sh), built here in the background on all
+# but four cores while the tests run; without it shardrt runs alone. TOKENIZER_GGUF: a GGUF whose
+# tokenizer the random files take (default: the demo model, fetched once). BUDGET_S (default 3600):
+# a step starts only with enough of it left, and is stopped when it runs out. The files are written
+# under OUT/models, beside the tests, and removed at the end (~34 GiB at most at once).
 set -u
-OUT=${1:?usage: gpu_suite.sh OUT [LLAMA_BIN] [TOKENIZER_GGUF]}
+OUT=${1:?usage: gpu_suite.sh OUT [LLAMA] [TOKENIZER_GGUF] [BUDGET_S]}
 LLAMA=${2:-}
 TOKENIZER=${3:-}
+T0=$(date +%s); END=$(( T0 + ${4:-3600} ))
 cd "$(dirname "$0")/.."
-mkdir -p "$OUT/models"
-M=$OUT/models
+M=$OUT/models; mkdir -p "$M"
 export PYTHONUNBUFFERED=1
-log() { echo "[$(date +%T)] $*" | tee -a "$OUT/log.txt"; }
+log() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/log.txt"; }
+left() { local l=$(( END - $(date +%s) - 15 )); [ $l -lt $1 ] && echo $l || echo $1; }  # a step's limit
+enough() { [ $(( END - $(date +%s) )) -gt $1 ] || { log "skipped: $2 (too little time left)"; return 1; }; }
 tok=(); [ -n "$TOKENIZER" ] && tok=(--tokenizer-from "$TOKENIZER")
-bench=(); [ -n "$LLAMA" ] && bench=(--llama-bench "$LLAMA/llama-bench")
-server=(); [ -n "$LLAMA" ] && server=(--llama-server "$LLAMA/llama-server" --llama-slots 64)
+
+BIN=
+if [ -x "$LLAMA/bin/llama-bench" ]; then BIN=$LLAMA/bin
+elif [ -f "$LLAMA/build_llama_cpp.sh" ]; then
+  BIN=$OUT/llama/bin
+  (taskset -c 4-$(( $(nproc) - 1 )) bash "$LLAMA/build_llama_cpp.sh" "$OUT/llama" > "$OUT/llama_build.txt" 2>&1
+   log "llama.cpp build: exit $?") &
+  BUILD=$!
+fi
+peer() {  # waits for the build (if any) and says whether llama.cpp's tools are there
+  [ -n "${BUILD:-}" ] && { wait "$BUILD"; BUILD=; }
+  [ -n "$BIN" ] && [ -x "$BIN/llama-bench" ]
+}
+
+Q4=$M/random-llama3-8b-32l-q4_k_m.gguf
+(for args in "$M/bf16.gguf --shape llama3-8b --type bf16 --ctx 32768" "$M/draft.gguf --shape smollm2-135m --type bf16 --ctx 32768" \
+             "$Q4 --shape llama3-8b --type q4_k_m"; do
+   taskset -c 3 python3 scripts/make_gguf.py $args "${tok[@]}" > /dev/null 2>> "$OUT/log.txt"
+ done) &
+FILES=$!
 
 log "GPU tests"
-timeout 900 python3 -m pytest -v -p no:cacheprovider --timeout 300 -k "gpu or graph or cuda" \
-  tests/test_moe_mmq.py tests/test_mmq.py tests/test_moe_qdot.py tests/test_moe.py tests/test_qwen35.py \
-  tests/test_gpt_oss.py tests/test_gemma3.py tests/test_qdot.py tests/test_quant.py tests/test_kernels.py tests/test_gpu.py \
-  > "$OUT/tests.txt" 2>&1
+taskset -c 0-3 timeout "$(left 900)" python3 -m pytest -v -rA -p no:cacheprovider --timeout 300 -k "gpu or graph or cuda" \
+  tests/test_qdot.py tests/test_moe_mmq.py tests/test_quant.py tests/test_moe_qdot.py tests/test_qwen35.py \
+  tests/test_gpt_oss.py tests/test_moe.py tests/test_gemma3.py tests/test_kernels.py tests/test_mmq.py tests/test_gpu.py \
+  --junitxml="$OUT/tests.xml" > "$OUT/tests.txt" 2>&1
 log "tests: exit $? ($(grep -cE ' PASSED' "$OUT/tests.txt") passed, $(grep -cE ' FAILED| ERROR' "$OUT/tests.txt") failed)"
+wait $FILES
 
-log "decode and prefill: MoE and hybrid Q4_K_M"
-timeout 1200 python3 scripts/bench_quant.py --shape qwen3-30b-a3b,qwen3.6-27b --types q4_k_m --placements one \
-  --decode-tokens 64 --profile --keep "$M" "${tok[@]}" "${bench[@]}" >> "$OUT/results.jsonl" 2>> "$OUT/log.txt"
-log "exit $?"; rm -f "$M"/random-qwen3*.gguf
+log "PFlash: a 16K prompt, bf16 8B target, a random drafter of the demo model's shape, both on cuda:0"
+enough 150 pflash && timeout "$(left 300)" python3 scripts/bench_pflash.py --model "$M/bf16.gguf" --drafter "$M/draft.gguf" \
+  --target-gpus cuda:0 --pflash-gpu cuda:0 --lengths 16384 --depths 0.1,0.5,0.9 >> "$OUT/results.jsonl" 2>> "$OUT/log.txt"
+log "exit $?"; rm -f "$M/bf16.gguf" "$M/draft.gguf"
 
-log "decode and prefill: Llama-3 8B Q4_K_M and Q8_0"
-timeout 900 python3 scripts/bench_quant.py --types q4_k_m,q8_0 --placements one --profile --keep "$M" "${tok[@]}" \
-  "${bench[@]}" >> "$OUT/results.jsonl" 2>> "$OUT/log.txt"
-log "exit $?"
-Q4=$M/random-llama3-8b-32l-q4_k_m.gguf
-
+server=(); peer && server=(--llama-server "$BIN/llama-server" --llama-slots 64)
 log "serve: Q4_K_M 8B at concurrency 1 and 16 (the first 16 warms the shapes)"
-timeout 900 python3 scripts/bench_serve.py --concurrency 1,16,16 --requests 32 --max-tokens 64 "${server[@]}" \
-  -- "$Q4" --target-gpus cuda:0 --max-seqs 64 --max-ctx 2048 --step-log "$OUT/serve_steps.jsonl" \
+enough 150 serve && timeout "$(left 600)" python3 scripts/bench_serve.py --concurrency 1,16,16 --requests 32 --max-tokens 64 \
+  "${server[@]}" -- "$Q4" --target-gpus cuda:0 --max-seqs 64 --max-ctx 2048 --step-log "$OUT/serve_steps.jsonl" \
   >> "$OUT/results.jsonl" 2>> "$OUT/log.txt"
 log "exit $?"
 
+bench=(); peer && bench=(--llama-bench "$BIN/llama-bench")
+for shape in qwen3-30b-a3b qwen3.6-27b; do
+  log "decode and prefill: $shape Q4_K_M"
+  enough 250 "$shape" && timeout "$(left 900)" python3 scripts/bench_quant.py --shape $shape --types q4_k_m --placements one \
+    --decode-tokens 64 --profile --keep "$M" "${tok[@]}" "${bench[@]}" >> "$OUT/results.jsonl" 2>> "$OUT/log.txt"
+  log "exit $?"; rm -f "$M"/random-qwen3*.gguf
+done
+
+log "decode and prefill: Llama-3 8B Q4_K_M and Q8_0"
+enough 200 8B && timeout "$(left 900)" python3 scripts/bench_quant.py --types q4_k_m,q8_0 --placements one --profile --keep "$M" \
+  "${tok[@]}" "${bench[@]}" >> "$OUT/results.jsonl" 2>> "$OUT/log.txt"
+log "exit $?"
+
 log "serve: bursts of 64 behind one 1000-token system prompt (cold, then warm)"
-timeout 600 python3 scripts/bench_serve.py --burst --concurrency 1,64,1,64 --shared-prefix 1000 --max-tokens 32 \
-  -- "$Q4" --target-gpus cuda:0 --max-seqs 64 --max-ctx 2048 --step-log "$OUT/burst_steps.jsonl" \
+enough 120 burst && timeout "$(left 600)" python3 scripts/bench_serve.py --burst --concurrency 1,64,1,64 --shared-prefix 1000 \
+  --max-tokens 32 -- "$Q4" --target-gpus cuda:0 --max-seqs 64 --max-ctx 2048 --step-log "$OUT/burst_steps.jsonl" \
   >> "$OUT/results.jsonl" 2>> "$OUT/log.txt"
 log "exit $?"
 rm -rf "$M"
