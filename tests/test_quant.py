@@ -175,6 +175,28 @@ def test_matrices_of_a_type_without_a_kernel_load_dense_and_are_counted(tmp_path
     assert weights.without_kernel == {"TQ1_0": 1, "TQ2_0": 1}
 
 
+def test_iquant_matrices_stay_in_blocks_at_their_planned_bytes(tmp_path):
+    """IQ2_XXS and IQ3_S matrices beside K-quant blocks: kept as blocks, at the bytes the memory plan counts."""
+    from shardrt.gguf_file import GGUFFile
+    from shardrt.gguf_loader import LayerSpan, StageWeights
+    from shardrt.model import ModelConfig
+
+    from .synthetic import write_model
+
+    path = write_model(tmp_path / "iq.gguf", n_layers=2, dim=256, ffn_dim=512, qtype="Q4_K",
+                       tensor_types={"blk.0.attn_v.weight": Q.IQ2_XXS, "blk.1.ffn_down.weight": Q.IQ3_S})
+    meta = torch.device("meta")
+    with GGUFFile(path) as gguf:
+        weights = StageWeights(gguf, ModelConfig.from_gguf(gguf), LayerSpan.of(0, 2, 2), quantized=True)
+        first, second = (weights.load_block(i, meta, torch.bfloat16) for i in range(2))
+        v_info, down_info = (gguf.tensors[n] for n in ("blk.0.attn_v.weight", "blk.1.ffn_down.weight"))
+    qk, v = first["attn_qkv"]
+    assert (qk.qtype, v.qtype, second["ffn_down"].qtype) == (Q.Q4_K, Q.IQ2_XXS, Q.IQ3_S) and not weights.without_kernel
+    assert v.nbytes == quant.device_bytes(Q.IQ2_XXS, v.rows, v.cols) == v_info.n_bytes
+    down = second["ffn_down"]
+    assert down.nbytes == quant.device_bytes(Q.IQ3_S, down.rows, down.cols) == down_info.n_bytes * 114 // 110
+
+
 def check_float_kernels(types) -> dict:
     """Per type: the largest relative error of the float kernels' source (the tile product, the
     whole matrix and some rows dequantized) against gguf's dequantization in float64."""
