@@ -364,7 +364,7 @@ class BatchScheduler:
         text = run.out.close()
         if self.step_log is not None:
             job = run.job
-            self.step_log.request(run.number, job.arrived, run.admitted, job.first_token_at,
+            self.step_log.request(run.number, job.received, job.arrived, run.admitted, job.first_token_at,
                                   prompt_tokens=len(run.prompt), reused=run.reused, tokens=len(run.out.tokens),
                                   finish=reason)
         now = time.perf_counter()

@@ -65,10 +65,12 @@ class Job:
     """One request on its way through the engine. Its events, in order: ("text", piece)...,
     then ("done", Generation) or ("error", ApiError)."""
 
-    def __init__(self, request: GenerateRequest, prompt_ids: list[int], params: SamplingParams):
+    def __init__(self, request: GenerateRequest, prompt_ids: list[int], params: SamplingParams,
+                 received: float | None = None):
         self.request, self.prompt_ids, self.params = request, prompt_ids, params
         self.events: queue.SimpleQueue = queue.SimpleQueue()
-        self.arrived = time.monotonic()
+        self.arrived = time.monotonic()  # tokenized, entering the queue
+        self.received = self.arrived if received is None else received  # handed to `prepare`
         self.first_token_at: float | None = None
         self._cancel = threading.Event()
         self.prompt = None  # pflash.PromptText while the prompt waits to be compressed (the request asked)
@@ -222,6 +224,7 @@ class Engine:
 
     def prepare(self, request: GenerateRequest) -> Job:
         """Tokenize and check a request against max_ctx (in the caller's thread, before queueing)."""
+        received = time.monotonic()
         if self.tokenizer is None or self.state == "starting":
             raise ApiError("server: still loading the model; retry shortly", status=503, code="starting", retry_after=2)
         try:
@@ -238,7 +241,7 @@ class Engine:
         compressed = request.pflash and len(prompt_ids) > pflash.min_prompt
         # a prompt the drafter will compress is checked against max_ctx once it has (Engine._compress)
         max_tokens = request.resolve_max_tokens(1 if compressed else len(prompt_ids), self.config.max_ctx)
-        job = Job(request, prompt_ids, self._params(request, max_tokens))
+        job = Job(request, prompt_ids, self._params(request, max_tokens), received)
         if request.pflash:  # a short prompt passes through, and the response says so
             from ..pflash import PromptText
 

@@ -3,13 +3,14 @@ goes under load (a burst that waits behind its own prefill, a step that settles 
 
     {"step": 12, "t": 3.2104, "settle_ms": 1.9, "decode": 28, "prefill": 312, "prompts": 36,
      "joined": 36, "finished": 0, "forward_ms": 21.0, "ms": 24.7}
-    {"request": 7, "admitted_ms": 4.0, "first_token_ms": 61.2, "total_ms": 702.5,
+    {"request": 7, "tokenize_ms": 1.6, "admitted_ms": 4.0, "first_token_ms": 61.2, "total_ms": 702.5,
      "prompt_tokens": 1082, "reused": 1065, "tokens": 64, "finish": "length"}
 
 `t` is seconds since the log opened (time.monotonic). A request's line is written when it ends,
 numbered in the order requests took their slots; its times are milliseconds after it entered the
 queue (tokenized): `admitted_ms` when it took a slot, `first_token_ms` when its first token was
-sampled, `total_ms` when it ended. A step's `ms` is the wall time of `BatchScheduler.step` (settle, the forwards put
+sampled, `total_ms` when it ended; `tokenize_ms` is how long it took to get there from its parsed
+body (the chat template, then the encoding, batched with other requests' under a burst). A step's `ms` is the wall time of `BatchScheduler.step` (settle, the forwards put
 in flight, and those that came back), `settle_ms` the part that set slots up and gave them back,
 `forward_ms` the time the stages' forwards took that came back in this step (on a GPU up to their
 results on the host; a daemon's, from its request to its reply, which may span steps). With the
@@ -39,13 +40,14 @@ class StepLog:
         self.steps += 1
         self._write({"step": self.steps, "t": round(time.monotonic() - self._start, 4), **fields})
 
-    def request(self, number: int, arrived: float, admitted: float | None, first_token: float | None,
-                **fields) -> None:
+    def request(self, number: int, received: float, arrived: float, admitted: float | None,
+                first_token: float | None, **fields) -> None:
         """A request that ended; the times are time.monotonic() readings."""
         def after(t):
             return None if t is None else round((t - arrived) * 1e3, 2)
 
-        self._write({"request": number, "admitted_ms": after(admitted), "first_token_ms": after(first_token),
+        self._write({"request": number, "tokenize_ms": round((arrived - received) * 1e3, 2),
+                     "admitted_ms": after(admitted), "first_token_ms": after(first_token),
                      "total_ms": after(time.monotonic()), **fields})
 
     def _write(self, line: dict) -> None:
