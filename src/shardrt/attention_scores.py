@@ -39,6 +39,8 @@ def score_prompt(stage, ids: torch.Tensor, *, window: int, skip: int, chunk: int
                           f"in {n} tokens")
     if n > stage.max_ctx:
         raise ConfigError(f"score_prompt: {n} tokens do not fit the drafter's max_ctx {stage.max_ctx}")
+    if not layers:
+        raise ConfigError("score_prompt.layers: no layer to score with")
     for layer in layers:
         if not span.start <= layer < span.stop:
             raise ConfigError(f"score_prompt.layers: layer {layer} is outside this stage's layers {span}")

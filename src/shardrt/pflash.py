@@ -43,6 +43,11 @@ class Scoring:
     first_layer: float = 1 / 6  # layers scored: the drafter's global-attention layers from this height up
     last_layer: float = 0.7  # ... up to this height; the drafter's prefill stops there (its upper layers never run)
 
+    def __post_init__(self):
+        if not 0 <= self.first_layer <= self.last_layer <= 1:
+            raise ConfigError(f"pflash scoring: layers from {self.first_layer} to {self.last_layer} of the drafter's "
+                              "height; give 0 <= first_layer <= last_layer <= 1")
+
 
 @dataclass(frozen=True)
 class PromptText:
@@ -238,7 +243,7 @@ class Compressor:
         return Report(n, n, 0.0, prompt.text, why)
 
 
-def scored_layers(cfg, first_layer: float, last_layer: float = 1.0) -> list[int]:
+def scored_layers(cfg, first_layer: float, last_layer: float) -> list[int]:
     """The drafter's layers whose attention scores the prompt: those that see the whole prompt
     (not sliding-window ones), from `first_layer` of the way up (the lowest layers attend mostly
     by position) to `last_layer` of it (the drafter stops there: layers above it never run)."""

@@ -129,7 +129,7 @@ class RemoteStage:
         if scores.dtype != torch.float32 or tuple(scores.shape) != (ids.shape[0],):
             raise IpcError(f"{self.description}: score_prompt replied {scores.dtype} {list(scores.shape)} for "
                            f"{ids.shape[0]} tokens")
-        self.lengths[0] = int(ids.shape[0])
+        self.lengths[0] = 0  # the daemon's drafter exited early: keys and values only up to its top scored layer
         return scores
 
     @property

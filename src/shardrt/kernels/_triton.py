@@ -38,7 +38,7 @@ def use_triton(x: torch.Tensor) -> bool:
 
 
 def pointers(tensors: tuple[torch.Tensor, ...], count: int = 4) -> tuple[torch.Tensor, ...]:
-    """`tensors` as a kernel's `count` pointer arguments, those it does not use any valid tensor."""
+    """`tensors` padded to a kernel's `count` pointer arguments (the pointers it does not read get the first)."""
     return tuple(tensors) + (tensors[0],) * (count - len(tensors))
 
 

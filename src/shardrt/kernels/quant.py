@@ -575,7 +575,7 @@ SUPER_BLOCK_TYPES = (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_XS) + GRID_TY
 
 def _planes4(w: QuantizedWeight) -> tuple[torch.Tensor, ...]:
     if w.qtype in qdot.TABLE_TYPES:  # the fourth pointer: the table of values
-        return w.planes + (w.planes[0],) * (3 - len(w.planes)) + (qdot.value_table(w.qtype, w.device),)
+        return pointers(w.planes, 3) + (qdot.value_table(w.qtype, w.device),)
     return pointers(w.planes)
 
 

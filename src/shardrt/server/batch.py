@@ -364,9 +364,9 @@ class BatchScheduler:
         text = run.out.close()
         if self.step_log is not None:
             job = run.job
-            self.step_log.request(run.number, job.received, job.arrived, run.admitted, job.first_token_at,
-                                  prompt_tokens=len(run.prompt), reused=run.reused, tokens=len(run.out.tokens),
-                                  finish=reason)
+            self.step_log.request(run.number, received=job.received, arrived=job.arrived, admitted=run.admitted,
+                                  first_token=job.first_token_at, prompt_tokens=len(run.prompt), reused=run.reused,
+                                  tokens=len(run.out.tokens), finish=reason)
         now = time.perf_counter()
         prefill_end = run.prefill_done or now
         return run, Generation(list(run.prompt), list(run.out.tokens), text, reason, prefill_end - run.started,

@@ -241,12 +241,14 @@ class Engine:
         compressed = request.pflash and len(prompt_ids) > pflash.min_prompt
         # a prompt the drafter will compress is checked against max_ctx once it has (Engine._compress)
         max_tokens = request.resolve_max_tokens(1 if compressed else len(prompt_ids), self.config.max_ctx)
-        job = Job(request, prompt_ids, self._params(request, max_tokens), received)
+        text = None
         if request.pflash:  # a short prompt passes through, and the response says so
             from ..pflash import PromptText
 
-            job.prompt = PromptText.from_chat(self.tokenizer, request.chat_messages()) if request.kind == "chat" \
+            text = PromptText.from_chat(self.tokenizer, request.chat_messages()) if request.kind == "chat" \
                 else PromptText.plain(request.prompt)
+        job = Job(request, prompt_ids, self._params(request, max_tokens), received)
+        job.prompt = text
         return job
 
     @staticmethod

@@ -10,8 +10,9 @@ goes under load (a burst that waits behind its own prefill, a step that settles 
 numbered in the order requests took their slots; its times are milliseconds after it entered the
 queue (tokenized): `admitted_ms` when it took a slot, `first_token_ms` when its first token was
 sampled, `total_ms` when it ended; `tokenize_ms` is how long it took to get there from its parsed
-body (the chat template, then the encoding, batched with other requests' under a burst). A step's `ms` is the wall time of `BatchScheduler.step` (settle, the forwards put
-in flight, and those that came back), `settle_ms` the part that set slots up and gave them back,
+body (the chat template, then the encoding, batched with other requests' under a burst). A step's
+`ms` is the wall time of `BatchScheduler.step` (settle, the forwards put in flight, and those that
+came back), `settle_ms` the part that set slots up and gave them back,
 `forward_ms` the time the stages' forwards took that came back in this step (on a GPU up to their
 results on the host; a daemon's, from its request to its reply, which may span steps). With the
 model in this process, ms - settle_ms - forward_ms is the scheduler's own host work.
@@ -40,7 +41,7 @@ class StepLog:
         self.steps += 1
         self._write({"step": self.steps, "t": round(time.monotonic() - self._start, 4), **fields})
 
-    def request(self, number: int, received: float, arrived: float, admitted: float | None,
+    def request(self, number: int, *, received: float, arrived: float, admitted: float | None,
                 first_token: float | None, **fields) -> None:
         """A request that ended; the times are time.monotonic() readings."""
         def after(t):
