@@ -14,9 +14,11 @@ from shardrt.kernels import mmq, qdot, quant
 from .test_qdot import worst_errors
 from .test_quant import random_blocks
 from .triton_interpreter import interpret
+from .triton_targets import HAVE_PTXAS, SHARED_LIMIT, builds_within, shared_bytes
 
 try:
     import triton  # noqa: F401
+    from triton.runtime.errors import OutOfResources
     HAVE_TRITON = True
 except ImportError:
     HAVE_TRITON = False
@@ -84,3 +86,45 @@ def test_linear_offers_it_for_batches_and_it_is_captured_in_a_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, out)
+
+
+def mmq_shared(arch: int, qtype, block, cols: int, grouped: bool):
+    """rows -> shared bytes of mmq's kernel for `qtype` with `block` (weight rows, warps) on sm_`arch`,
+    as mmq.linear (or grouped_linear) launches it on a matrix of `cols` columns."""
+    weight = quant.quantized_weight(random_blocks(qtype, 8, cols, 1e-2, np.random.default_rng(0)), qtype, cols,
+                                    torch.device("cpu"))
+    index = torch.zeros(1, dtype=torch.int32 if grouped else torch.int8)
+
+    def shared(rows: int) -> int:
+        planes = dict(zip(("p0", "p1", "p2", "p3"), weight.planes + (weight.planes[0],) * (4 - len(weight.planes))))
+        args = {"x_ptr": torch.zeros(1, dtype=torch.int8), "xd_ptr": torch.zeros(1), "xs_ptr": torch.zeros(1),
+                "out_ptr": torch.zeros(1, dtype=torch.bfloat16), **planes, "src_ptr": index,
+                "tile_expert_ptr": index, "tiles_ptr": index, "M": 64, "N": 4096, "stride_x": cols,
+                "stride_xd": cols // 32, "stride_xs": cols // 16, "stride_out": 4096, "stride_part": 0,
+                "PART_K": cols}
+        constexprs = {"K": cols, "QTYPE": int(qtype), "STEP": mmq.step(qtype, cols), "BLOCK_M": rows,
+                      "BLOCK_N": block[0], "GROUPED": grouped}
+        return shared_bytes(mmq._mmq_kernel, args, constexprs, arch, block[1])
+    return shared
+
+
+@pytest.mark.skipif(not HAVE_PTXAS, reason="needs Triton's CUDA compiler (its ptxas)")
+def test_a_block_too_big_for_the_gpus_shared_memory_takes_fewer_rows():
+    # Built here for GPUs this machine does not have. Q8_0's 256x8 block at 64 activation rows
+    # needs 246,272 bytes: an H100 refused it (227 KiB a block), so 32 rows a program there; on a
+    # GeForce RTX 30/40 card (99 KiB) Q5_K's takes 32 and Q8_0's fits at no row count, so the
+    # GPU's refusal stands (and `quant.choose` drops that block). The default block fits an H100
+    # at 64 rows in the grouped (mixture-of-experts) kernel too.
+    Q = quant.Q
+    cases = [(90, Q.Q8_0, (256, 8), False, 32), (90, Q.Q4_K, (256, 8), False, 64), (90, Q.Q8_0, (128, 4), True, 64),
+             (86, Q.Q5_K, (256, 8), False, 32)]
+    for arch, qtype, block, grouped, rows in cases:
+        key = ("test", arch, qtype, block, grouped, 64, f"sm_{arch}")
+        shared = mmq.fit_rows(key, builds_within(arch, mmq_shared(arch, qtype, block, 4096, grouped)))
+        assert shared <= SHARED_LIMIT[arch] and mmq._rows_that_fit[key] == rows, (arch, qtype.name, block, shared)
+    key = ("test", 86, Q.Q8_0, (256, 8), False, 64, "sm_86")
+    tried = []
+    with pytest.raises(OutOfResources):
+        mmq.fit_rows(key, builds_within(86, lambda rows: tried.append(rows) or mmq_shared(86, Q.Q8_0, (256, 8), 4096,
+                                                                                        False)(rows)))
+    assert tried == [64, 32, 16] and key not in mmq._rows_that_fit

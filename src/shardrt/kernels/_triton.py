@@ -11,8 +11,13 @@ import torch
 try:
     import triton
     import triton.language as tl
+    from triton.runtime.errors import OutOfResources
 except ImportError:  # a CPU-only torch build ships no Triton: the references run instead
     triton, tl = None, None
+
+    class OutOfResources(Exception):
+        """Stands for Triton's (a kernel that needs more of an SM than the GPU has), which nothing
+        raises where Triton is not installed."""
 
 KERNELS_ENV = "SHARDRT_KERNELS"
 CHOICES = ("triton", "torch")

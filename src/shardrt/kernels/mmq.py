@@ -29,12 +29,15 @@ the activations are read in that order too, which leaves the products' sums unch
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 from gguf import GGMLQuantizationType
 
 from . import qdot
-from ._triton import pointers, tl, triton
+from ._triton import OutOfResources, pointers, tl, triton
+
+log = logging.getLogger(__name__)
 
 Q = GGMLQuantizationType
 MMQ_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K)
@@ -99,10 +102,38 @@ def splits(programs: int, steps: int, device: torch.device) -> int:
 
 def linear(xq: qdot.QuantizedRows, w, out: torch.Tensor, block: tuple[int, int] | None = None) -> torch.Tensor:
     """xq (any number of rows) @ w.T -> out [m, w.rows] (any float dtype, rows may be strided);
-    `block`: (weight rows per program, warps), else the type's in BLOCKS."""
-    m = xq.rows
-    bm = block_m(m)
+    `block`: (weight rows per program, warps), else the type's in BLOCKS; fewer activation rows
+    per program than wanted where the GPU's shared memory is too small for them (`fit_rows`)."""
     block_n, warps = block or BLOCKS.get(w.qtype, DEFAULT_BLOCK)
+    key = (w.qtype, w.cols, block_n, warps, block_m(xq.rows), out.device)
+    return fit_rows(key, lambda bm: _launch(xq, w, out, bm, block_n, warps))
+
+
+_rows_that_fit: dict[tuple, int] = {}  # (kernel's key..., wanted rows per program, device) -> rows that built
+
+
+def fit_rows(key: tuple, build, smallest: int = 16):
+    """build(rows per program) -> its result, with key[-2] rows, else (on a GPU whose SMs have too
+    little shared memory for that many: Q8_0's 256x8 block at 64 rows needs 240 KiB, an H100 has
+    227, a GeForce RTX 30 or 40 card 99) half as many, and so on down to `smallest`; the rows that
+    built are kept for the next call with the same key."""
+    rows = _rows_that_fit.get(key, key[-2])
+    while True:
+        try:
+            result = build(rows)
+        except OutOfResources:  # raised while loading the kernel, before anything runs
+            if rows <= smallest:
+                raise
+            log.info("mmq %s: %d activation rows per program need more shared memory than %s has; taking %d",
+                     key[:-2], rows, key[-1], rows // 2)
+            rows //= 2
+            continue
+        _rows_that_fit[key] = rows
+        return result
+
+
+def _launch(xq: qdot.QuantizedRows, w, out: torch.Tensor, bm: int, block_n: int, warps: int) -> torch.Tensor:
+    m = xq.rows
     width = step(w.qtype, w.cols)
     steps = w.cols // width
     tiles = (triton.cdiv(w.rows, block_n), triton.cdiv(m, bm))

@@ -85,8 +85,19 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
     [n, dim] in x's dtype. block_m: rows a tile (default: mmq's for the mean slots per expert)."""
     gate, up = gate_up
     n, k = experts.shape
+    wanted = block_m or mmq.block_m(triton.cdiv(n * k, gate.count))
+    key = ("grouped", gate.qtype, up.qtype, down.qtype, gate.cols, down.cols, wanted, x.device)
+    layout, out = mmq.fit_rows(key, lambda rows: _experts_in_tiles(x, experts, gate, up, down, rows))
+    chosen = out[layout.position].view(n, k, down.rows).float()
+    return (chosen * weights.float()[..., None]).sum(dim=1).to(x.dtype)
+
+
+def _experts_in_tiles(x: torch.Tensor, experts: torch.Tensor, gate: QuantizedExperts, up: QuantizedExperts,
+                      down: QuantizedExperts, block_m: int) -> tuple[Tiles, torch.Tensor]:
+    """The slots of x's chosen experts in tiles of block_m rows, and each slot's expert output
+    [layout.capacity, dim] (the router weights not yet applied)."""
     ffn = gate.rows
-    layout = tiles(experts, gate.count, block_m or mmq.block_m(triton.cdiv(n * k, gate.count)))
+    layout = tiles(experts, gate.count, block_m)
     both = torch.empty((layout.capacity, 2 * ffn), dtype=x.dtype, device=x.device)
     xq = qdot.quantize_rows(x)
     mmq.grouped_linear(xq, gate, layout, both[:, :ffn])
@@ -96,5 +107,4 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
     own = torch.where(layout.src >= 0, torch.arange(layout.capacity, device=x.device, dtype=torch.int32), -1)
     out = torch.empty((layout.capacity, down.rows), dtype=x.dtype, device=x.device)
     mmq.grouped_linear(hidden_q, down, replace(layout, src=own), out)
-    chosen = out[layout.position].view(n, k, down.rows).float()
-    return (chosen * weights.float()[..., None]).sum(dim=1).to(x.dtype)
+    return layout, out

@@ -35,7 +35,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from . import mmq, qdot
-from ._triton import dot_precision, pointers, tl, triton, use_triton
+from ._triton import OutOfResources, dot_precision, pointers, tl, triton, use_triton
 from .qdot import IQ4_VALUES, MXFP4_VALUES
 
 log = logging.getLogger(__name__)
@@ -484,7 +484,14 @@ def choose(w: QuantizedWeight, n: int, x: torch.Tensor) -> str:
     if key not in _choices:
         if not x.is_cuda or torch.cuda.is_current_stream_capturing():
             return options[0]
-        times = {path: _gpu_time(path, w, bucket, x.dtype) for path in options}
+        times = {}
+        for path in options:
+            try:
+                times[path] = _gpu_time(path, w, bucket, x.dtype)
+            except OutOfResources:  # another block than the type's own may not fit this GPU at any rows
+                if path not in MMQ_BLOCKS:
+                    raise
+                log.info("%s: its programs need more shared memory than %s has", path, w.device)
         _choices[key] = min(times, key=times.get)
         log.debug("%s %dx%d x%d: %s", w.qtype.name, w.rows, w.cols, bucket,
                   ", ".join(f"{p} {t:.3f} ms" for p, t in sorted(times.items(), key=lambda kv: kv[1])))
