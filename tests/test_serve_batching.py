@@ -182,5 +182,6 @@ def test_the_step_log_accounts_for_every_request_and_prompt_row(wide):
     assert sum(s["prefill"] for s in steps) == sum(r["prompt_tokens"] - r["reused"] for r in requests)
     assert sum(s["joined"] for s in steps) == len(requests)
     assert [s["step"] for s in steps] == list(range(1, len(steps) + 1))
-    assert all(s["ms"] >= s["settle_ms"] >= 0 and s["forward_ms"] >= 0 and s["decode"] >= 0 for s in steps)
+    assert all(s["ms"] >= s["settle_ms"] >= s["drain_ms"] >= 0 and s["settle_cpu_ms"] >= 0 and s["forward_ms"] >= 0
+               and s["decode"] >= 0 for s in steps)
     assert sum(s["forward_ms"] for s in steps) > 0

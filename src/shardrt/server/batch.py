@@ -94,6 +94,7 @@ class BatchScheduler:
         self._busy = [False] * len(pipeline.stages)  # a group's step is in the wavefront
         self._joining: list[Running] = []  # admitted, their slot not set up yet
         self._leaving: list[Running] = []  # ended, their slot not yet given back
+        self._drain_seconds = 0.0  # of the last settle: waiting for the forwards in flight
         self._copying: list[Running] = []  # their donor has prefilled what they share: copy at the next settle
         self._checkpointing: list[Running] = []  # prefilled to their checkpoint: snapshot at the next settle
         self._free = list(range(pipeline.max_seqs))
@@ -148,19 +149,21 @@ class BatchScheduler:
 
     def step(self) -> list[tuple[Running, Generation]]:
         """Slots set up and given back, then the next forwards in flight; returns what finished."""
-        t0, joined = time.monotonic(), len(self._joining)
+        t0, cpu0, joined = time.monotonic(), time.thread_time(), len(self._joining)
         gone = [r for r in self.running if r.job.cancelled() and not r.in_flight and r not in self._joining]
         finished = [self._end(r, "cancelled") for r in gone]
+        self._drain_seconds = 0.0
         if self._joining or self.unsettled:
             finished += self.settle()
-        settled, forwarded = time.monotonic(), self._forward_seconds()
+        settled, settle_cpu, forwarded = time.monotonic(), time.thread_time() - cpu0, self._forward_seconds()
         self._sent = [0, 0, 0]
         self._put_work()
         for work in self.wave.advance():
             finished += self._returned(work)
         if self.step_log is not None:
             decode, prefill, prompts = self._sent
-            self.step_log.step(settle_ms=round((settled - t0) * 1e3, 2), decode=decode, prefill=prefill,
+            self.step_log.step(settle_ms=round((settled - t0) * 1e3, 2), settle_cpu_ms=round(settle_cpu * 1e3, 2),
+                               drain_ms=round(self._drain_seconds * 1e3, 2), decode=decode, prefill=prefill,
                                prompts=prompts, joined=joined, finished=len(finished),
                                forward_ms=round((self._forward_seconds() - forwarded) * 1e3, 2),
                                ms=round((time.monotonic() - t0) * 1e3, 2))
@@ -175,9 +178,10 @@ class BatchScheduler:
     def settle(self) -> list[tuple[Running, Generation]]:
         """Give back the slots of the sequences that ended, set up those that joined (nothing is
         in flight after it)."""
-        finished = []
+        finished, t0 = [], time.monotonic()
         for work in self.wave.drain():
             finished += self._returned(work)
+        self._drain_seconds = time.monotonic() - t0
         checkpointing, self._checkpointing = self._checkpointing, []
         for run in checkpointing:
             if run in self.running:

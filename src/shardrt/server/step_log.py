@@ -1,8 +1,8 @@
 """`--step-log FILE`: one JSON line per batched step and per request, to see where a request's time
 goes under load (a burst that waits behind its own prefill, a step that settles many slots).
 
-    {"step": 12, "t": 3.2104, "settle_ms": 1.9, "decode": 28, "prefill": 312, "prompts": 36,
-     "joined": 36, "finished": 0, "forward_ms": 21.0, "ms": 24.7}
+    {"step": 12, "t": 3.2104, "settle_ms": 1.9, "settle_cpu_ms": 1.7, "drain_ms": 0.0, "decode": 28,
+     "prefill": 312, "prompts": 36, "joined": 36, "finished": 0, "forward_ms": 21.0, "ms": 24.7}
     {"request": 7, "tokenize_ms": 1.6, "admitted_ms": 4.0, "first_token_ms": 61.2, "total_ms": 702.5,
      "prompt_tokens": 1082, "reused": 1065, "tokens": 64, "finish": "length"}
 
@@ -12,7 +12,9 @@ queue (tokenized): `admitted_ms` when it took a slot, `first_token_ms` when its 
 sampled, `total_ms` when it ended; `tokenize_ms` is how long it took to get there from its parsed
 body (the chat template, then the encoding, batched with other requests' under a burst). A step's
 `ms` is the wall time of `BatchScheduler.step` (settle, the forwards put in flight, and those that
-came back), `settle_ms` the part that set slots up and gave them back,
+came back), `settle_ms` the part that set slots up and gave them back (`drain_ms` of it waiting
+for the forwards in flight to come back first; `settle_cpu_ms` the engine thread's CPU time in it:
+far below settle_ms, the thread waited, for the GIL that the HTTP threads hold under a burst, say),
 `forward_ms` the time the stages' forwards took that came back in this step (on a GPU up to their
 results on the host; a daemon's, from its request to its reply, which may span steps). With the
 model in this process, ms - settle_ms - forward_ms is the scheduler's own host work.
