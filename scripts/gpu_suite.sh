@@ -10,7 +10,8 @@
 # background on all but four cores while the tests run; without it shardrt runs alone. TOKENIZER_GGUF: a GGUF whose
 # tokenizer the random files take (default: the demo model, fetched once). BUDGET_S (default 3600):
 # a step starts only with enough of it left, and is stopped when it runs out. TESTS_S in the environment
-# (default 900) bounds the GPU tests, which go first, the per-type ones last. The files are written
+# (default 900) bounds the GPU tests, which go first, the per-type ones last (those under
+# Triton's interpreter are left to the CPU runs). The files are written
 # under OUT/models, beside the tests, and removed at the end (~34 GiB at most at once).
 set -u
 OUT=${1:?usage: gpu_suite.sh OUT [LLAMA] [TOKENIZER_GGUF] [BUDGET_S]}
@@ -53,7 +54,7 @@ write() { python3 scripts/make_gguf.py "$@" "${tok[@]}" > /dev/null 2>> "$OUT/lo
 FILES=$!
 
 log "GPU tests"
-"${SOME[@]}" timeout "$(left "${TESTS_S:-900}")" python3 -m pytest -v -rA -p no:cacheprovider --timeout 300 -k "gpu or graph or cuda" \
+"${SOME[@]}" timeout "$(left "${TESTS_S:-900}")" python3 -m pytest -v -rA -p no:cacheprovider --timeout 300 -k "(gpu or graph or cuda) and not interpreter" \
   tests/test_gpu.py tests/test_qdot.py tests/test_mmq.py tests/test_moe_mmq.py tests/test_moe_qdot.py tests/test_moe.py \
   tests/test_qwen35.py tests/test_gpt_oss.py tests/test_gemma3.py tests/test_kernels.py tests/test_quant.py \
   --junitxml="$OUT/tests.xml" > "$OUT/tests.txt" 2>&1
