@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from shardrt.kernels import mmq, qdot, quant
+from shardrt.kernels._triton import OutOfResources, pointers
 
 from .test_qdot import worst_errors
 from .test_quant import random_blocks
@@ -18,7 +19,6 @@ from .triton_targets import HAVE_PTXAS, SHARED_LIMIT, builds_within, shared_byte
 
 try:
     import triton  # noqa: F401
-    from triton.runtime.errors import OutOfResources
     HAVE_TRITON = True
 except ImportError:
     HAVE_TRITON = False
@@ -94,9 +94,9 @@ def mmq_shared(arch: int, qtype, block, cols: int, grouped: bool):
     weight = quant.quantized_weight(random_blocks(qtype, 8, cols, 1e-2, np.random.default_rng(0)), qtype, cols,
                                     torch.device("cpu"))
     index = torch.zeros(1, dtype=torch.int32 if grouped else torch.int8)
+    planes = dict(zip(("p0", "p1", "p2", "p3"), pointers(weight.planes)))
 
     def shared(rows: int) -> int:
-        planes = dict(zip(("p0", "p1", "p2", "p3"), weight.planes + (weight.planes[0],) * (4 - len(weight.planes))))
         args = {"x_ptr": torch.zeros(1, dtype=torch.int8), "xd_ptr": torch.zeros(1), "xs_ptr": torch.zeros(1),
                 "out_ptr": torch.zeros(1, dtype=torch.bfloat16), **planes, "src_ptr": index,
                 "tile_expert_ptr": index, "tiles_ptr": index, "M": 64, "N": 4096, "stride_x": cols,
@@ -119,12 +119,12 @@ def test_a_block_too_big_for_the_gpus_shared_memory_takes_fewer_rows():
     cases = [(90, Q.Q8_0, (256, 8), False, 32), (90, Q.Q4_K, (256, 8), False, 64), (90, Q.Q8_0, (128, 4), True, 64),
              (86, Q.Q5_K, (256, 8), False, 32)]
     for arch, qtype, block, grouped, rows in cases:
-        key = ("test", arch, qtype, block, grouped, 64, f"sm_{arch}")
-        shared = mmq.fit_rows(key, builds_within(arch, mmq_shared(arch, qtype, block, 4096, grouped)))
-        assert shared <= SHARED_LIMIT[arch] and mmq._rows_that_fit[key] == rows, (arch, qtype.name, block, shared)
-    key = ("test", 86, Q.Q8_0, (256, 8), False, 64, "sm_86")
+        key = ("test", arch, qtype, block, grouped)
+        shared = mmq.fit_rows(key, 64, builds_within(arch, mmq_shared(arch, qtype, block, 4096, grouped)))
+        assert shared <= SHARED_LIMIT[arch] and mmq._rows_that_fit[key, 64] == rows, (arch, qtype.name, block, shared)
+    key = ("test", 86, Q.Q8_0, (256, 8), False)
     tried = []
     with pytest.raises(OutOfResources):
-        mmq.fit_rows(key, builds_within(86, lambda rows: tried.append(rows) or mmq_shared(86, Q.Q8_0, (256, 8), 4096,
-                                                                                        False)(rows)))
-    assert tried == [64, 32, 16] and key not in mmq._rows_that_fit
+        mmq.fit_rows(key, 64, builds_within(86, lambda rows: tried.append(rows) or mmq_shared(86, Q.Q8_0, (256, 8),
+                                                                                            4096, False)(rows)))
+    assert tried == [64, 32, 16] and (key, 64) not in mmq._rows_that_fit

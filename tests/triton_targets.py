@@ -9,11 +9,12 @@ import os
 
 import torch
 
+from shardrt.kernels._triton import OutOfResources
+
 try:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from triton.runtime.errors import OutOfResources
     PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     HAVE_PTXAS = os.access(PTXAS, os.X_OK)
 except ImportError:

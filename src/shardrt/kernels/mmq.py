@@ -105,30 +105,30 @@ def linear(xq: qdot.QuantizedRows, w, out: torch.Tensor, block: tuple[int, int] 
     `block`: (weight rows per program, warps), else the type's in BLOCKS; fewer activation rows
     per program than wanted where the GPU's shared memory is too small for them (`fit_rows`)."""
     block_n, warps = block or BLOCKS.get(w.qtype, DEFAULT_BLOCK)
-    key = (w.qtype, w.cols, block_n, warps, block_m(xq.rows), out.device)
-    return fit_rows(key, lambda bm: _launch(xq, w, out, bm, block_n, warps))
+    key = (w.qtype, w.cols, block_n, warps, out.device)
+    return fit_rows(key, block_m(xq.rows), lambda bm: _launch(xq, w, out, bm, block_n, warps))
 
 
-_rows_that_fit: dict[tuple, int] = {}  # (kernel's key..., wanted rows per program, device) -> rows that built
+_rows_that_fit: dict[tuple, int] = {}  # (kernel's key, wanted rows per program) -> rows that built
 
 
-def fit_rows(key: tuple, build, smallest: int = 16):
-    """build(rows per program) -> its result, with key[-2] rows, else (on a GPU whose SMs have too
+def fit_rows(key: tuple, wanted: int, build, smallest: int = 16):
+    """build(rows per program) -> its result, with `wanted` rows, else (on a GPU whose SMs have too
     little shared memory for that many: Q8_0's 256x8 block at 64 rows needs 240 KiB, an H100 has
     227, a GeForce RTX 30 or 40 card 99) half as many, and so on down to `smallest`; the rows that
-    built are kept for the next call with the same key."""
-    rows = _rows_that_fit.get(key, key[-2])
+    built are kept for the next call with the same key (the kernel, its GPU) and wanted rows."""
+    rows = _rows_that_fit.get((key, wanted), wanted)
     while True:
         try:
             result = build(rows)
         except OutOfResources:  # raised while loading the kernel, before anything runs
             if rows <= smallest:
                 raise
-            log.info("mmq %s: %d activation rows per program need more shared memory than %s has; taking %d",
-                     key[:-2], rows, key[-1], rows // 2)
+            log.info("mmq %s: %d activation rows per program need more shared memory than the GPU has; "
+                     "taking %d", key, rows, rows // 2)
             rows //= 2
             continue
-        _rows_that_fit[key] = rows
+        _rows_that_fit[key, wanted] = rows
         return result
 
 

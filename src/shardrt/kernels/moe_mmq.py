@@ -86,8 +86,8 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
     gate, up = gate_up
     n, k = experts.shape
     wanted = block_m or mmq.block_m(triton.cdiv(n * k, gate.count))
-    key = ("grouped", gate.qtype, up.qtype, down.qtype, gate.cols, down.cols, wanted, x.device)
-    layout, out = mmq.fit_rows(key, lambda rows: _experts_in_tiles(x, experts, gate, up, down, rows))
+    key = ("grouped", gate.qtype, up.qtype, down.qtype, gate.cols, down.cols, x.device)
+    layout, out = mmq.fit_rows(key, wanted, lambda rows: _experts_in_tiles(x, experts, gate, up, down, rows))
     chosen = out[layout.position].view(n, k, down.rows).float()
     return (chosen * weights.float()[..., None]).sum(dim=1).to(x.dtype)
 
