@@ -366,6 +366,63 @@ def test_the_delta_rule_kernel_under_the_interpreter():
     assert errors.pop("split_equal") and errors.pop("others_equal") and max(errors.values()) < TOLERANCE[torch.float32], errors
 
 
+def check_decode_step(device: str, dtype: torch.dtype) -> dict:
+    """A DeltaNet decode step (one token of each of three sequences, one a padding row in the
+    scratch slot, in a projection's strided views) against decode_step_reference, which runs the
+    torch ops a layer ran before: relative errors of the outputs, the states and the kept row,
+    whether the other slots and kept rows stayed as they were; and the gated norm. On the CPU
+    without the interpreter both sides are the reference (errors 0)."""
+    from shardrt.kernels import deltanet as rule
+
+    g = torch.Generator().manual_seed(7)
+    shape, width, slots = rule.Shape(key_heads=2, k_dim=32, heads=4, v_dim=24), 4, 6
+    n, heads = 3, shape.heads
+    proj = torch.randn(n, shape.conv_dim + heads * shape.v_dim + 2 * heads, generator=g).to(dtype).to(device)
+    mixed, z, b, a = proj.split([shape.conv_dim, heads * shape.v_dim, heads, heads], dim=1)
+    weight = (torch.randn(shape.conv_dim, width, generator=g) / 2).to(device)
+    ssm_a, ssm_dt = -torch.rand(heads, generator=g).to(device) * 4, torch.randn(heads, generator=g).to(device)
+    conv = torch.randn(slots, shape.conv_dim, width - 1, generator=g).to(dtype).to(device)
+    ssm = torch.randn(slots, heads, shape.k_dim, shape.v_dim, generator=g).to(device)
+    seqs = torch.tensor([3, 1, slots - 1], device=device)  # the last: a padding row's scratch slot
+    kept_at = torch.tensor([2], device=device)
+    kept_shapes = ((shape.conv_dim,), (2, 32), (2, 32), (heads, shape.v_dim), (heads,), (heads,))
+    kept = [torch.randn(5, *s, generator=g).to(device) for s in kept_shapes]
+    kept[0] = kept[0].to(dtype)
+    runs = {}
+    for name, step in (("kernel", rule.decode_step), ("reference", rule.decode_step_reference)):
+        states, rows = (conv.clone(), ssm.clone()), [r.clone() for r in kept]
+        out = step(mixed, a, b, *states, seqs, weight, ssm_a, ssm_dt, shape, tuple(rows), kept_at)
+        runs[name] = out, states, rows
+    (out, (c, s), rows), (want, (wc, ws), wrows) = runs["kernel"], runs["reference"]
+    live = seqs[:2]
+    others = [i for i in range(slots) if i not in (1, 3, slots - 1)]
+    gated = rule.gated_rms_norm(out, z.view(n, heads, shape.v_dim), weight.flatten()[:shape.v_dim].to(dtype), 1e-6, dtype)
+    gated_want = rule.gated_rms_norm_reference(out.to(dtype), z.view(n, heads, shape.v_dim),
+                                               weight.flatten()[:shape.v_dim].to(dtype), 1e-6)
+    return {"out": rel_error(out[:2], want[:2].double().cpu()),
+            "conv": rel_error(c[live], wc[live].double().cpu()), "ssm": rel_error(s[live], ws[live].double().cpu()),
+            "kept": max(rel_error(r[2], w[2].double().cpu()) for r, w in zip(rows, wrows)),
+            "gated": rel_error(gated, gated_want.double().cpu()),
+            "others_equal": bool(torch.equal(c[others], conv[others]) and torch.equal(s[others], ssm[others])
+                                 and all(torch.equal(r[[0, 1, 3, 4]], k[[0, 1, 3, 4]]) for r, k in zip(rows, kept)))}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_deltanet_decode_step(device, dtype):
+    errors = check_decode_step(device, dtype)
+    assert errors.pop("others_equal") and max(errors.values()) < TOLERANCE[dtype], errors
+
+
+@pytest.mark.skipif(kernels._triton.triton is None, reason="Triton is not installed")
+def test_the_deltanet_decode_kernels_under_the_interpreter():
+    """The decode step's two kernels and the gated norm's, run by Triton's interpreter on the CPU."""
+    errors = interpret("import json, torch; from tests.test_kernels import check_decode_step; "
+                       "print(json.dumps([check_decode_step('cpu', torch.float32), check_decode_step('cpu', torch.bfloat16)]))")
+    for each, dtype in zip(errors, DTYPES):
+        assert each.pop("others_equal") and max(each.values()) < TOLERANCE[dtype], (dtype, each)
+
+
 def test_kernel_choice_is_checked(monkeypatch):
     from shardrt.errors import ConfigError
 

@@ -515,17 +515,17 @@ def test_the_triton_kernels_under_the_interpreter_follow_transformers(with_refer
 def check_graph_steps(path: str) -> dict:
     """The graph-mode path (EagerGraphs) against the eager stage, through the kernels of the CPU
     (Triton's under its interpreter): batch steps with a padding row, one-token steps of sequence
-    0 and a rollback into their kept rows; and the shapes Triton's recurrent kernel got in each
-    graph step (one shape per bucket, as a captured graph holds it)."""
+    0 and a rollback into their kept rows; and the shapes Triton's decode step got in each graph
+    step (one shape per bucket, as a captured graph holds it)."""
     from shardrt.kernels import deltanet as rule
 
-    kernel, shapes = rule._recurrent_triton, []
+    kernel, shapes = rule._decode_step_triton, []
 
-    def recording(q, *args):
-        shapes.append(tuple(q.shape))
-        return kernel(q, *args)
+    def recording(mixed, *args):
+        shapes.append(tuple(mixed.shape))
+        return kernel(mixed, *args)
 
-    rule._recurrent_triton = recording
+    rule._decode_step_triton = recording
     eager, graphed = Stage(path, 0, LAYERS, "cpu", max_ctx=64, max_seqs=4), graphed_stage(path, 4, max_ctx=64)
     prompts = [PROMPT.tolist(), PROMPT.tolist()[:9], [3] + PROMPT.tolist()[4:]]
     last = {}
@@ -539,7 +539,7 @@ def check_graph_steps(path: str) -> dict:
         want = eager.run_batch(ids, seqs, positions)
         shapes.clear()
         got = graphed.run_batch(ids, seqs, positions)
-        fixed &= set(shapes) == {(bucket, 1, graphed.cfg.ssm_k_heads, graphed.cfg.ssm_k_dim)}
+        fixed &= set(shapes) == {(bucket, graphed.cfg.conv_dim)}
         error = max(error, ((got - want).abs() / (1 + want.abs())).max().item())  # relative past 1
         held &= all(same_state(state_of(graphed, s), h) for s, h in out_of_batch.items())
         last.update(zip(seqs, want.argmax(-1).tolist()))
@@ -550,7 +550,7 @@ def check_graph_steps(path: str) -> dict:
     for p in range(pos + 2, pos + 5):
         shapes.clear()
         want, got = (s.forward(torch.tensor([p % 50]), p) for s in (eager, graphed))
-        fixed &= set(shapes) == {(1, 1, graphed.cfg.ssm_k_heads, graphed.cfg.ssm_k_dim)}
+        fixed &= set(shapes) == {(1, graphed.cfg.conv_dim)}
         error = max(error, ((got - want).abs() / (1 + want.abs())).max().item())  # relative past 1
         states[p + 1] = state_of(graphed)
     graphed.truncate(pos + 3)
@@ -565,7 +565,9 @@ def test_graph_steps_through_the_triton_kernels_under_the_interpreter(qwen35):
     result = interpret("import json; from tests.test_qwen35 import check_graph_steps; "
                        f"print(json.dumps(check_graph_steps({str(path)!r})))")
     assert result == {**result, "held": True, "shapes_fixed": True, "rolled_back": True, "graph_forwards": 7}, result
-    assert result["error"] <= 1e-5, result
+    # the decode step's kernels compute the norms, the decay and the convolution's sum themselves,
+    # rounded in another order than the eager step's torch ops: float32 apart by ~1e-5 after 6 layers
+    assert result["error"] <= 2e-5, result
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

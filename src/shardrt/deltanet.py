@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from . import kernels
 from .kernels import deltanet as rule
@@ -47,6 +46,7 @@ class DeltaNetBlock:
             weights["ssm_in"], weights["ssm_conv1d"], weights["ssm_norm"], weights["ssm_out"]
         self.a, self.dt = weights["ssm_a"].float(), weights["ssm_dt"].float()
         self.feed_forward = FeedForward(cfg, weights)
+        self.shape = rule.Shape(cfg.ssm_k_heads, cfg.ssm_k_dim, cfg.ssm_v_heads, cfg.ssm_v_dim)
 
     def __call__(self, x: torch.Tensor, conv: torch.Tensor, ssm: torch.Tensor, runs, keep: bool = False):
         """x [n, dim]; conv [seqs, conv_dim, kernel - 1] and ssm [seqs, heads, k_dim, v_dim] the
@@ -54,7 +54,8 @@ class DeltaNetBlock:
         the rows of each sequence, in position order (rows outside every run are padding, left
         alone). Returns the layer's output, and with `keep` (one run) also what it fed (`Fed`)."""
         cfg, n = self.cfg, x.shape[0]
-        mixed, z, beta, g = self._inputs(x)
+        mixed, z, b, a = self._projection(x)
+        g, beta = rule.decay_and_strength(a, b, self.a, self.dt)
         core = torch.zeros(n, cfg.ssm_v_heads, cfg.ssm_v_dim, dtype=torch.float32, device=x.device)
         fed = None
         single = [r for r in runs if r[1] - r[0] == 1]  # decode rows of many sequences: one step for all
@@ -70,36 +71,29 @@ class DeltaNetBlock:
         x = self._output(x, core, z)
         return (x, fed) if keep else x
 
-    def decode(self, x: torch.Tensor, conv: torch.Tensor, ssm: torch.Tensor,
-               seqs: torch.Tensor) -> tuple[torch.Tensor, Fed]:
+    def decode(self, x: torch.Tensor, conv: torch.Tensor, ssm: torch.Tensor, seqs: torch.Tensor,
+               kept: Fed | None = None, kept_at: torch.Tensor | None = None) -> torch.Tensor:
         """The graph-safe form of a decode step: row i of x [n, dim] is one token of sequence
         seqs[i] ([n] int64 on the device; distinct, but for the padding slot that a graph's padding
         rows name, whose state is scratch). The states are gathered and scattered by that index, so
         nothing here waits for the device or depends on its values: the same launches for every
-        replay of a bucket. Returns the layer's output and what row 0 fed (a one-token step's)."""
-        cfg, n = self.cfg, x.shape[0]
-        mixed, z, beta, g = self._inputs(x)
-        qkv, conv_after = rule.causal_conv(mixed[:, None], conv.index_select(0, seqs), self.conv1d)
-        conv.index_copy_(0, seqs, conv_after)
-        q, k, v = self._heads(qkv)
-        g, beta = g[:, None], beta[:, None]
-        out = rule.recurrent_in_place(q, k, v, g, beta, ssm, seqs)
-        fed = Fed(mixed[:1], q[0], k[0], v[0], g[0], beta[0])
-        return self._output(x, out.reshape(n, cfg.ssm_v_heads, cfg.ssm_v_dim), z), fed
+        replay of a bucket. With `kept` (this layer's kept rows) what row 0 fed goes to its row
+        kept_at ([1] int64 on the device)."""
+        mixed, z, b, a = self._projection(x)
+        core = rule.decode_step(mixed, a, b, conv, ssm, seqs, self.conv1d, self.a, self.dt, self.shape, kept, kept_at)
+        return self._output(x, core, z)
 
-    def _inputs(self, x: torch.Tensor):
-        """The one product's parts for rows x: (mixed, z, beta, g)."""
+    def _projection(self, x: torch.Tensor):
+        """The one product's parts for rows x: (mixed, z, b, a), views of it."""
         cfg, heads = self.cfg, self.cfg.ssm_v_heads
         h, hq = kernels.normed(x, self.attn_norm, cfg.norm_eps, kernels.integer_rows(x, self.ssm_in))
-        mixed, z, b, a = kernels.linear(h, self.ssm_in, xq=hq).split([cfg.conv_dim, cfg.ssm_inner, heads, heads], dim=1)
-        return mixed, z, b.float().sigmoid(), self.a * F.softplus(a.float() + self.dt)
+        return kernels.linear(h, self.ssm_in, xq=hq).split([cfg.conv_dim, cfg.ssm_inner, heads, heads], dim=1)
 
     def _output(self, x: torch.Tensor, core: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """The heads' outputs core [n, heads, v_dim] (float32) through the gated norm, the output
         projection and the feed-forward, added to x."""
         cfg, n = self.cfg, x.shape[0]
-        gated = rule.gated_rms_norm(core.to(x.dtype), z.view(n, cfg.ssm_v_heads, cfg.ssm_v_dim), self.norm,
-                                    cfg.norm_eps)
+        gated = rule.gated_rms_norm(core, z.view(n, cfg.ssm_v_heads, cfg.ssm_v_dim), self.norm, cfg.norm_eps, x.dtype)
         x, h, hq = kernels.add_normed(x, kernels.linear(gated.reshape(n, cfg.ssm_inner), self.out), self.ffn_norm,
                                       cfg.norm_eps, self.feed_forward.quantizes_input(x))
         return x + self.feed_forward(h, hq)
@@ -109,17 +103,8 @@ class DeltaNetBlock:
         conv and ssm ([b, ...], not changed): (out, the conv state after, the ssm state after, what
         the first sequence fed)."""
         qkv, conv = rule.causal_conv(mixed, conv, self.conv1d)
-        q, k, v = self._heads(qkv)
+        q, k, v = rule.split_heads(qkv, self.shape)
         delta = rule.recurrent if mixed.shape[1] <= rule.CHUNK else rule.chunked
         out, ssm = delta(q, k, v, g, beta, ssm)
         return out, conv, ssm, Fed(mixed[0], q[0], k[0], v[0], g[0], beta[0])
 
-    def _heads(self, qkv: torch.Tensor):
-        """The convolution's output [b, t, conv_dim] as the rule's q, k (normalised, q scaled) and v."""
-        cfg = self.cfg
-        b, t = qkv.shape[:2]
-        key = cfg.ssm_k_heads * cfg.ssm_k_dim
-        q, k, v = qkv.split([key, key, cfg.ssm_inner], dim=-1)
-        q = rule.l2_normalise(q.reshape(b, t, cfg.ssm_k_heads, cfg.ssm_k_dim)) * cfg.ssm_k_dim ** -0.5
-        k = rule.l2_normalise(k.reshape(b, t, cfg.ssm_k_heads, cfg.ssm_k_dim))
-        return q, k, v.float().reshape(b, t, cfg.ssm_v_heads, cfg.ssm_v_dim)

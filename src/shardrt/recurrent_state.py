@@ -92,11 +92,10 @@ class RecurrentState:
         for kept, new in zip(self.rows, fed):
             kept[layer, self.kept : self.kept + t] = new
 
-    def keep_at(self, layer: int, fed: Fed, row: torch.Tensor) -> None:
-        """`keep` inside a graph: what layer `layer` fed for a one-token step goes to kept row
-        `row` ([1] int64 on the device, staged by the host from `begin`: `kept`, or SCRATCH_ROW)."""
-        for kept, new in zip(self.rows, fed):
-            kept[layer].index_copy_(0, row, new.to(kept.dtype))
+    def kept_rows(self, layer: int) -> Fed:
+        """The kept rows of layer `layer` (of this stage), which a graph's one-token step writes
+        what it fed to, at a row staged by the host from `begin` (`kept`, or SCRATCH_ROW)."""
+        return Fed(*(kept[layer] for kept in self.rows))
 
     def kept_forward(self, n: int) -> None:
         """Every layer has kept the n rows of the forward."""

@@ -422,9 +422,8 @@ class Stage:
         for i, block in enumerate(self.blocks):
             row = self.row_of[i]
             if block.recurrent and graphed:
-                x, fed = block.decode(x, state.padded_conv[row], state.padded_ssm[row], seqs)
-                if step.kept_at is not None:
-                    state.keep_at(row, fed, step.kept_at)
+                kept = state.kept_rows(row) if step.kept_at is not None else None
+                x = block.decode(x, state.padded_conv[row], state.padded_ssm[row], seqs, kept, step.kept_at)
             elif block.recurrent:
                 x = block(x, state.conv[row], state.ssm[row], step.seq_runs)
             else:
