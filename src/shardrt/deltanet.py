@@ -55,11 +55,17 @@ class DeltaNetBlock:
         alone). Returns the layer's output, and with `keep` (one run) also what it fed (`Fed`)."""
         cfg, n = self.cfg, x.shape[0]
         mixed, z, b, a = self._projection(x)
-        g, beta = rule.decay_and_strength(a, b, self.a, self.dt)
         core = torch.zeros(n, cfg.ssm_v_heads, cfg.ssm_v_dim, dtype=torch.float32, device=x.device)
         fed = None
         single = [r for r in runs if r[1] - r[0] == 1]  # decode rows of many sequences: one step for all
+        if single and not keep:
+            rows = torch.tensor([start for start, _, _ in single], device=x.device)
+            seqs = torch.tensor([seq for _, _, seq in single], device=x.device)
+            core[rows] = rule.decode_step(mixed[rows], a[rows], b[rows], conv, ssm, seqs, self.conv1d, self.a, self.dt,
+                                          self.shape)
+            single = []
         groups = ([single] if single else []) + [[r] for r in runs if r[1] - r[0] > 1]
+        g, beta = rule.decay_and_strength(a, b, self.a, self.dt) if groups else (None, None)
         for group in groups:
             rows = torch.cat([torch.arange(start, stop, device=x.device) for start, stop, _ in group])
             seqs = torch.tensor([seq for _, _, seq in group], device=x.device)

@@ -207,7 +207,7 @@ def _decode_step_triton(mixed, a, b, conv, ssm, seqs, conv_weight, ssm_a, ssm_dt
     out = torch.empty(n, shape.heads, shape.v_dim, dtype=torch.float32, device=mixed.device)
     block_v = min(64, triton.next_power_of_2(shape.v_dim))
     _decode_rule_kernel[(n, shape.heads, triton.cdiv(shape.v_dim, block_v))](
-        qkv, a, b, a.stride(0), ssm_a, ssm_dt, ssm, out, seqs, *kept[1:], kept_at,
+        qkv, a, b, a.stride(0), b.stride(0), ssm_a, ssm_dt, ssm, out, seqs, *kept[1:], kept_at,
         shape.heads, shape.key_heads, shape.k_dim, shape.v_dim, shape.k_dim ** -0.5, L2_EPS,
         BLOCK_K=triton.next_power_of_2(shape.k_dim), BLOCK_V=block_v, KEEP=keep, num_warps=4)
     return out
@@ -305,7 +305,7 @@ if triton is not None:
                 tl.store(kept_ptr + kept_at * C + c, x, mask=c_ok)
 
     @triton.jit
-    def _decode_rule_kernel(qkv_ptr, a_ptr, b_ptr, proj_stride, ssm_a_ptr, ssm_dt_ptr, state_ptr, out_ptr, seqs_ptr,
+    def _decode_rule_kernel(qkv_ptr, a_ptr, b_ptr, a_stride, b_stride, ssm_a_ptr, ssm_dt_ptr, state_ptr, out_ptr, seqs_ptr,
                             kept_q_ptr, kept_k_ptr, kept_v_ptr, kept_g_ptr, kept_beta_ptr, kept_at_ptr,
                             H, HK, DK, DV, scale, eps,
                             BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, KEEP: tl.constexpr):
@@ -324,9 +324,9 @@ if triton is not None:
         v = tl.load(qkv_ptr + row * C + 2 * HK * DK + head * DV + dv, mask=v_ok, other=0.0).to(tl.float32)
         q = q * (1.0 / tl.sqrt(tl.sum(q * q, axis=0) + eps)) * scale
         k = k * (1.0 / tl.sqrt(tl.sum(k * k, axis=0) + eps))
-        a = tl.load(a_ptr + row * proj_stride + head).to(tl.float32) + tl.load(ssm_dt_ptr + head)
+        a = tl.load(a_ptr + row * a_stride + head).to(tl.float32) + tl.load(ssm_dt_ptr + head)
         g = tl.load(ssm_a_ptr + head) * tl.where(a > 20.0, a, tl.log(1.0 + tl.exp(a)))  # softplus, as torch's
-        beta = tl.sigmoid(tl.load(b_ptr + row * proj_stride + head).to(tl.float32))
+        beta = tl.sigmoid(tl.load(b_ptr + row * b_stride + head).to(tl.float32))
         cell = ((slot * H + head) * DK + dk[:, None]) * DV + dv[None, :]
         both = k_ok[:, None] & v_ok[None, :]
         state = tl.load(state_ptr + cell, mask=both, other=0.0)
