@@ -10,7 +10,7 @@
 # background on all but four cores while the tests run; without it shardrt runs alone. TOKENIZER_GGUF: a GGUF whose
 # tokenizer the random files take (default: the demo model, fetched once). BUDGET_S (default 3600):
 # a step starts only with enough of it left, and is stopped when it runs out. TESTS_S in the environment
-# (default 900) bounds the GPU tests, which go first, the per-type ones last (those under
+# (default 900) bounds the GPU tests (GPU_TESTS: their files, default all those with GPU tests), which go first, the per-type ones last (those under
 # Triton's interpreter are left to the CPU runs). STEPS (default all) picks steps by name, comma-separated:
 # tests, pflash, serve, moe, qwen35, 8b, burst. The files are written
 # under OUT/models, beside the tests, and removed at the end (~34 GiB at most at once).
@@ -58,8 +58,8 @@ FILES=$!
 
 log "GPU tests"
 want tests && "${SOME[@]}" timeout "$(left "${TESTS_S:-900}")" python3 -m pytest -v -rA -p no:cacheprovider --timeout 300 -k "(gpu or graph or cuda) and not interpreter" \
-  tests/test_gpu.py tests/test_qdot.py tests/test_mmq.py tests/test_moe_mmq.py tests/test_moe_qdot.py tests/test_moe.py \
-  tests/test_qwen35.py tests/test_gpt_oss.py tests/test_gemma3.py tests/test_kernels.py tests/test_quant.py \
+  ${GPU_TESTS:-tests/test_gpu.py tests/test_qdot.py tests/test_mmq.py tests/test_moe_mmq.py tests/test_moe_qdot.py \
+  tests/test_moe.py tests/test_qwen35.py tests/test_gpt_oss.py tests/test_gemma3.py tests/test_kernels.py tests/test_quant.py} \
   --junitxml="$OUT/tests.xml" > "$OUT/tests.txt" 2>&1
 log "tests: exit $? ($(grep -cE ' PASSED' "$OUT/tests.txt") passed, $(grep -cE ' FAILED| ERROR' "$OUT/tests.txt") failed)"
 wait $FILES
