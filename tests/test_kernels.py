@@ -13,6 +13,7 @@ import torch
 from shardrt import kernels
 from shardrt.kernels._triton import use_triton
 
+from . import triton_targets
 from .triton_interpreter import interpret
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -421,6 +422,31 @@ def test_the_deltanet_decode_kernels_under_the_interpreter():
                        "print(json.dumps([check_decode_step('cpu', torch.float32), check_decode_step('cpu', torch.bfloat16)]))")
     for each, dtype in zip(errors, DTYPES):
         assert each.pop("others_equal") and max(each.values()) < TOLERANCE[dtype], (dtype, each)
+
+
+@pytest.mark.skipif(not triton_targets.HAVE_PTXAS, reason="needs Triton with its ptxas")
+@pytest.mark.parametrize("keep", [False, True])
+def test_the_deltanet_decode_kernels_build_for_hopper(keep):
+    """The decode step's kernels through Triton's compiler and ptxas for sm_90 (an H100/H200) on
+    this machine, at Qwen3.6-27B's shapes: what the interpreter cannot show (a construct the
+    compiler refuses, shared memory past the limit) shows here, before any GPU runs them."""
+    from shardrt.kernels import deltanet as rule
+
+    bf16, f32, i64 = (torch.empty(1, dtype=t) for t in (torch.bfloat16, torch.float32, torch.int64))
+    proj = 10240 + 6144 + 2 * 48  # conv_dim + inner + beta and decay inputs
+    conv = triton_targets.build(rule._conv_step_kernel, dict(
+        mixed_ptr=bf16, mixed_stride=proj, state_ptr=bf16, weight_ptr=f32, seqs_ptr=i64, out_ptr=bf16, kept_ptr=bf16,
+        kept_at_ptr=i64, C=10240), dict(WIDTH=4, BLOCK_W=4, BLOCK_C=256, KEEP=keep), 90, 4)
+    step = triton_targets.build(rule._decode_rule_kernel, dict(
+        qkv_ptr=bf16, a_ptr=bf16, b_ptr=bf16, a_stride=proj, b_stride=proj, ssm_a_ptr=f32, ssm_dt_ptr=f32,
+        state_ptr=f32, out_ptr=f32, seqs_ptr=i64, kept_q_ptr=f32, kept_k_ptr=f32, kept_v_ptr=f32, kept_g_ptr=f32,
+        kept_beta_ptr=f32, kept_at_ptr=i64, H=48, HK=16, DK=128, DV=128, scale=128 ** -0.5, eps=1e-6),
+        dict(BLOCK_K=128, BLOCK_V=64, KEEP=keep), 90, 4)
+    norm = triton_targets.build(rule._gated_rms_norm_kernel, dict(
+        x_ptr=f32, gate_ptr=bf16, gate_stride=proj, weight_ptr=f32, out_ptr=bf16, H=48, D=128, eps=1e-6),
+        dict(BLOCK=128, ROUND=False), 90, 4)
+    for kernel in (conv, step, norm):
+        assert kernel.asm["cubin"] and kernel.metadata.shared <= triton_targets.SHARED_LIMIT[90]
 
 
 def test_kernel_choice_is_checked(monkeypatch):

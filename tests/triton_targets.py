@@ -24,20 +24,29 @@ except ImportError:
 SHARED_LIMIT = {90: 232448,  # H100, H200
                 86: 101376}  # GeForce RTX 30 (and RTX 40, sm_89, the same)
 TYPE_NAMES = {torch.int8: "i8", torch.uint8: "u8", torch.int16: "i16", torch.uint16: "u16", torch.int32: "i32",
-              torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+              torch.int64: "i64", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
-def shared_bytes(kernel, args: dict, constexprs: dict, arch: int, warps: int) -> int:
-    """Shared memory of `kernel` built for sm_`arch`: args, name -> a tensor (a pointer to its
-    dtype) or an int (the value itself is not specialised on, only its divisibility by 16)."""
+def build(kernel, args: dict, constexprs: dict, arch: int, warps: int):
+    """`kernel` compiled for sm_`arch` (PTX, then ptxas): args, name -> a tensor (a pointer to its
+    dtype), an int (the value itself is not specialised on, only its divisibility by 16) or a
+    float (a float32 scalar)."""
     signature, attrs = {}, {}
     for i, (name, value) in enumerate(args.items()):
-        signature[name] = "*" + TYPE_NAMES[value.dtype] if isinstance(value, torch.Tensor) else "i32"
-        if isinstance(value, torch.Tensor) or value % 16 == 0:
+        if isinstance(value, torch.Tensor):
+            signature[name] = "*" + TYPE_NAMES[value.dtype]
+        else:
+            signature[name] = "fp32" if isinstance(value, float) else "i32"
+        if isinstance(value, torch.Tensor) or (isinstance(value, int) and value % 16 == 0):
             attrs[(i,)] = [["tt.divisibility", 16]]
     signature.update({name: "constexpr" for name in constexprs})
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps}).metadata.shared
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+
+
+def shared_bytes(kernel, args: dict, constexprs: dict, arch: int, warps: int) -> int:
+    """Shared memory of `kernel` built for sm_`arch` (`build`'s arguments)."""
+    return build(kernel, args, constexprs, arch, warps).metadata.shared
 
 
 def builds_within(arch: int, build_shared):
