@@ -178,6 +178,7 @@ def test_the_step_log_accounts_for_every_request_and_prompt_row(wide):
     for r in requests:
         assert 0 <= r["admitted_ms"] <= r["first_token_ms"] <= r["total_ms"] and r["tokens"] == 4, r
         assert r["tokenize_ms"] > 0, r  # the chat template and the encoding before the queue
+        assert 0 < r["http_cpu_ms"] < r["total_ms"], r  # its HTTP thread's CPU on the way to the queue
         assert 0 <= r["reused"] < r["prompt_tokens"] and r["finish"] == "length", r
     assert sum(s["prefill"] for s in steps) == sum(r["prompt_tokens"] - r["reused"] for r in requests)
     assert sum(s["joined"] for s in steps) == len(requests)

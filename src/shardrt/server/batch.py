@@ -370,7 +370,8 @@ class BatchScheduler:
             job = run.job
             self.step_log.request(run.number, received=job.received, arrived=job.arrived, admitted=run.admitted,
                                   first_token=job.first_token_at, prompt_tokens=len(run.prompt), reused=run.reused,
-                                  tokens=len(run.out.tokens), finish=reason)
+                                  tokens=len(run.out.tokens), finish=reason,
+                                  **({} if job.http_cpu is None else {"http_cpu_ms": round(job.http_cpu * 1e3, 2)}))
         now = time.perf_counter()
         prefill_end = run.prefill_done or now
         return run, Generation(list(run.prompt), list(run.out.tokens), text, reason, prefill_end - run.started,

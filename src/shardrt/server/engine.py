@@ -72,6 +72,7 @@ class Job:
         self.arrived = time.monotonic()  # tokenized, entering the queue
         self.received = self.arrived if received is None else received  # handed to `prepare`
         self.first_token_at: float | None = None
+        self.http_cpu: float | None = None  # CPU seconds its HTTP thread took to queue it (headers, body, template, encode)
         self._cancel = threading.Event()
         self.prompt = None  # pflash.PromptText while the prompt waits to be compressed (the request asked)
         self.pflash = None  # pflash.Report once it was

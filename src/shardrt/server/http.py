@@ -79,6 +79,7 @@ class Handler(BaseHTTPRequestHandler):
     do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = do_GET
 
     def handle_one_request(self) -> None:
+        self._cpu_start = time.thread_time()  # this thread's CPU from here to the queue: the step log's http_cpu_ms
         self.server.watch(self.connection)  # until its headers are in
         try:
             super().handle_one_request()
@@ -153,6 +154,7 @@ class Handler(BaseHTTPRequestHandler):
         request = parse_request(kind, self._json_body(), self.app.model_name)
         engine = self.app.engine
         job = engine.prepare(request)
+        job.http_cpu = time.thread_time() - self._cpu_start
         engine.submit(job)
         try:
             if request.stream:

@@ -4,13 +4,16 @@ goes under load (a burst that waits behind its own prefill, a step that settles 
     {"step": 12, "t": 3.2104, "settle_ms": 1.9, "settle_cpu_ms": 1.7, "drain_ms": 0.0, "decode": 28,
      "prefill": 312, "prompts": 36, "joined": 36, "finished": 0, "forward_ms": 21.0, "ms": 24.7}
     {"request": 7, "tokenize_ms": 1.6, "admitted_ms": 4.0, "first_token_ms": 61.2, "total_ms": 702.5,
-     "prompt_tokens": 1082, "reused": 1065, "tokens": 64, "finish": "length"}
+     "prompt_tokens": 1082, "reused": 1065, "tokens": 64, "finish": "length", "http_cpu_ms": 0.9}
 
 `t` is seconds since the log opened (time.monotonic). A request's line is written when it ends,
 numbered in the order requests took their slots; its times are milliseconds after it entered the
 queue (tokenized): `admitted_ms` when it took a slot, `first_token_ms` when its first token was
 sampled, `total_ms` when it ended; `tokenize_ms` is how long it took to get there from its parsed
-body (the chat template, then the encoding, batched with other requests' under a burst). A step's
+body (the chat template, then the encoding, batched with other requests' under a burst), and
+`http_cpu_ms` the CPU time its HTTP thread spent from the request line to the queue (headers,
+body, template, encoding): under a burst, 64 threads' worth of it holds the GIL that the engine
+thread needs too. A step's
 `ms` is the wall time of `BatchScheduler.step` (settle, the forwards put in flight, and those that
 came back), `settle_ms` the part that set slots up and gave them back (`drain_ms` of it waiting
 for the forwards in flight to come back first; `settle_cpu_ms` the engine thread's CPU time in it:
