@@ -29,7 +29,8 @@ left() {  # a step's limit: its own, or what is left of the budget (at least a s
 SOME=(); REST=()
 [ "$(nproc)" -ge 8 ] && SOME=(taskset -c 0-3) && REST=(taskset -c 4-$(( $(nproc) - 1 )))
 enough() { [ $(( END - $(date +%s) )) -gt $1 ] || { log "skipped: $2 (too little time left)"; return 1; }; }
-want() { [[ ",${STEPS:-all}," == *,all,* || ",${STEPS:-all}," == *",$1,"* ]] || { log "left out: $1 (STEPS)"; return 1; }; }
+chosen() { [[ ",${STEPS:-all}," == *,all,* || ",${STEPS:-all}," == *",$1,"* ]]; }
+want() { chosen "$1" || { log "left out: $1 (STEPS)"; return 1; }; }
 tok=(); [ -n "$TOKENIZER" ] && tok=(--tokenizer-from "$TOKENIZER")
 
 BIN=; BUILD=
@@ -50,7 +51,7 @@ peer() {  # waits for the build (if any) and says whether llama.cpp's tools are 
 Q4=$M/random-llama3-8b-32l-q4_k_m.gguf
 # written beside the tests (their random numbers drawn on the GPU too: the tests are not timed)
 write() { python3 scripts/make_gguf.py "$@" "${tok[@]}" > /dev/null 2>> "$OUT/log.txt"; }
-(if [[ ",${STEPS:-all}," == *,all,* || ",${STEPS:-all}," == *,pflash,* ]]; then
+(if chosen pflash; then
    write "$M/bf16.gguf" --shape llama3-8b --type bf16 --ctx 32768
    write "$M/draft.gguf" --shape smollm2-135m --type bf16 --ctx 32768; fi
  write "$Q4" --shape llama3-8b --type q4_k_m) &

@@ -81,9 +81,9 @@ class DeltaNetBlock:
                kept: Fed | None = None, kept_at: torch.Tensor | None = None) -> torch.Tensor:
         """The graph-safe form of a decode step: row i of x [n, dim] is one token of sequence
         seqs[i] ([n] int64 on the device; distinct, but for the padding slot that a graph's padding
-        rows name, whose state is scratch). The states are gathered and scattered by that index, so
-        nothing here waits for the device or depends on its values: the same launches for every
-        replay of a bucket. With `kept` (this layer's kept rows) what row 0 fed goes to its row
+        rows name, whose state is scratch). The states are read and written where that index puts
+        them, so nothing here waits for the device or depends on its values: the same launches for
+        every replay of a bucket. With `kept` (this layer's kept rows) what row 0 fed goes to its row
         kept_at ([1] int64 on the device)."""
         mixed, z, b, a = self._projection(x)
         core = rule.decode_step(mixed, a, b, conv, ssm, seqs, self.conv1d, self.a, self.dt, self.shape, kept, kept_at)
